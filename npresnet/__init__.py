@@ -1,0 +1,60 @@
+"""npresnet: the TorchVision ResNet family in NumPy, with PyTorch's outputs and without PyTorch.
+
+    import npresnet
+    model = npresnet.resnet50(weights="resnet50.npz")   # or npresnet.load("resnet50.npz")
+    logits = model(x)                                    # x: (N, 3, H, W) float32 or float64
+    maps = model.features(x)                             # stem, layer1..layer4, pool
+"""
+from __future__ import annotations
+
+from .backends import BackendUnavailable, available_backends, get_backend
+from .model import FEATURE_NAMES, ResNet, build, load, save
+from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
+from .weights import WeightsError
+
+__version__ = "0.1.0"
+
+
+def _builder(arch: str):
+    spec = ARCHITECTURES[arch]
+
+    def builder(weights=None, num_classes=None, **options) -> ResNet:
+        return build(arch, weights, num_classes, **options)
+
+    builder.__name__ = builder.__qualname__ = arch
+    builder.__doc__ = (
+        f"{arch}: {spec.block} blocks {spec.layers}, groups={spec.groups}, width_per_group={spec.width_per_group}.\n\n"
+        "weights: a weights file path or a state dict (TorchVision key names); None for fresh parameters.\n"
+        "num_classes: head size; defaults to the weights' own, else 1000.\n"
+        "Options: stem ('imagenet' or 'cifar'), backend ('auto', 'numpy', 'numba', 'cuda'), threads."
+    )
+    return builder
+
+
+resnet18 = _builder("resnet18")
+resnet34 = _builder("resnet34")
+resnet50 = _builder("resnet50")
+resnet101 = _builder("resnet101")
+resnet152 = _builder("resnet152")
+resnext50_32x4d = _builder("resnext50_32x4d")
+resnext101_32x8d = _builder("resnext101_32x8d")
+resnext101_64x4d = _builder("resnext101_64x4d")
+wide_resnet50_2 = _builder("wide_resnet50_2")
+wide_resnet101_2 = _builder("wide_resnet101_2")
+
+__all__ = [
+    "ARCHITECTURES",
+    "FEATURE_NAMES",
+    "BackendUnavailable",
+    "ResNet",
+    "ResNetSpec",
+    "WeightsError",
+    "available_backends",
+    "build",
+    "count_params",
+    "get_backend",
+    "get_spec",
+    "load",
+    "save",
+    *ARCHITECTURES,
+]

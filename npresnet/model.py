@@ -1,0 +1,276 @@
+"""The ResNet forward pass, as functions of (input, parameters, backend ops).
+
+The network's structure comes from a ``ResNetSpec`` (``specs.py``); its
+parameters are a state dict under TorchVision's key names (``weights.py``).
+At first use in a dtype, every conv + batch norm pair is folded into one
+convolution with a bias and handed to the backend to prepare; the forward
+pass then calls only the backend's ops (``backends.py``).
+
+Reference: TorchVision ``models/resnet.py`` (``BasicBlock``, ``Bottleneck``,
+``ResNet._forward_impl``), whose outputs these match.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import functional as F
+from .backends import Backend, FoldedConv, get_backend
+from .specs import (
+    IMAGENET_STEM,
+    ConvSpec,
+    ResNetSpec,
+    block_convs,
+    count_params,
+    get_spec,
+    parameter_shapes,
+    stem_conv,
+)
+from .weights import WeightsError, infer_spec_from_state, read_weights, save_npz, validate_state_dict
+
+FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+
+
+@dataclass
+class PreparedNet:
+    """A network's parameters folded and prepared by one backend, for one dtype."""
+
+    stem: Any
+    max_pool: bool
+    stages: list[list[dict[str, Any]]]  # stage -> block -> role ("conv1", ..., "downsample") -> prepared conv
+    fc: Any
+
+
+def residual_block(x, block: Mapping[str, Any], ops: Backend):
+    """BasicBlock (conv1, conv2) or Bottleneck (conv1, conv2, conv3), batch norms folded in.
+
+    out = relu(last_conv(...relu(conv1(x))...) + identity), identity = downsample(x) or x.
+    """
+    identity = ops.conv(x, block["downsample"], relu=False) if "downsample" in block else x
+    roles = [r for r in ("conv1", "conv2", "conv3") if r in block]
+    out = x
+    for role in roles[:-1]:
+        out = ops.conv(out, block[role], relu=True)
+    return ops.conv(out, block[roles[-1]], relu=True, residual=identity)
+
+
+def random_state_dict(spec: ResNetSpec, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Fresh parameters initialised as TorchVision does.
+
+    Convolutions: Kaiming normal (fan_out, ReLU gain); batch norm: weight 1, bias 0,
+    running mean 0, running variance 1; fc: uniform(+-1/sqrt(in_features)).
+    """
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, shape in parameter_shapes(spec).items():
+        if key.startswith("fc."):
+            bound = 1.0 / np.sqrt(spec.num_features)
+            value = rng.uniform(-bound, bound, size=shape)
+        elif key.endswith("running_var") or (len(shape) == 1 and key.endswith(".weight")):
+            value = np.ones(shape)
+        elif len(shape) == 1:
+            value = np.zeros(shape)
+        else:
+            fan_out = shape[0] * shape[2] * shape[3]
+            value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_out)
+        state[key] = value.astype(dtype)
+    return state
+
+
+class ResNet:
+    """A ResNet of the TorchVision family: parameters, a backend, and the forward pass.
+
+    model(x) -> logits (N, num_classes); model.features(x) -> the multi-scale maps.
+    x is an (N, 3, H, W) float32 or float64 array; outputs have the same dtype.
+    """
+
+    def __init__(
+        self,
+        spec: ResNetSpec,
+        state_dict: Mapping[str, np.ndarray] | None = None,
+        *,
+        backend: str | Backend = "auto",
+        threads: int | None = None,
+        meta: Mapping[str, Any] | None = None,
+        source: str = "state dict",
+    ):
+        self.spec = spec
+        if state_dict is None:
+            state_dict = random_state_dict(spec)
+        self._state = validate_state_dict(state_dict, spec, source)
+        self.meta = dict(meta or {})
+        self.backend = get_backend(backend, threads)
+        self._prepared: dict[np.dtype, PreparedNet] = {}
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(cls, state_dict, spec: ResNetSpec | None = None, **options) -> "ResNet":
+        source = options.pop("source", "state dict")
+        if spec is None:
+            spec = infer_spec_from_state(state_dict, source)
+        return cls(spec, state_dict, source=source, **options)
+
+    # --- properties ---------------------------------------------------------------------
+
+    @property
+    def arch(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def num_params(self) -> int:
+        """Learnable parameters, as TorchVision counts them (e.g. 11,689,512 for resnet18)."""
+        return count_params(self.spec)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of the parameters under TorchVision's key names (unfolded)."""
+        return {k: v.copy() for k, v in self._state.items()}
+
+    def __repr__(self) -> str:
+        return (
+            f"ResNet(arch={self.spec.name!r}, num_classes={self.spec.num_classes}, stem={self.spec.stem!r}, "
+            f"backend={self.backend.name!r}, num_params={self.num_params:,})"
+        )
+
+    # --- forward ------------------------------------------------------------------------
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Logits (N, num_classes) for x (N, 3, H, W)."""
+        return self._forward(x, keep_features=False)
+
+    def features(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The maps a detection or FPN backbone needs, and the pooled embedding.
+
+        Returns {"stem": (N, 64, H/2, W/2) after conv1/bn1/relu, "layer1".."layer4":
+        strides 4, 8, 16, 32 with 64..512 x expansion channels, "pool": (N, 512 x expansion)}.
+        (The CIFAR stem has stride 1, so every stride above is halved twice.)
+        """
+        return self._forward(x, keep_features=True)
+
+    def _forward(self, x, keep_features: bool):
+        x = self._check_input(x)
+        ops = self.backend
+        net = self._prepare(x.dtype)
+        features = {}
+        h = ops.from_numpy(x)
+        h = ops.conv(h, net.stem, relu=True)  # (N, 64, H/2, W/2)
+        if keep_features:
+            features["stem"] = ops.to_numpy(h)
+        if net.max_pool:
+            h = ops.max_pool(h)  # (N, 64, H/4, W/4)
+        for stage, blocks in enumerate(net.stages, start=1):
+            for block in blocks:
+                h = residual_block(h, block, ops)
+            if keep_features:
+                features[f"layer{stage}"] = ops.to_numpy(h)
+        pooled = ops.global_avg_pool(h)  # (N, 512 * expansion)
+        if keep_features:
+            features["pool"] = ops.to_numpy(pooled)
+            return features
+        return ops.to_numpy(ops.linear(pooled, net.fc))  # (N, num_classes)
+
+    def _check_input(self, x) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"input must be a NumPy array of shape (N, 3, H, W), not {type(x).__name__}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"input must have shape (N, 3, H, W), got {x.shape}")
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"input dtype must be float32 or float64, got {x.dtype}")
+        if min(x.shape[0], x.shape[2], x.shape[3]) < 1:
+            raise ValueError(f"input has an empty dimension: {x.shape}")
+        return np.ascontiguousarray(x)
+
+    def _prepare(self, dtype: np.dtype) -> PreparedNet:
+        """Fold every batch norm into its conv, in `dtype`, and let the backend prepare it (cached)."""
+        dtype = np.dtype(dtype)
+        if dtype not in self._prepared:
+            ops = self.backend
+
+            def fold(c: ConvSpec):
+                s = self._state
+                weight, bias = F.fold_batch_norm(
+                    s[f"{c.conv}.weight"],
+                    s[f"{c.bn}.running_mean"],
+                    s[f"{c.bn}.running_var"],
+                    s[f"{c.bn}.weight"],
+                    s[f"{c.bn}.bias"],
+                )
+                folded = FoldedConv(weight.astype(dtype), bias.astype(dtype), c.stride, c.padding, c.groups)
+                return ops.prepare_conv(folded)
+
+            stages: list[list[dict[str, Any]]] = [[] for _ in self.spec.layers]
+            for b in self.spec.blocks():
+                stage = int(b.prefix[len("layer")]) - 1
+                stages[stage].append({role: fold(c) for role, c in block_convs(b).items()})
+            self._prepared[dtype] = PreparedNet(
+                stem=fold(stem_conv(self.spec)),
+                max_pool=self.spec.stem == IMAGENET_STEM,
+                stages=stages,
+                fc=ops.prepare_linear(self._state["fc.weight"].astype(dtype), self._state["fc.bias"].astype(dtype)),
+            )
+        return self._prepared[dtype]
+
+
+def load(path: str | os.PathLike, **options) -> ResNet:
+    """A model from a weights file, its architecture inferred from the keys and shapes."""
+    state, meta = read_weights(path)
+    model = ResNet.from_state_dict(state, source=str(path), meta=meta, **options)
+    return model
+
+
+def save(model: ResNet, path: str | os.PathLike) -> None:
+    """Write the model's parameters and architecture to an .npz (atomically)."""
+    meta = dict(model.meta)
+    meta.update(arch=model.spec.name, num_classes=model.spec.num_classes, stem=model.spec.stem)
+    save_npz(path, model.state_dict(), meta)
+
+
+def build(
+    arch: str | ResNetSpec,
+    weights: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    num_classes: int | None = None,
+    *,
+    stem: str | None = None,
+    backend: str | Backend = "auto",
+    threads: int | None = None,
+) -> ResNet:
+    """A model of architecture `arch`, with `weights` (a file path or a state dict) or fresh ones.
+
+    num_classes defaults to the weights' head size (from fc.weight), else 1000.
+    """
+    spec = get_spec(arch, stem=stem)
+    meta: dict[str, Any] = {}
+    source = "state dict"
+    if weights is None:
+        state = None
+        spec = spec.replace(num_classes=num_classes or spec.num_classes)
+    else:
+        if isinstance(weights, Mapping):
+            state = dict(weights)
+        else:
+            source = str(weights)
+            state, meta = read_weights(weights)
+        inferred = infer_spec_from_state(state, source)
+        if inferred.replace(name=spec.name, num_classes=spec.num_classes, stem=spec.stem) != spec:
+            raise WeightsError(
+                f"{source} holds weights for {_describe(inferred)}, not {_describe(spec)}; "
+                f"use npresnet.load() to build the architecture the weights were made for"
+            )
+        spec = spec.replace(
+            num_classes=num_classes if num_classes is not None else inferred.num_classes,
+            stem=stem if stem is not None else inferred.stem,
+        )
+    return ResNet(spec, state, backend=backend, threads=threads, meta=meta, source=source)
+
+
+def _describe(spec: ResNetSpec) -> str:
+    if spec.name != "custom":
+        return spec.name
+    return f"a ResNet with {spec.block} blocks {spec.layers}, groups={spec.groups}, width_per_group={spec.width_per_group}"

@@ -1,0 +1,25 @@
+"""The one comparison helper every test uses."""
+import numpy as np
+
+
+def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest absolute difference relative to the largest magnitude of `expected`."""
+    scale = max(float(np.max(np.abs(expected))), np.finfo(np.float64).tiny)
+    return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) / scale
+
+
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+def assert_close(actual, expected, dtype=None, tol=None):
+    """The one comparison: shape, then dtype, then values within the project's tolerance for the dtype."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    dtype = np.dtype(dtype or expected.dtype)
+    assert actual.dtype == dtype, f"dtype {actual.dtype} != expected {dtype}"
+    assert np.all(np.isfinite(actual)) == np.all(np.isfinite(expected)), "non-finite values differ"
+    err = max_rel_error(actual, expected)
+    limit = tol if tol is not None else TOLERANCE[dtype]
+    assert err <= limit, f"max error {err:.3e} relative to max |expected| exceeds {limit:.0e}"
+    return err

@@ -1,0 +1,144 @@
+"""Whole networks against the torch oracle: every architecture, several sizes, float32 and float64."""
+import functools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import npresnet  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from npresnet.specs import ARCHITECTURES, CIFAR_STEM, get_spec  # noqa: E402
+from torch_resnet import numpy_state_dict, randomise, torch_resnet  # noqa: E402
+
+# TorchVision's parameter counts, from its weights documentation (not from this code).
+TORCHVISION_NUM_PARAMS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnext50_32x4d": 25_028_904,
+    "resnext101_32x8d": 88_791_336,
+    "resnext101_64x4d": 83_455_272,
+    "wide_resnet50_2": 68_883_240,
+    "wide_resnet101_2": 126_886_696,
+}
+
+DTYPES = {"f32": (np.float32, torch.float32), "f64": (np.float64, torch.float64)}
+
+
+@functools.lru_cache(maxsize=2)
+def oracle(arch: str, num_classes: int = 1000, stem: str = "imagenet", seed: int = 0):
+    """(torch model in float64, its state dict as float64 arrays); cached, as deep models are slow to build."""
+    spec = get_spec(arch, num_classes=num_classes, stem=stem)
+    model = randomise(torch_resnet(spec), seed).double()
+    return model, numpy_state_dict(model)
+
+
+def compare(arch, shape, dtype_id, num_classes=1000, stem="imagenet", backend="numpy", seed=0):
+    np_dtype, torch_dtype = DTYPES[dtype_id]
+    tmodel, state = oracle(arch, num_classes, stem, seed)
+    tmodel = tmodel.to(torch_dtype)
+    state = {k: v.astype(np_dtype) if v.dtype.kind == "f" else v for k, v in state.items()}
+    model = npresnet.build(arch, state, stem=stem, backend=backend)
+    x = np.random.default_rng(seed + 1).standard_normal(shape).astype(np_dtype)
+    with torch.no_grad():
+        want_features = {k: v.numpy() for k, v in tmodel.features(torch.from_numpy(x)).items()}
+        want_logits = tmodel.fc(torch.from_numpy(want_features["pool"])).numpy()
+    errors = {"logits": assert_close(model(x), want_logits)}
+    got_features = model.features(x)
+    assert list(got_features) == list(npresnet.FEATURE_NAMES)
+    for name, want in want_features.items():
+        errors[name] = assert_close(got_features[name], want)
+    tmodel.double()
+    return errors
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_matches_torch(arch, dtype_id):
+    # The deep ones at a small input to keep CI quick: 64x64 still reaches a 2x2 layer4.
+    compare(arch, (2, 3, 64, 64), dtype_id)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 224, 224), (3, 3, 97, 131), (2, 3, 32, 32), (1, 3, 1, 1), (1, 3, 33, 17)],
+    ids=lambda s: "N{}_{}x{}".format(s[0], *s[2:]),
+)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_input_sizes_match_torch(arch, shape, dtype_id):
+    compare(arch, shape, dtype_id)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+def test_large_input_matches_torch(dtype_id):
+    compare("resnet18", (1, 3, 800, 800), dtype_id)
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_cifar_stem_matches_torch(arch, dtype_id):
+    compare(arch, (2, 3, 32, 32), dtype_id, num_classes=10, stem=CIFAR_STEM)
+
+
+@pytest.mark.parametrize("num_classes", [1, 10, 37])
+def test_any_num_classes(num_classes):
+    compare("resnet18", (2, 3, 40, 40), "f32", num_classes=num_classes)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_num_params_match_torchvision(arch):
+    assert npresnet.count_params(get_spec(arch)) == TORCHVISION_NUM_PARAMS[arch]
+    model, _ = oracle(arch)
+    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_NUM_PARAMS[arch]
+
+
+def test_model_num_params_and_state_dict_keys():
+    tmodel, state = oracle("resnet18")
+    model = npresnet.resnet18(state)
+    assert model.num_params == 11_689_512
+    expected_keys = {k for k in state if not k.endswith("num_batches_tracked")}
+    assert set(model.state_dict()) == expected_keys
+    for key in ("conv1.weight", "bn1.running_var", "layer2.0.downsample.0.weight", "fc.bias"):
+        np.testing.assert_array_equal(model.state_dict()[key], state[key])
+
+
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
+def test_output_dtype_follows_input(dtype_id):
+    np_dtype, _ = DTYPES[dtype_id]
+    model = npresnet.resnet18(num_classes=5)
+    x = np.zeros((1, 3, 16, 16), dtype=np_dtype)
+    assert model(x).dtype == np_dtype
+    assert all(v.dtype == np_dtype for v in model.features(x).values())
+
+
+def test_feature_shapes_and_strides():
+    model = npresnet.resnet50(num_classes=3)
+    feats = model.features(np.zeros((2, 3, 64, 96), dtype=np.float32))
+    assert feats["stem"].shape == (2, 64, 32, 48)
+    assert feats["layer1"].shape == (2, 256, 16, 24)
+    assert feats["layer2"].shape == (2, 512, 8, 12)
+    assert feats["layer3"].shape == (2, 1024, 4, 6)
+    assert feats["layer4"].shape == (2, 2048, 2, 3)
+    assert feats["pool"].shape == (2, 2048)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (np.zeros((1, 3, 8, 8), dtype=np.int64), TypeError),
+        (np.zeros((1, 3, 8, 8), dtype=np.float16), TypeError),
+        (np.zeros((3, 8, 8), dtype=np.float32), ValueError),
+        (np.zeros((1, 4, 8, 8), dtype=np.float32), ValueError),
+        (np.zeros((0, 3, 8, 8), dtype=np.float32), ValueError),
+        ([[1.0]], TypeError),
+    ],
+    ids=["int", "float16", "3d", "4-channels", "empty", "list"],
+)
+def test_bad_input_is_a_clear_error(bad, error):
+    model = npresnet.resnet18(num_classes=2)
+    with pytest.raises(error, match="input"):
+        model(bad)
