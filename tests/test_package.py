@@ -1,0 +1,60 @@
+"""The package runs with only numpy and pillow: torch and numba are never needed to import or run it."""
+import subprocess
+import sys
+import textwrap
+
+BLOCK_IMPORTS = textwrap.dedent(
+    """
+    import sys
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"torch", "numba", "torchvision"}:
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+    sys.meta_path.insert(0, Blocker())
+    """
+)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_IMPORTS + textwrap.dedent(code)], capture_output=True, text=True)
+
+
+def test_import_and_forward_without_torch_or_numba():
+    result = run_python(
+        """
+        import numpy as np
+        import npresnet
+        model = npresnet.resnet18(num_classes=3)
+        assert model.backend.name == "numpy", model.backend.name
+        out = model(np.zeros((1, 3, 32, 32), dtype=np.float32))
+        assert out.shape == (1, 3)
+        assert "torch" not in sys.modules and "numba" not in sys.modules
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_asking_for_numba_without_it_is_a_clear_error():
+    result = run_python(
+        """
+        import npresnet
+        try:
+            npresnet.resnet18(num_classes=3, backend="numba")
+        except npresnet.BackendUnavailable as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend 'numba' is not available" in result.stdout
+    assert "pip install 'npresnet[numba]'" in result.stdout
+
+
+def test_cli_version():
+    result = subprocess.run([sys.executable, "-m", "npresnet", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0
+    import npresnet
+
+    assert result.stdout.strip() == f"npresnet {npresnet.__version__}"
