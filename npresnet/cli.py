@@ -255,6 +255,7 @@ def cmd_info(args) -> int:
         values = sum(int(v.size) for v in state.values())
         print(f"file: {args.model} ({os.path.getsize(args.model) / 1e6:.1f} MB)")
         print(f"tensors: {len(state)} ({', '.join(dtypes)}), {values:,} values including batch-norm statistics")
+        print("metadata:")
         for key, value in sorted(model.meta.items()):
             print(f"  {key}: {value}")
     return 0
