@@ -108,6 +108,7 @@ def preprocessed_batches(
     """(paths, (B, 3, crop, crop) batch) for the readable images; on_error(path, message) for the others."""
     names: list[str] = []
     arrays: list[np.ndarray] = []
+    progress.advance(0)  # draw the empty bar while the first batch runs
     for path in paths:
         try:
             arrays.append(preset(path))

@@ -184,6 +184,8 @@ def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL's advice to go through RGBA changes nothing here: alpha is dropped either way.
+            warnings.filterwarnings("ignore", "Palette images with Transparency", UserWarning)
             opened = _open(image)
             opened.load()  # decode now: a truncated file fails here, not later
             if exif_transpose:

@@ -164,6 +164,14 @@ def test_modes_become_rgb_as_pil_converts_them(mode):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(image.convert("RGB")))
 
 
+def test_palette_with_transparency_bytes_quietly(recwarn):
+    image = gradient_image(40, 30).convert("P")
+    image.info["transparency"] = bytes(range(256))
+    got = load_image(image)
+    assert not [w for w in recwarn if "Palette" in str(w.message)]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(image.convert("RGBA").convert("RGB")))
+
+
 def test_alpha_is_dropped_not_composited():
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[..., 0] = 200  # red, fully transparent
