@@ -240,6 +240,8 @@ def cmd_info(args) -> int:
         model = build(args.model, backend="numpy")
         state = None
     else:
+        if not os.path.exists(args.model) and not Path(args.model).suffix:
+            raise ValueError(f"{args.model}: not an architecture ({', '.join(ARCHITECTURES)}) nor a weights file")
         state, _ = read_weights(args.model)
         model = load(args.model, backend="numpy")
     spec = model.spec

@@ -195,10 +195,14 @@ def test_version_help_and_usage_errors():
     assert run().returncode == 2
 
 
-def test_info_missing_file(tmp_path):
+def test_info_missing_file_or_unknown_architecture(tmp_path):
     result = run("info", tmp_path / "missing.npz")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [f"npresnet: error: {tmp_path / 'missing.npz'}: no such file"]
+    result = run("info", "resnet19")
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("npresnet: error: resnet19: not an architecture (resnet18, resnet34,")
 
 
 class Terminal(io.StringIO):
