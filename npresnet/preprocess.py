@@ -31,6 +31,7 @@ Unreadable input raises ``ImageError`` naming the image. Decompression bombs
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import warnings
@@ -221,7 +222,7 @@ def preset_for(model: Any, **changes) -> ImageClassification:
         crop_size=int(meta.get("crop_size", DEFAULT_CROP_SIZE)),
         resize_size=int(meta.get("resize_size", DEFAULT_RESIZE_SIZE)),
     )
-    return ImageClassification(**{**preset.__dict__, **changes}) if changes else preset
+    return dataclasses.replace(preset, **changes)
 
 
 def preprocess(images: Iterable[Any], preset: ImageClassification | None = None) -> np.ndarray:
