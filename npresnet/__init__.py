@@ -4,11 +4,15 @@
     model = npresnet.resnet50(weights="resnet50.npz")   # or npresnet.load("resnet50.npz")
     logits = model(x)                                    # x: (N, 3, H, W) float32 or float64
     maps = model.features(x)                             # stem, layer1..layer4, pool
+    npresnet.classify(["cat.jpg"], model, topk=5)        # per image: [Prediction(index, label, probability)]
+    npresnet.embed(["cat.jpg"], model)                   # (1, 2048) pooled features
 """
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
 from .model import FEATURE_NAMES, ResNet, build, load, save
+from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
+from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
 from .weights import WeightsError
 
@@ -46,15 +50,25 @@ __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
     "BackendUnavailable",
+    "ImageClassification",
+    "ImageError",
+    "Prediction",
     "ResNet",
     "ResNetSpec",
     "WeightsError",
     "available_backends",
     "build",
+    "classify",
+    "embed",
     "count_params",
     "get_backend",
     "get_spec",
     "load",
+    "load_embeddings",
+    "load_labels",
+    "preprocess",
+    "preset_for",
     "save",
+    "save_embeddings",
     *ARCHITECTURES,
 ]

@@ -1,36 +1,317 @@
-"""The ``npresnet`` command: a thin layer over the public API."""
+"""The ``npresnet`` command: a thin layer over the public API.
+
+Each subcommand is one ``cmd_*`` function and one block in ``build_parser``.
+User mistakes (a missing file, an unreadable image, weights that do not fit)
+end as one ``npresnet: error: ...`` line on stderr and a non-zero exit, never a
+traceback; a bad image among many is reported and the rest are still processed.
+"""
 from __future__ import annotations
 
 import argparse
+import glob
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
 
 from . import __version__
 from .backends import BackendUnavailable
-from .model import build, load
-from .specs import ARCHITECTURES
-from .weights import WeightsError
+from .model import ResNet, build, load
+from .predict import labels_for, save_embeddings, top_k
+from .preprocess import ImageClassification, ImageError, preset_for
+from .specs import ARCHITECTURES, count_macs
+from .weights import WeightsError, read_weights
+
+DEFAULT_ARCH = "resnet50"
+GLOB_CHARACTERS = "*?["
+
+
+# --- helpers shared by the subcommands ---------------------------------------------------------------------------
+
+
+def error(message: str) -> None:
+    print(f"npresnet: error: {message}", file=sys.stderr)
+
+
+def image_extensions() -> set[str]:
+    """File name extensions PIL can open (.jpg, .png, .webp, ...), lower case."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """IMAGE|DIR|GLOB arguments -> (image paths in order, error lines).
+
+    A directory gives its files whose extension PIL can open (not recursing, hidden files skipped);
+    a file named on the command line is always tried, whatever its extension.
+    """
+    extensions = image_extensions()
+    paths: list[str] = []
+    problems: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            entries = sorted((e for e in os.scandir(item) if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
+            images = [e.path for e in entries if Path(e.name).suffix.lower() in extensions]
+            if not images:
+                problems.append(f"{item}: no image files in this directory ({len(entries)} other files)")
+            paths.extend(images)
+        elif os.path.exists(item):
+            paths.append(item)
+        elif any(c in item for c in GLOB_CHARACTERS):
+            matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
+            if not matches:
+                problems.append(f"{item}: no files match this pattern")
+            paths.extend(matches)
+        else:
+            problems.append(f"{item}: no such file or directory")
+    return paths, problems
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal and there is more than one image."""
+
+    def __init__(self, total: int, stream=None, width: int = 30):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.done = 0
+        self.width = width
+        self.enabled = total > 1 and self.stream.isatty()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if self.enabled:
+            filled = self.width * self.done // self.total
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {self.done}/{self.total} images")
+            self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the bar (it is drawn again at the next advance), so that other output starts on a clean line."""
+        if self.enabled:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+    def message(self, line: str) -> None:
+        """Print a line to stderr without mangling the bar."""
+        self.clear()
+        print(line, file=self.stream)
+
+    close = clear
+
+
+def preprocessed_batches(
+    paths: list[str], preset: ImageClassification, batch_size: int, progress: Progress, on_error
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(paths, (B, 3, crop, crop) batch) for the readable images; on_error(path, message) for the others."""
+    names: list[str] = []
+    arrays: list[np.ndarray] = []
+    progress.advance(0)  # draw the empty bar while the first batch runs
+    for path in paths:
+        try:
+            arrays.append(preset(path))
+            names.append(path)
+        except ImageError as exc:
+            on_error(path, str(exc))
+            progress.advance()
+        if len(arrays) == batch_size:
+            yield names, np.stack(arrays)
+            progress.advance(len(names))
+            names, arrays = [], []
+    if arrays:
+        yield names, np.stack(arrays)
+        progress.advance(len(names))
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--arch",
+        choices=list(ARCHITECTURES),
+        metavar="ARCH",
+        help=f"architecture: {', '.join(ARCHITECTURES)} (default: read from --weights, else {DEFAULT_ARCH})",
+    )
+    group.add_argument(
+        "--weights",
+        metavar="WEIGHTS",
+        help="weights file (.npz, as written by npresnet.save); without it the parameters are random",
+    )
+    group.add_argument("--backend", default="auto", help="numpy, numba, cuda, or auto: the fastest here (default)")
+    group.add_argument("--threads", type=int, metavar="N", help="CPU threads for the compiled backends")
+    group.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
+    group.add_argument(
+        "--exif-transpose",
+        action="store_true",
+        help="turn photos upright by their EXIF orientation first (TorchVision does not, so answers may then differ)",
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def model_from_args(args) -> ResNet:
+    options = {"backend": args.backend, "threads": args.threads}
+    if args.weights is None:
+        arch = args.arch or DEFAULT_ARCH
+        print(
+            f"npresnet: warning: no --weights given: {arch} has random parameters, so its answers are meaningless",
+            file=sys.stderr,
+        )
+        return build(arch, **options)
+    if args.arch is None:
+        return load(args.weights, **options)
+    return build(args.arch, args.weights, **options)
+
+
+def images_and_model(args) -> tuple[list[str], list[str], ResNet, ImageClassification]:
+    paths, problems = expand_inputs(args.images)
+    for problem in problems:
+        error(problem)
+    model = model_from_args(args)
+    preset = preset_for(model, exif_transpose=args.exif_transpose)
+    return paths, problems, model, preset
+
+
+# --- subcommands -------------------------------------------------------------------------------------------------
+
+
+def cmd_classify(args) -> int:
+    paths, problems, model, preset = images_and_model(args)
+    labels = labels_for(model, args.labels)
+    failures = len(problems)
+    progress = Progress(len(paths))
+
+    def on_error(path: str, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        progress.message(f"npresnet: error: {message}")
+        if args.json:
+            print(json.dumps({"file": path, "error": message}), flush=True)
+
+    for names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, on_error):
+        for name, predictions in zip(names, top_k(model(batch), labels, args.topk)):
+            if args.json:
+                top = [{"index": p.index, "label": p.label, "probability": p.probability} for p in predictions]
+                print(json.dumps({"file": name, "top": top}), flush=True)
+            else:
+                progress.clear()
+                print(name)
+                for p in predictions:
+                    print(f"  {p.probability:7.2%}  {p.label} ({p.index})")
+                sys.stdout.flush()
+    progress.close()
+    return 1 if failures else 0
+
+
+def cmd_embed(args) -> int:
+    paths, problems, model, preset = images_and_model(args)
+    failures = len(problems)
+    progress = Progress(len(paths))
+
+    def on_error(path: str, message: str) -> None:
+        nonlocal failures
+        failures += 1
+        progress.message(f"npresnet: error: {message}")
+
+    names: list[str] = []
+    vectors: list[np.ndarray] = []
+    for batch_names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, on_error):
+        names.extend(batch_names)
+        vectors.append(model.features(batch)["pool"])  # (B, num_features)
+    progress.close()
+    if not names:
+        error(f"no image could be read; {args.output} not written")
+        return 1
+    meta = {"arch": model.arch, "weights": args.weights, "preprocessing": repr(preset)}
+    embeddings = np.concatenate(vectors)
+    save_embeddings(args.output, names, embeddings, meta)
+    print(f"wrote {len(names)} embeddings of width {embeddings.shape[1]} to {args.output}")
+    return 1 if failures else 0
 
 
 def cmd_info(args) -> int:
     if args.model in ARCHITECTURES:
         model = build(args.model, backend="numpy")
+        state = None
     else:
+        if not os.path.exists(args.model) and not Path(args.model).suffix:
+            raise ValueError(f"{args.model}: not an architecture ({', '.join(ARCHITECTURES)}) nor a weights file")
+        state, _ = read_weights(args.model)
         model = load(args.model, backend="numpy")
     spec = model.spec
     print(f"architecture: {spec.name}")
     print(f"block: {spec.block}, layers: {spec.layers}, groups: {spec.groups}, width_per_group: {spec.width_per_group}")
-    print(f"stem: {spec.stem}, num_classes: {spec.num_classes}")
+    print(f"stem: {spec.stem}, num_classes: {spec.num_classes}, embedding width: {spec.num_features}")
     print(f"parameters: {model.num_params:,}")
+    preset = preset_for(model)
+    size = preset.crop_size if spec.stem == "imagenet" else 32
+    print(f"GFLOPs: {count_macs(spec, size, size) / 1e9:.3f} (multiply-adds at {size}x{size}, as TorchVision counts them)")
+    print(f"preprocessing: {preset}")
+    if state is not None:
+        dtypes = sorted({str(v.dtype) for v in state.values()})
+        values = sum(int(v.size) for v in state.values())
+        print(f"file: {args.model} ({os.path.getsize(args.model) / 1e6:.1f} MB)")
+        print(f"tensors: {len(state)} ({', '.join(dtypes)}), {values:,} values including batch-norm statistics")
+        print("metadata:")
+        for key, value in sorted(model.meta.items()):
+            print(f"  {key}: {value}")
     return 0
+
+
+# --- the parser --------------------------------------------------------------------------------------------------
+
+EXAMPLES = """\
+examples:
+  npresnet info resnet50                              what resnet50 is: layers, parameters, GFLOPs
+  npresnet classify --weights resnet50.npz cat.jpg    the 5 most likely ImageNet classes of a photo
+  npresnet classify --weights resnet50.npz photos/ --json > answers.jsonl
+  npresnet embed --weights resnet50.npz "photos/**/*.jpg" -o vectors.npz
+
+A weights file holds the trained parameters; without one the network is random and
+its answers mean nothing. Images are read with Pillow (JPEG, PNG, WebP, TIFF, ...)
+and prepared exactly as TorchVision prepares them for its ResNet weights.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
         description="Run TorchVision ResNets (resnet18 ... wide_resnet101_2) in NumPy, without PyTorch.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"npresnet {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    classify = commands.add_parser(
+        "classify",
+        help="name what is in photos: the top ImageNet classes with their probabilities",
+        description="Print each image's most likely classes, most likely first.",
+    )
+    classify.add_argument("images", nargs="+", metavar="IMAGE|DIR|GLOB", help="image files, folders of them, or patterns")
+    classify.add_argument("--topk", type=positive_int, default=5, metavar="K", help="classes to show per image (default 5)")
+    classify.add_argument("--json", action="store_true", help="one JSON object per image and line, for scripts")
+    classify.add_argument("--labels", metavar="FILE", help="class names, one a line, for a model with its own head")
+    add_model_options(classify)
+    classify.set_defaults(run=cmd_classify)
+
+    embed = commands.add_parser(
+        "embed",
+        help="write the pooled features of images to one .npz, for similarity search",
+        description="Write each image's pooled features (the input to the final fc layer) to one .npz: "
+        "'embeddings' (N, D) float32, 'names' (N,) file names, 'meta' JSON; np.load reads it without pickle.",
+    )
+    embed.add_argument("images", nargs="+", metavar="IMAGE|DIR|GLOB", help="image files, folders of them, or patterns")
+    embed.add_argument("-o", "--output", default="embeddings.npz", help="the .npz to write (default embeddings.npz)")
+    add_model_options(embed)
+    embed.set_defaults(run=cmd_embed)
+
     info = commands.add_parser("info", help="describe an architecture or a weights file")
     info.add_argument("model", help="an architecture name (e.g. resnet50) or a weights file (.npz)")
     info.set_defaults(run=cmd_info)
@@ -46,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (WeightsError, BackendUnavailable, ValueError, OSError) as exc:
-        print(f"npresnet: error: {exc}", file=sys.stderr)
+        error(str(exc))
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

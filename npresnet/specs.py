@@ -177,6 +177,35 @@ def count_params(spec: ResNetSpec) -> int:
     return total
 
 
+def count_macs(spec: ResNetSpec, height: int = 224, width: int = 224) -> int:
+    """Multiply-adds of one forward pass on a height x width image: convolutions and fc.
+
+    TorchVision's "GFLOPS" column counts exactly these (resnet18: 1.814e9 at 224x224);
+    batch norm (folded), ReLU, pooling and residual additions are not counted.
+    """
+
+    def out(size: int, kernel_size: int, stride: int, padding: int) -> int:
+        return (size + 2 * padding - kernel_size) // stride + 1
+
+    def conv(c: ConvSpec, h: int, w: int) -> tuple[int, int, int]:
+        h, w = out(h, c.kernel_size, c.stride, c.padding), out(w, c.kernel_size, c.stride, c.padding)
+        per_output = (c.in_channels // c.groups) * c.kernel_size * c.kernel_size
+        return c.out_channels * per_output * h * w, h, w
+
+    total, h, w = conv(stem_conv(spec), height, width)
+    if spec.stem == IMAGENET_STEM:
+        h, w = out(h, 3, 2, 1), out(w, 3, 2, 1)  # 3x3 stride-2 max pool
+    for b in spec.blocks():
+        convs = block_convs(b)
+        if "downsample" in convs:
+            total += conv(convs["downsample"], h, w)[0]
+        for role in ("conv1", "conv2", "conv3"):
+            if role in convs:
+                macs, h, w = conv(convs[role], h, w)
+                total += macs
+    return total + spec.num_features * spec.num_classes
+
+
 def _spec(name, block, layers, groups=1, width_per_group=64):
     return ResNetSpec(name=name, block=block, layers=layers, groups=groups, width_per_group=width_per_group)
 

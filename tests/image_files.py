@@ -1,0 +1,53 @@
+"""Image files for the preprocessing and command-line tests: the shared photos, and bad files made on the spot."""
+import io
+import struct
+import zlib
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# CI keeps ../shared beside the clone; a worktree keeps it two levels up. tests/data/ always holds one photo.
+SHARED_IMAGES = next(
+    (p for p in (REPO.parent / "shared" / "data" / "images", REPO.parents[1] / "shared" / "data" / "images") if p.is_dir()),
+    None,
+)
+LOCAL_IMAGES = REPO / "tests" / "data"
+
+
+def photos() -> list[Path]:
+    """The sample photographs: the shared set where present, else the small copy in tests/data."""
+    folder = SHARED_IMAGES or LOCAL_IMAGES
+    return sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds no pixel data: a decompression bomb costs nothing to make."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def write_bad_files(folder: Path) -> dict[str, str]:
+    """Write one file per kind of bad input; return {file name: words its error line must contain}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jpeg = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG", quality=90)
+    files = {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "notes.png": (b"these are not pixels\n", "not an image"),
+        "bomb.png": (png_header_only(20_000, 20_000), "decompression bomb"),
+        "bomb_warning.png": (png_header_only(10_000, 10_000), "decompression bomb"),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {name: words for name, (_, words) in files.items()}

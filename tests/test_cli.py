@@ -1,0 +1,223 @@
+"""The `npresnet` command run as a user runs it: a subprocess, on good photos and on every kind of bad input."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import npresnet
+from image_files import encode, photos, write_bad_files
+from npresnet.cli import Progress
+from PIL import Image
+
+NUM_CLASSES = 10  # a small head keeps the weights file small; the body is a full resnet18
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "resnet18_10.npz"
+    npresnet.save(npresnet.build("resnet18", num_classes=NUM_CLASSES, backend="numpy"), path)
+    return path
+
+
+def run(*args, cwd=None):
+    result = subprocess.run(
+        [sys.executable, "-m", "npresnet", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("npresnet: error:")]
+
+
+def test_classify_json(weights):
+    paths = photos()[:2]
+    result = run("classify", "--weights", weights, "--json", "--topk", 3, "--batch-size", 1, *paths)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["file"] for row in rows] == [str(p) for p in paths]
+    model = npresnet.load(weights, backend="numpy")
+    for row, path in zip(rows, paths):
+        want = npresnet.classify(path, model, topk=3)[0]
+        assert [t["index"] for t in row["top"]] == [p.index for p in want]
+        assert [t["label"] for t in row["top"]] == [str(p.index) for p in want]
+        np.testing.assert_allclose([t["probability"] for t in row["top"]], [p.probability for p in want], rtol=1e-6)
+    assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_classify_text_and_random_weights_warning(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"thing{i}\n" for i in range(NUM_CLASSES)))
+    image = tmp_path / "one.png"
+    shutil.copy(photos()[0], image)
+    result = run("classify", "--arch", "resnet18", "--topk", 2, image)
+    assert result.returncode == 0, result.stderr
+    assert "random parameters" in result.stderr and "--weights" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(image) and len(lines) == 3
+    assert lines[1].strip().endswith(")") and "%" in lines[1]
+    assert all(label in npresnet.load_labels() for label in (line.split("%", 1)[1].rsplit("(", 1)[0].strip() for line in lines[1:]))
+
+
+def test_labels_file_that_does_not_fit(weights, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    result = run("classify", "--weights", weights, "--labels", labels, photos()[0])
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"npresnet: error: {labels} name 2 classes, but the model's head has num_classes=10"]
+
+
+BAD_FILES = ["empty.jpg", "truncated.jpg", "notes.png", "bomb.png", "bomb_warning.png"]
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_each_bad_file_beside_a_good_one(weights, tmp_path, name):
+    words = write_bad_files(tmp_path)[name]
+    good = photos()[0]
+    result = run("classify", "--weights", weights, "--json", tmp_path / name, good)
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and str(tmp_path / name) in lines[0] and words in lines[0], result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows[0]["file"] == str(tmp_path / name) and words in rows[0]["error"]
+    assert rows[1]["file"] == str(good) and len(rows[1]["top"]) == 5
+
+
+def test_missing_file_and_unmatched_pattern(weights, tmp_path):
+    good = photos()[0]
+    result = run("classify", "--weights", weights, tmp_path / "nope.jpg", str(tmp_path / "*.webp"), good)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        f"npresnet: error: {tmp_path / 'nope.jpg'}: no such file or directory",
+        f"npresnet: error: {tmp_path / '*.webp'}: no files match this pattern",
+    ]
+    assert result.stdout.splitlines()[0] == str(good)
+
+
+def test_directory_of_non_images(weights, tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    (tmp_path / "data.csv").write_text("1,2")
+    result = run("classify", "--weights", weights, tmp_path)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"npresnet: error: {tmp_path}: no image files in this directory (2 other files)"]
+
+
+def test_folder_mixing_good_and_bad_files(weights, tmp_path):
+    expected = write_bad_files(tmp_path)
+    goods = photos()[:2]
+    for photo in goods:
+        shutil.copy(photo, tmp_path / photo.name)
+    (tmp_path / "tiny.png").write_bytes(encode(Image.new("RGB", (1, 1), (10, 200, 30))))  # 1x1 is an image
+    (tmp_path / "readme.txt").write_text("not looked at: not an image extension")
+    result = run("classify", "--weights", weights, "--json", "--batch-size", 2, tmp_path)
+    assert result.returncode == 1
+    rows = {row["file"]: row for row in map(json.loads, result.stdout.splitlines())}
+    lines = error_lines(result.stderr)
+    assert len(lines) == len(expected)
+    for name, words in expected.items():
+        assert words in rows[str(tmp_path / name)]["error"]
+        assert any(str(tmp_path / name) in line and words in line for line in lines)
+    for name in [p.name for p in goods] + ["tiny.png"]:
+        assert len(rows[str(tmp_path / name)]["top"]) == 5
+    assert str(tmp_path / "readme.txt") not in rows
+    assert len(rows) == len(expected) + len(goods) + 1
+
+
+def test_weights_for_another_architecture(weights):
+    result = run("classify", "--arch", "resnet34", "--weights", weights, photos()[0])
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        f"npresnet: error: {weights} holds weights for resnet18, not resnet34; "
+        "use npresnet.load() to build the architecture the weights were made for"
+    ]
+
+
+def test_unreadable_weights_file(tmp_path):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"not a zip")
+    result = run("classify", "--weights", bad, photos()[0])
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert str(bad) in line and "not a readable .npz" in line
+
+
+def test_embed(weights, tmp_path):
+    write_bad_files(tmp_path / "in")
+    good = photos()[:2]
+    out = tmp_path / "out" / "vectors.npz"
+    result = run("embed", "--weights", weights, "-o", out, *good, tmp_path / "in" / "empty.jpg")
+    assert result.returncode == 1  # one image failed; the others are still written
+    assert len(error_lines(result.stderr)) == 1
+    assert "wrote 2 embeddings of width 512" in result.stdout
+    names, vectors, meta = npresnet.load_embeddings(out)
+    assert names == [str(p) for p in good] and meta["arch"] == "resnet18"
+    model = npresnet.load(weights, backend="numpy")
+    np.testing.assert_allclose(vectors, npresnet.embed(good, model), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_writes_nothing_when_every_image_fails(weights, tmp_path):
+    write_bad_files(tmp_path)
+    out = tmp_path / "vectors.npz"
+    result = run("embed", "--weights", weights, "-o", out, tmp_path / "empty.jpg", tmp_path / "notes.png")
+    assert result.returncode == 1 and not out.exists()
+    assert len(error_lines(result.stderr)) == 3
+
+
+def test_info_architecture():
+    result = run("info", "resnet18")
+    assert result.returncode == 0, result.stderr
+    assert "parameters: 11,689,512" in result.stdout  # TorchVision's documented count
+    assert "GFLOPs: 1.814" in result.stdout  # TorchVision's documented figure
+
+
+def test_info_weights_file(weights):
+    result = run("info", weights)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "architecture: resnet18" in out and "num_classes: 10" in out
+    assert "tensors: 102 (float32)" in out  # resnet18: 20 conv weights, 20 batch norms x 4, fc weight and bias
+    assert f"file: {weights}" in out and "arch: resnet18" in out
+
+
+def test_version_help_and_usage_errors():
+    assert run("--version").stdout.strip() == f"npresnet {npresnet.__version__}"
+    help_text = run("--help").stdout
+    for word in ("classify", "embed", "info", "examples:", "random"):
+        assert word in help_text
+    assert "--topk" in run("classify", "--help").stdout
+    bad = run("classify", "--topk", "0", "x.jpg")
+    assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+    assert run().returncode == 2
+
+
+def test_info_missing_file_or_unknown_architecture(tmp_path):
+    result = run("info", tmp_path / "missing.npz")
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [f"npresnet: error: {tmp_path / 'missing.npz'}: no such file"]
+    result = run("info", "resnet19")
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("npresnet: error: resnet19: not an architecture (resnet18, resnet34,")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        progress = Progress(4, stream)
+        progress.advance(2)
+        progress.message("npresnet: error: x.jpg: empty file (0 bytes)")
+        progress.advance(2)
+        progress.close()
+    assert "\r[###############...............] 2/4 images" in tty.getvalue()
+    assert "4/4 images" in tty.getvalue()
+    assert pipe.getvalue() == "npresnet: error: x.jpg: empty file (0 bytes)\n"
