@@ -10,7 +10,8 @@ from __future__ import annotations
 from .backends import BackendUnavailable, available_backends, get_backend
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
-from .weights import WeightsError
+from .hub import FetchError, fetch
+from .weights import WeightsError, convert
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,8 @@ def _builder(arch: str):
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = (
         f"{arch}: {spec.block} blocks {spec.layers}, groups={spec.groups}, width_per_group={spec.width_per_group}.\n\n"
-        "weights: a weights file path or a state dict (TorchVision key names); None for fresh parameters.\n"
+        "weights: a weights file (.npz, .pth, .safetensors), a state dict (TorchVision key names), or official\n"
+        "weights by name ('DEFAULT', 'IMAGENET1K_V1', ...: downloaded and cached); None for fresh parameters.\n"
         "num_classes: head size; defaults to the weights' own, else 1000.\n"
         "Options: stem ('imagenet' or 'cifar'), backend ('auto', 'numpy', 'numba', 'cuda'), threads."
     )
@@ -46,12 +48,15 @@ __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
     "BackendUnavailable",
+    "FetchError",
     "ResNet",
     "ResNetSpec",
     "WeightsError",
     "available_backends",
     "build",
+    "convert",
     "count_params",
+    "fetch",
     "get_backend",
     "get_spec",
     "load",

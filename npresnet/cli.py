@@ -6,9 +6,11 @@ import sys
 
 from . import __version__
 from .backends import BackendUnavailable
+from .hub import fetch
+from .manifest import DEFAULT
 from .model import build, load
 from .specs import ARCHITECTURES
-from .weights import WeightsError
+from .weights import WeightsError, convert
 
 
 def cmd_info(args) -> int:
@@ -24,6 +26,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    meta = convert(args.src, args.dst)
+    known = f", crop {meta['crop_size']}, resize {meta['resize_size']}" if "crop_size" in meta else ""
+    print(f"{args.dst}: {meta['arch']}, num_classes {meta['num_classes']}, stem {meta['stem']}{known}")
+    print(f"source sha256: {meta['source_sha256']}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    print(fetch(args.arch, args.weights))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
@@ -34,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe an architecture or a weights file")
     info.add_argument("model", help="an architecture name (e.g. resnet50) or a weights file (.npz)")
     info.set_defaults(run=cmd_info)
+    convert_ = commands.add_parser(
+        "convert", help="convert a PyTorch checkpoint (.pth) or .safetensors file to an .npz (no torch needed)"
+    )
+    convert_.add_argument("src", help="the weights file to read (.pth, .pt, .safetensors, .npz)")
+    convert_.add_argument("dst", help="the .npz to write (atomically)")
+    convert_.set_defaults(run=cmd_convert)
+    fetch_ = commands.add_parser(
+        "fetch", help="download TorchVision's official weights, verify their sha256, convert and cache them"
+    )
+    fetch_.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="e.g. resnet50")
+    fetch_.add_argument("--weights", default=DEFAULT, help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (default)")
+    fetch_.set_defaults(run=cmd_fetch)
     return parser
 
 
