@@ -99,6 +99,7 @@ class Storage:
     dtype: str
     data: bytes
     byteorder: str  # "<" or ">"
+    source: str  # the file, for messages
 
     @property
     def itemsize(self) -> int:
@@ -166,7 +167,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> np.ndar
     if not isinstance(storage, Storage):
         raise CheckpointError(f"a tensor's storage is {type(storage).__name__}, not a storage record")
     return strided_view(
-        storage.data, storage.dtype, storage.byteorder, storage_offset, size, stride, f"storage {storage.key!r}"
+        storage.data, storage.dtype, storage.byteorder, storage_offset, size, stride,
+        f"{storage.source}: storage {storage.key!r}",
     )
 
 
@@ -260,7 +262,7 @@ def _read_zip_checkpoint(path: Path, source: str):
                 raise CheckpointError(f"{source}: storage {member} is missing from the archive") from None
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
                 raise CheckpointError(f"{source}: storage {member} is unreadable ({exc})") from None
-            return Storage(key, dtype, data, byteorder)
+            return Storage(key, dtype, data, byteorder, source)
 
         try:
             data_pkl = archive.read(pickles[0])
@@ -289,7 +291,7 @@ def _read_legacy_checkpoint(path: Path, source: str):
     pending: dict[str, Storage] = {}
 
     def defer_storage(key: str, dtype: str) -> Storage:
-        pending[key] = Storage(key, dtype, b"", byteorder)
+        pending[key] = Storage(key, dtype, b"", byteorder, source)
         return pending[key]
 
     # Tensors need their bytes at rebuild time, so read the object twice: first to learn the keys
@@ -314,7 +316,7 @@ def _read_legacy_checkpoint(path: Path, source: str):
                 f"{source}: truncated: storage {key!r} claims {numel} {dtype} elements, "
                 f"but only {len(raw) - f.tell()} bytes remain"
             )
-        storages[key] = Storage(key, dtype, f.read(nbytes), byteorder)
+        storages[key] = Storage(key, dtype, f.read(nbytes), byteorder, source)
     f.seek(start)
     return _unpickle_from(f, lambda key, dtype: storages[key], source)
 
@@ -354,10 +356,10 @@ def read_torch_checkpoint(path: str | Path) -> Any:
     source = str(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
-    if zipfile.is_zipfile(path):
-        return _read_zip_checkpoint(path, source)
     with open(path, "rb") as f:
-        head = f.read(2)
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return _read_zip_checkpoint(path, source)
     if head[:1] != b"\x80":
         raise CheckpointError(f"{source}: not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     return _read_legacy_checkpoint(path, source)

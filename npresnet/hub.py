@@ -74,7 +74,7 @@ def fetch(
     os.close(fd)
     try:
         download(url, tmp, progress=progress)
-        convert(tmp, target)
+        convert(tmp, target, meta={"source": entry.file_name, "weights": f"{entry.arch}.{entry.name}", **entry.preprocessing})
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target

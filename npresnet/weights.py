@@ -237,19 +237,19 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, Any]:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Convert a weights file (.pth, .safetensors, .npz) to an .npz npresnet loads without pickle; return its metadata.
 
     The .npz holds the validated state dict under TorchVision's key names and
     __meta__: arch, num_classes, stem, the source's name and sha256, and for an
     official TorchVision file its weights name, crop_size and resize_size.
-    The write is atomic.
+    `meta` adds or overrides facts the file cannot tell (e.g. crop_size). The write is atomic.
     """
     if Path(dst).suffix != ".npz":
         raise WeightsError(f"{dst}: the converted file must end in .npz")
-    state, meta = read_weights(src)
+    state, found = read_weights(src)
     spec = infer_spec_from_state(state, str(src))
     state = validate_state_dict(state, spec, str(src))
-    meta = {**meta, "arch": spec.name, "num_classes": spec.num_classes, "stem": spec.stem}
+    meta = {**found, **(meta or {}), "arch": spec.name, "num_classes": spec.num_classes, "stem": spec.stem}
     save_npz(dst, state, meta)
     return meta
