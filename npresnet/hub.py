@@ -69,14 +69,21 @@ def fetch(
         return target
     url = weights_url(entry, base_url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden temporary file beside the cache; it keeps the .pth suffix the reader dispatches on.
+    # Hidden temporary files beside the cache (the .pth suffix is what the reader dispatches on);
+    # only a verified, converted file of the right architecture is renamed into place.
     fd, tmp = tempfile.mkstemp(prefix=f".{entry.file_name}.", suffix=".pth", dir=target.parent)
     os.close(fd)
+    tmp_npz = tmp + ".npz"
     try:
         download(url, tmp, progress=progress)
-        convert(tmp, target, meta={"source": entry.file_name, "weights": f"{entry.arch}.{entry.name}", **entry.preprocessing})
+        facts = {"source": entry.file_name, "weights": f"{entry.arch}.{entry.name}", **entry.preprocessing}
+        meta = convert(tmp, tmp_npz, meta=facts)
+        if meta["arch"] != entry.arch:
+            raise FetchError(f"{url}: holds weights for {meta['arch']}, not {entry.arch}")
+        os.replace(tmp_npz, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+        Path(tmp_npz).unlink(missing_ok=True)
     return target
 
 
