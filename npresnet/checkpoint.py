@@ -37,9 +37,8 @@ import pickle
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -83,16 +82,16 @@ class CheckpointError(WeightsError):
     """A checkpoint that cannot be read safely: refused global, truncated data, lying tensor metadata."""
 
 
-@dataclass(frozen=True)
-class StorageType:
+# Named tuples, not dataclasses: a pickle's BUILD opcode finds no __dict__, no __setstate__ and no
+# settable attribute on them, so it cannot alter a storage, nor the shared allowlist entries.
+class StorageType(NamedTuple):
     """What a pickled ``torch.FloatStorage`` (etc.) global becomes: only its element dtype."""
 
     name: str
     dtype: str
 
 
-@dataclass
-class Storage:
+class Storage(NamedTuple):
     """One storage's raw little- or big-endian bytes, shared by every tensor that views it."""
 
     key: str
@@ -179,11 +178,21 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_ignored
     return data
 
 
+class Rebuilder(NamedTuple):
+    """An allowed callable, wrapped so that a pickle's BUILD opcode cannot alter it (a function's
+    __defaults__ or __dict__ could be set; a named tuple has nothing settable)."""
+
+    function: Callable[..., Any]
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # a built-in type: nothing settable either
+    ("torch._utils", "_rebuild_tensor"): Rebuilder(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): Rebuilder(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): Rebuilder(_rebuild_parameter),
     ("torch.storage", "UntypedStorage"): StorageType("UntypedStorage", "uint8"),
     ("torch", "UntypedStorage"): StorageType("UntypedStorage", "uint8"),
     **{("torch", name): StorageType(name, dtype) for name, dtype in STORAGE_DTYPES.items()},
@@ -235,6 +244,7 @@ def _read_zip_checkpoint(path: Path, source: str):
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{source}: not a readable zip archive ({exc}); truncated download?") from None
+    archive_size = path.stat().st_size
     with archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
@@ -257,6 +267,7 @@ def _read_zip_checkpoint(path: Path, source: str):
         def load_storage(key: str, dtype: str) -> Storage:
             member = f"{prefix}data/{key}"
             try:
+                _check_member_size(archive.getinfo(member), archive_size, source)
                 data = archive.read(member)
             except KeyError:
                 raise CheckpointError(f"{source}: storage {member} is missing from the archive") from None
@@ -265,10 +276,19 @@ def _read_zip_checkpoint(path: Path, source: str):
             return Storage(key, dtype, data, byteorder, source)
 
         try:
+            _check_member_size(archive.getinfo(pickles[0]), archive_size, source)
             data_pkl = archive.read(pickles[0])
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
             raise CheckpointError(f"{source}: {pickles[0]} is unreadable ({exc})") from None
         return _unpickle_from(io.BytesIO(data_pkl), load_storage, source)
+
+
+def _check_member_size(info: zipfile.ZipInfo, archive_size: int, source: str) -> None:
+    """Refuse a compressed member that would inflate far beyond the file (a zip bomb); torch stores members uncompressed."""
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > 4 * archive_size + (1 << 20):
+        raise CheckpointError(
+            f"{source}: member {info.filename} claims {info.file_size} bytes from a {archive_size}-byte file"
+        )
 
 
 def _read_legacy_checkpoint(path: Path, source: str):
@@ -341,7 +361,7 @@ def _find_class_without_views(unpickler: RestrictedUnpickler):
 
     def find_class(module, name):
         found = checked(module, name)
-        return (lambda *args: None) if found in (_rebuild_tensor, _rebuild_parameter) else found
+        return Rebuilder(lambda *args: None) if isinstance(found, Rebuilder) else found
 
     return find_class
 

@@ -30,7 +30,8 @@ def cmd_convert(args) -> int:
     meta = convert(args.src, args.dst)
     known = f", crop {meta['crop_size']}, resize {meta['resize_size']}" if "crop_size" in meta else ""
     print(f"{args.dst}: {meta['arch']}, num_classes {meta['num_classes']}, stem {meta['stem']}{known}")
-    print(f"source sha256: {meta['source_sha256']}")
+    if "source_sha256" in meta:
+        print(f"source sha256: {meta['source_sha256']}")
     return 0
 
 

@@ -519,3 +519,27 @@ def test_cli_convert_errors_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("npresnet: error: ") and "Traceback" not in err
     assert dst.read_bytes() == b"previous"
+
+
+@pytest.mark.parametrize("state", [b"}X\x05\x00\x00\x00dtypeX\x06\x00\x00\x00objects", b"N}X\x05\x00\x00\x00dtypeX\x06\x00\x00\x00objects\x86",
+                                   b"N}X\x0c\x00\x00\x00__defaults__)s\x86"],
+                         ids=["dict_state", "slot_state", "defaults"])
+@pytest.mark.parametrize("allowed", [("torch", "FloatStorage"), ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict")])
+def test_build_cannot_alter_the_allowlist(tmp_path, state, allowed):
+    """BUILD on an allowed global must fail and not rewrite what later files get."""
+    from npresnet.checkpoint import ALLOWED_GLOBALS
+
+    before = repr(ALLOWED_GLOBALS[allowed]), getattr(ALLOWED_GLOBALS[allowed], "__dict__", None)
+    path = tmp_path / "build.pth"
+    path.write_bytes(b"\x80\x02c" + "\n".join(allowed).encode() + b"\n" + state + b"b.")
+    with pytest.raises(WeightsError, match="build.pth: corrupt checkpoint pickle"):
+        read_torch_checkpoint(path)
+    assert (repr(ALLOWED_GLOBALS[allowed]), getattr(ALLOWED_GLOBALS[allowed], "__dict__", None)) == before
+
+
+def test_zip_bomb_is_refused(tmp_path):
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\0" * (20 << 20))
+    with pytest.raises(WeightsError, match=r"bomb.pth: member archive/data.pkl claims 20971520 bytes"):
+        read_torch_checkpoint(path)
