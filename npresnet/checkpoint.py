@@ -100,14 +100,6 @@ class Storage(NamedTuple):
     byteorder: str  # "<" or ">"
     source: str  # the file, for messages
 
-    @property
-    def itemsize(self) -> int:
-        return 2 if self.dtype == BFLOAT16 else np.dtype(self.dtype).itemsize
-
-    @property
-    def numel(self) -> int:
-        return len(self.data) // self.itemsize
-
 
 def _numpy_dtype(dtype: str, byteorder: str = "<") -> np.dtype:
     base = np.dtype(np.uint16) if dtype == BFLOAT16 else np.dtype(dtype)
@@ -164,7 +156,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> np.ndar
     mean nothing for inference.
     """
     if not isinstance(storage, Storage):
-        raise CheckpointError(f"a tensor's storage is {type(storage).__name__}, not a storage record")
+        raise CheckpointError(f"malformed checkpoint: a tensor's storage is a {type(storage).__name__}, not a storage record")
     return strided_view(
         storage.data, storage.dtype, storage.byteorder, storage_offset, size, stride,
         f"{storage.source}: storage {storage.key!r}",
@@ -321,15 +313,17 @@ def _read_legacy_checkpoint(path: Path, source: str):
     keys = _unpickle_from(f, no_storage, source)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise CheckpointError(f"{source}: malformed storage key list")
-    if set(pending) - set(keys):
-        raise CheckpointError(f"{source}: storages {sorted(set(pending) - set(keys))} are used but not stored")
+    if sorted(keys) != sorted(pending):
+        raise CheckpointError(
+            f"{source}: the stored storages {sorted(keys)[:5]} are not the ones the tensors use {sorted(pending)[:5]}"
+        )
     storages: dict[str, Storage] = {}
     for key in keys:
         header = f.read(8)
         if len(header) < 8:
             raise CheckpointError(f"{source}: truncated: storage {key!r} is missing")
         (numel,) = struct.unpack("<q" if byteorder == "<" else ">q", header)
-        dtype = pending[key].dtype if key in pending else "uint8"
+        dtype = pending[key].dtype
         nbytes = numel * _numpy_dtype(dtype).itemsize
         if numel < 0 or nbytes > len(raw) - f.tell():
             raise CheckpointError(
