@@ -40,7 +40,12 @@ class FetchError(WeightsError):
 
 def is_weights_name(weights) -> bool:
     """Whether `weights` names official weights ("DEFAULT", "IMAGENET1K_V2") rather than a file path."""
-    return isinstance(weights, str) and weights.replace("_", "").isalnum() and weights.upper() == weights
+    return (
+        isinstance(weights, str)
+        and weights.replace("_", "").isalnum()
+        and weights.upper() == weights
+        and not os.path.exists(weights)
+    )
 
 
 def cache_dir() -> Path:

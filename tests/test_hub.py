@@ -188,6 +188,23 @@ def test_named_weights_are_fetched_converted_cached(official, server, tmp_path):
     np.testing.assert_array_equal(again(x), model(x))
 
 
+def test_official_file_loaded_directly_remembers_its_preprocessing(resnet18_checkpoint, tmp_path, monkeypatch):
+    """A .pth whose sha256 matches a manifest entry's prefix gets that entry's preprocessing, by any name."""
+    from npresnet import manifest
+
+    _, data, sha = resnet18_checkpoint
+    real = manifest.official_weights()
+    v2 = dataclasses.replace(get_weights_entry("resnet50", "IMAGENET1K_V2"), arch="resnet18",
+                             url=f"https://download.pytorch.org/models/resnet18-{sha[:8]}.pth")
+    monkeypatch.setattr(manifest, "official_weights", lambda: (*real, v2))
+    path = tmp_path / "renamed.pth"
+    path.write_bytes(data)
+    model = npresnet.load(path)
+    assert (model.meta["crop_size"], model.meta["resize_size"], model.meta["weights"]) == (224, 232, "resnet18.IMAGENET1K_V2")
+    path.write_bytes(data + b"\0")  # another file (a zip tolerates trailing bytes): no preprocessing claimed
+    assert "crop_size" not in npresnet.load(path).meta
+
+
 def test_fetch_wrong_hash_leaves_cache_empty(server, resnet18_checkpoint, tmp_path):
     _, data, sha = resnet18_checkpoint
     server.files["resnet18-f37072fd.pth"] = (data, None)  # the manifest's name, our (different) bytes
