@@ -117,7 +117,7 @@ def download(url: str, dst: str | os.PathLike, *, sha256: str | None = None, pro
             reason = getattr(exc, "reason", exc)
             raise FetchError(
                 f"could not download {url} ({reason}). Without network: download {file_name} elsewhere, "
-                f"then run `npresnet convert {file_name} {Path(file_name).stem}.npz` and pass that file as weights="
+                f"then run `npresnet convert {file_name} {Path(file_name).stem}.npz` and pass that .npz as weights=..."
             ) from None
         with response, open(dst, "wb") as out:
             length = response.headers.get("Content-Length")
