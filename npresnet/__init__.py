@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
+from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
-from .weights import WeightsError
+from .weights import WeightsError, convert
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,8 @@ def _builder(arch: str):
     builder.__name__ = builder.__qualname__ = arch
     builder.__doc__ = (
         f"{arch}: {spec.block} blocks {spec.layers}, groups={spec.groups}, width_per_group={spec.width_per_group}.\n\n"
-        "weights: a weights file path or a state dict (TorchVision key names); None for fresh parameters.\n"
+        "weights: a weights file (.npz, .pth, .safetensors), a state dict (TorchVision key names), or official\n"
+        "weights by name ('DEFAULT', 'IMAGENET1K_V1', ...: downloaded and cached); None for fresh parameters.\n"
         "num_classes: head size; defaults to the weights' own, else 1000.\n"
         "Options: stem ('imagenet' or 'cifar'), backend ('auto', 'numpy', 'numba', 'cuda'), threads."
     )
@@ -50,6 +52,7 @@ __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
     "BackendUnavailable",
+    "FetchError",
     "ImageClassification",
     "ImageError",
     "Prediction",
@@ -59,8 +62,10 @@ __all__ = [
     "available_backends",
     "build",
     "classify",
+    "convert",
     "embed",
     "count_params",
+    "fetch",
     "get_backend",
     "get_spec",
     "load",

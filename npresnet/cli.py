@@ -20,11 +20,13 @@ from PIL import Image
 
 from . import __version__
 from .backends import BackendUnavailable
+from .hub import fetch, is_weights_name
+from .manifest import DEFAULT
 from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
 from .preprocess import ImageClassification, ImageError, preset_for
 from .specs import ARCHITECTURES, count_macs
-from .weights import WeightsError, read_weights
+from .weights import WeightsError, convert, read_weights
 
 DEFAULT_ARCH = "resnet50"
 GLOB_CHARACTERS = "*?["
@@ -136,7 +138,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--weights",
         metavar="WEIGHTS",
-        help="weights file (.npz, as written by npresnet.save); without it the parameters are random",
+        help="a weights file (.npz, .pth, .safetensors) or the name of official weights of --arch "
+        "(DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2: fetched once, then cached); without it the parameters are random",
     )
     group.add_argument("--backend", default="auto", help="numpy, numba, cuda, or auto: the fastest here (default)")
     group.add_argument("--threads", type=int, metavar="N", help="CPU threads for the compiled backends")
@@ -164,6 +167,8 @@ def model_from_args(args) -> ResNet:
             file=sys.stderr,
         )
         return build(arch, **options)
+    if is_weights_name(args.weights):  # "DEFAULT", "IMAGENET1K_V2": official weights of --arch
+        return build(args.arch or DEFAULT_ARCH, args.weights, **options)
     if args.arch is None:
         return load(args.weights, **options)
     return build(args.arch, args.weights, **options)
@@ -279,6 +284,20 @@ and prepared exactly as TorchVision prepares them for its ResNet weights.
 """
 
 
+def cmd_convert(args) -> int:
+    meta = convert(args.src, args.dst)
+    known = f", crop {meta['crop_size']}, resize {meta['resize_size']}" if "crop_size" in meta else ""
+    print(f"{args.dst}: {meta['arch']}, num_classes {meta['num_classes']}, stem {meta['stem']}{known}")
+    if "source_sha256" in meta:
+        print(f"source sha256: {meta['source_sha256']}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    print(fetch(args.arch, args.weights))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
@@ -313,8 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
     embed.set_defaults(run=cmd_embed)
 
     info = commands.add_parser("info", help="describe an architecture or a weights file")
-    info.add_argument("model", help="an architecture name (e.g. resnet50) or a weights file (.npz)")
+    info.add_argument("model", help="an architecture name (e.g. resnet50) or a weights file (.npz, .pth, .safetensors)")
     info.set_defaults(run=cmd_info)
+
+    convert_ = commands.add_parser(
+        "convert", help="convert a PyTorch checkpoint (.pth) or .safetensors file to an .npz (no torch needed)"
+    )
+    convert_.add_argument("src", help="the weights file to read (.pth, .pt, .safetensors, .npz)")
+    convert_.add_argument("dst", help="the .npz to write (atomically)")
+    convert_.set_defaults(run=cmd_convert)
+
+    fetch_ = commands.add_parser(
+        "fetch", help="download TorchVision's official weights, verify their sha256, convert and cache them"
+    )
+    fetch_.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="e.g. resnet50")
+    fetch_.add_argument("--weights", default=DEFAULT, help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (default)")
+    fetch_.set_defaults(run=cmd_fetch)
     return parser
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import functional as F
 from .backends import Backend, FoldedConv, get_backend
+from .hub import fetch, is_weights_name
 from .specs import (
     IMAGENET_STEM,
     ConvSpec,
@@ -241,7 +242,8 @@ def build(
     backend: str | Backend = "auto",
     threads: int | None = None,
 ) -> ResNet:
-    """A model of architecture `arch`, with `weights` (a file path or a state dict) or fresh ones.
+    """A model of architecture `arch`, with `weights` (a file path, a state dict, or an official
+    weights name such as "IMAGENET1K_V2" or "DEFAULT", fetched and cached) or fresh ones.
 
     num_classes defaults to the weights' head size (from fc.weight), else 1000.
     """
@@ -255,6 +257,8 @@ def build(
         if isinstance(weights, Mapping):
             state = dict(weights)
         else:
+            if is_weights_name(weights):
+                weights = fetch(spec.name, weights)
             source = str(weights)
             state, meta = read_weights(weights)
         inferred = infer_spec_from_state(state, source)

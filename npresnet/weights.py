@@ -4,6 +4,10 @@ A state dict here is a ``dict[str, np.ndarray]`` under TorchVision's key names
 (``conv1.weight``, ``bn1.running_var``, ``layer2.0.downsample.0.weight``,
 ``fc.bias``, ...), so no renaming table exists anywhere.
 
+PyTorch checkpoints and .safetensors files are read by ``checkpoint.py``
+(no torch, no full unpickling); ``extract_state_dict`` finds the state dict in
+the layouts people have (bare, nested, prefixed), and ``convert`` writes it out.
+
 The .npz holds those arrays plus one entry, ``__meta__``, a JSON string
 (architecture, num_classes, stem, and whatever the converter knew: source
 sha256, preprocessing sizes). It is read with ``allow_pickle=False``: loading
@@ -11,6 +15,7 @@ weights never runs code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .manifest import entry_for_sha256
 from .specs import ResNetSpec, infer_spec, parameter_shapes
 
 META_KEY = "__meta__"
@@ -128,11 +134,122 @@ def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, 
     return state, meta
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIX = ".safetensors"
+# Where training scripts nest the model's state dict inside a checkpoint dict.
+NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
+# Wrappers whose prefix a state dict may carry on every key: DataParallel, detection/SSL backbones, Lightning.
+KEY_PREFIXES = ("module.", "backbone.", "model.")
+
+
 def read_weights(source: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(state dict, metadata) from a weights file, by its extension."""
+    """(state dict, metadata) from a weights file, by its extension.
+
+    .npz: as save_npz wrote it. .pth/.pt/.bin/.ckpt (PyTorch, read without torch
+    or full unpickling) and .safetensors: the state dict found by
+    extract_state_dict; metadata names the source file, its sha256 and, for
+    an official TorchVision file, the preprocessing it wants.
+    """
     path = Path(source)
-    if path.suffix == ".npz":
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
         return load_npz(path)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file")
-    raise WeightsError(f"{path}: unsupported weights file type {path.suffix!r} (expected .npz)")
+    if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+        if not path.exists():
+            raise WeightsError(f"{path}: no such file")
+        raise WeightsError(
+            f"{path}: unsupported weights file type {path.suffix!r} "
+            f"(expected .npz, .safetensors or a PyTorch checkpoint: {', '.join(TORCH_SUFFIXES)})"
+        )
+    # Imported here: checkpoint.py raises this module's WeightsError.
+    from .checkpoint import read_safetensors, read_torch_checkpoint
+
+    if suffix == SAFETENSORS_SUFFIX:
+        contents, _ = read_safetensors(path)
+    else:
+        contents = read_torch_checkpoint(path)
+    state = extract_state_dict(contents, str(path))
+    sha256 = file_sha256(path)
+    meta: dict[str, Any] = {"source": path.name, "source_sha256": sha256}
+    entry = entry_for_sha256(sha256, infer_spec_from_state(state, str(path)).name)
+    if entry is not None:
+        meta.update(weights=f"{entry.arch}.{entry.name}", **entry.preprocessing)
+    return state, meta
+
+
+def extract_state_dict(contents: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """The ResNet state dict inside a checkpoint's contents, under TorchVision's key names.
+
+    Accepts a bare state dict or one nested under "state_dict", "model" or
+    "model_state_dict" (other entries, such as an optimizer or an epoch, are
+    ignored); strips "module.", "backbone." or "model." only when every key
+    carries it. Raises WeightsError describing what was found otherwise.
+    """
+    if _is_tensor_dict(contents):
+        state = dict(contents)
+    elif isinstance(contents, Mapping):
+        found = [k for k in NESTED_STATE_KEYS if _is_tensor_dict(contents.get(k))]
+        if len(found) > 1:
+            raise WeightsError(f"{source}: ambiguous: state dicts under both {found[0]!r} and {found[1]!r}")
+        if not found:
+            raise WeightsError(
+                f"{source}: no state dict found: a dict with entries {_describe_entries(contents)}; expected tensors "
+                f"under TorchVision's key names, at the top level or under {' or '.join(map(repr, NESTED_STATE_KEYS))}"
+            )
+        state = dict(contents[found[0]])
+    else:
+        raise WeightsError(f"{source}: no state dict found: the file holds a {type(contents).__name__}, not a dict of tensors")
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
+    if "conv1.weight" not in state:
+        sample = ", ".join(list(state)[:4])
+        raise WeightsError(
+            f"{source}: not a ResNet state dict: no key conv1.weight among {len(state)} tensors ({sample}, ...); "
+            f"a prefix is stripped only when every key carries it ({', '.join(KEY_PREFIXES)})"
+        )
+    return state
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
+    )
+
+
+def _describe_entries(contents: Mapping) -> str:
+    items = [f"{k!r} ({type(v).__name__})" for k, v in list(contents.items())[:8]]
+    more = f", ... ({len(contents)} in all)" if len(contents) > 8 else ""
+    return "{" + ", ".join(items) + more + "}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Convert a weights file (.pth, .safetensors, .npz) to an .npz npresnet loads without pickle; return its metadata.
+
+    The .npz holds the validated state dict under TorchVision's key names and
+    __meta__: arch, num_classes, stem, the source's name and sha256, and for an
+    official TorchVision file its weights name, crop_size and resize_size.
+    `meta` adds or overrides facts the file cannot tell (e.g. crop_size). The write is atomic.
+    """
+    if Path(dst).suffix != ".npz":
+        raise WeightsError(f"{dst}: the converted file must end in .npz")
+    state, found = read_weights(src)
+    spec = infer_spec_from_state(state, str(src))
+    state = validate_state_dict(state, spec, str(src))
+    meta = {**found, **(meta or {}), "arch": spec.name, "num_classes": spec.num_classes, "stem": spec.stem}
+    save_npz(dst, state, meta)
+    return meta

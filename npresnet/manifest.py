@@ -1,0 +1,98 @@
+"""TorchVision's official ResNet weights, as data: one frozen record per file, read from a table.
+
+Like TorchVision's ``Weights`` enums (``models/_api.py``, ``models/resnet.py``),
+each entry is one value holding the file's URL, the preprocessing it was trained
+with (``crop_size``, ``resize_size``) and its facts (num_params, acc@1); one
+entry per architecture is its ``DEFAULT``. The table is
+``npresnet/data/torchvision_resnet_weights.tsv``; nothing here touches the
+network (``hub.py`` downloads).
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+DEFAULT = "DEFAULT"
+
+# TorchVision names each file <arch>-<first 8+ hex digits of its sha256>.pth (torch.hub's HASH_REGEX).
+HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    arch: str  # e.g. "resnet50"
+    name: str  # e.g. "IMAGENET1K_V2"
+    url: str
+    crop_size: int  # center crop fed to the network
+    resize_size: int  # shorter side resized to this before the crop
+    num_params: int
+    acc1: float  # ImageNet-1K top-1, as TorchVision reports it
+    acc5: float
+    default: bool
+
+    @property
+    def file_name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def sha256_prefix(self) -> str | None:
+        return sha256_prefix(self.file_name)
+
+    @property
+    def preprocessing(self) -> dict[str, int]:
+        return {"crop_size": self.crop_size, "resize_size": self.resize_size}
+
+
+def sha256_prefix(file_name: str) -> str | None:
+    """The hash prefix TorchVision puts in a file name (resnet50-11ad3fa6.pth -> '11ad3fa6'), or None."""
+    match = HASH_PREFIX.search(file_name)
+    return match.group(1) if match else None
+
+
+@lru_cache(maxsize=1)
+def official_weights() -> tuple[WeightsEntry, ...]:
+    """Every row of the table, in its order."""
+    text = resources.files("npresnet.data").joinpath("torchvision_resnet_weights.tsv").read_text(encoding="utf-8")
+    rows = csv.DictReader(text.splitlines(), delimiter="\t")
+    return tuple(
+        WeightsEntry(
+            arch=r["arch"],
+            name=r["weights"],
+            url=r["url"],
+            crop_size=int(r["crop_size"]),
+            resize_size=int(r["resize_size"]),
+            num_params=int(r["num_params"]),
+            acc1=float(r["acc@1"]),
+            acc5=float(r["acc@5"]),
+            default=r["default"] == "yes",
+        )
+        for r in rows
+    )
+
+
+def weights_names(arch: str) -> list[str]:
+    return [e.name for e in official_weights() if e.arch == arch]
+
+
+def get_weights_entry(arch: str, name: str = DEFAULT) -> WeightsEntry:
+    """The entry for `arch` named `name` ("IMAGENET1K_V1", "IMAGENET1K_V2" or "DEFAULT")."""
+    entries = [e for e in official_weights() if e.arch == arch]
+    if not entries:
+        raise ValueError(f"no official weights for {arch!r}")
+    for e in entries:
+        if e.name == name or (name == DEFAULT and e.default):
+            return e
+    names = ", ".join([DEFAULT, *(e.name for e in entries)])
+    raise ValueError(f"no weights named {name!r} for {arch}; known: {names}")
+
+
+def entry_for_sha256(sha256: str, arch: str | None = None) -> WeightsEntry | None:
+    """The official entry whose file-name hash prefix begins `sha256` (and whose arch is `arch`), if any."""
+    for e in official_weights():
+        prefix = e.sha256_prefix
+        if prefix and sha256.startswith(prefix) and (arch is None or e.arch == arch):
+            return e
+    return None
