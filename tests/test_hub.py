@@ -297,3 +297,18 @@ def test_sha256_prefix_in_file_names(text, name):
 )
 def test_weights_names_and_paths(weights, is_name):
     assert is_weights_name(weights) == is_name
+
+
+def test_cli_classify_with_official_weights_name(official, server, capsys):
+    """--weights NAME fetches --arch's official file once; the answer is the Python API's on the same weights."""
+    from pathlib import Path
+
+    image = str(Path(__file__).parent / "data" / "chelsea_small.png")
+    assert main(["classify", "--arch", "resnet18", "--weights", "IMAGENET1K_V1", "--backend", "numpy", "--json", image]) == 0
+    import json
+
+    line = json.loads(capsys.readouterr().out.strip())
+    model = npresnet.resnet18(weights="IMAGENET1K_V1", backend="numpy")
+    want = npresnet.classify([image], model, topk=5)[0]
+    assert [p["index"] for p in line["top"]] == [p.index for p in want]
+    assert len(server.requests) == 1  # the second build came from the cache
