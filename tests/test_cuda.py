@@ -57,3 +57,46 @@ def test_cuda_backend_without_gpu_is_unavailable_and_never_auto():
     assert "cuda" not in lines["available"].split(",")
     assert "backend 'cuda' is not available" in lines["unavailable"]
     assert "NVIDIA GPU" in lines["unavailable"] and "NUMBA_ENABLE_CUDASIM" in lines["unavailable"]
+
+
+COMPILE = """
+import re
+import numpy as np
+from numba import cuda, types
+try:
+    cuda.compile_ptx(lambda a: None, (types.float32[:],), cc=(8, 0))
+except Exception as exc:  # NVVM or NVRTC not installed: nothing below could compile
+    print("NO-TOOLKIT", type(exc).__name__)
+    raise SystemExit(0)
+import npresnet_kernels.cuda as kc
+for dtype in (np.float32, np.float64):
+    real = types.float32 if dtype == np.float32 else types.float64
+    a1, a2, a3, a4 = (types.Array(real, d, "C") for d in (1, 2, 3, 4))
+    i = types.int64
+    ptxs = {f"tiled-{name}": cuda.compile_ptx(kc.conv2d_tiled_kernel(np.dtype(dtype), t).py_func,
+                                             (a4, a3, a1, a4, a4, i, i, i, i, i, i), cc=(8, 0))[0]
+            for name, t in kc.TILINGS.items()}
+    ptxs["naive"] = cuda.compile_ptx(kc.conv2d_naive_kernel.py_func, (a4, a4, a1, a4, a4, i, i, i, i), cc=(8, 0))[0]
+    ptxs["max_pool"] = cuda.compile_ptx(kc.max_pool_kernel.py_func, (a4, a4, i, i, i), cc=(8, 0))[0]
+    ptxs["avg_pool"] = cuda.compile_ptx(kc.global_avg_pool_kernel(np.dtype(dtype)).py_func, (a4, a2), cc=(8, 0))[0]
+    for name, ptx in ptxs.items():
+        # ".f64" as an instruction type; registers may be named %f64.
+        print(dtype.__name__, name, bool(re.search(r"[.]f64\\b", ptx)), ".local" in ptx)
+"""
+
+
+def test_kernels_compile_for_a_gpu_with_no_float64_in_float32():
+    # Real numba.cuda compilation (not the simulator, which runs Python): every kernel types and
+    # lowers to PTX, the float32 kernels do no float64 arithmetic (a stray literal would add it),
+    # and the tiled kernel keeps its accumulators in registers (no local memory).
+    result = python(COMPILE, simulator=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if result.stdout.startswith("NO-TOOLKIT"):
+        pytest.skip(f"the CUDA toolkit's NVVM/NVRTC is not installed ({result.stdout.strip()})")
+    rows = [line.split() for line in result.stdout.strip().splitlines()]
+    assert len(rows) == 2 * (len(("square", "column", "flat")) + 3), result.stdout
+    for dtype, name, has_f64, has_local in rows:
+        # float64 kernels show that the search finds float64 instructions where there are some.
+        assert has_f64 == str(dtype == "float64"), f"{dtype} kernel {name}: float64 instructions {has_f64}"
+        if name.startswith("tiled"):
+            assert has_local == "False", f"{dtype} {name} spills to local memory"
