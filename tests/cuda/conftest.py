@@ -12,11 +12,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: helpers
 
-cuda = pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
-
-SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-
 
 def pytest_collection_modifyitems(config, items):
+    try:
+        from numba import cuda
+    except ImportError:
+        return  # the test modules skip themselves
     if not cuda.is_available():
         raise pytest.UsageError("tests/cuda need an NVIDIA GPU, or NUMBA_ENABLE_CUDASIM=1 for numba's simulator")

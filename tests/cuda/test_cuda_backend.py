@@ -8,14 +8,14 @@ import os
 import numpy as np
 import pytest
 
-from numba import cuda
+cuda = pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
 
-import npresnet
-import npresnet_kernels.cuda as kc
-from helpers import assert_close
-from npresnet import functional as F
-from npresnet.backends import FoldedConv, NumpyBackend, get_backend
-from npresnet.model import PreparedNet, ResNet
+import npresnet  # noqa: E402
+import npresnet_kernels.cuda as kc  # noqa: E402
+from helpers import assert_close  # noqa: E402
+from npresnet import functional as F  # noqa: E402
+from npresnet.backends import FoldedConv, NumpyBackend, get_backend  # noqa: E402
+from npresnet.model import PreparedNet, ResNet  # noqa: E402
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 DTYPES = {"f32": np.float32, "f64": np.float64}
