@@ -46,6 +46,13 @@ from npresnet.backends import Backend, FoldedConv, register_backend
 from npresnet.functional import conv_output_size
 
 
+# Numba's OpenMP layer spins at its barriers, which stalls whole forward passes when
+# the cores are shared (measured: 4 s instead of 0.1 s for resnet18 on a loaded
+# 2-core machine); the workqueue layer sleeps instead. A user's choice still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
 def _cache_dir() -> str:
     home = os.environ.get("NPRESNET_HOME")
     if home:
@@ -84,19 +91,33 @@ with _our_cache_dir():
             p = job % P
             for q in range(Q):
                 row = job * Q + q
+                w0 = q * stride - padding
+                # Kernel columns s_lo <= s < s_hi fall inside the image.
+                s_lo = max(0, -w0)
+                s_hi = min(S, W - w0)
                 for r in range(R):
                     h = p * stride + r - padding
-                    for s in range(S):
-                        w = q * stride + s - padding
-                        base = (r * S + s) * Cg
-                        if 0 <= h < H and 0 <= w < W:
-                            for g in range(G):
-                                for c in range(Cg):
-                                    cols[g, row, base + c] = x[n, h, w, g * Cg + c]
+                    inside = 0 <= h < H
+                    for g in range(G):
+                        base = r * S * Cg
+                        if not inside:
+                            for i in range(S * Cg):
+                                cols[g, row, base + i] = 0
+                            continue
+                        for i in range(s_lo * Cg):
+                            cols[g, row, base + i] = 0
+                        if G == 1:
+                            # One contiguous run: x[n, h, w0 + s_lo : w0 + s_hi, :] in NHWC.
+                            src = ((n * H + h) * W + w0 + s_lo) * C
+                            flat = x.reshape(-1)
+                            for i in range((s_hi - s_lo) * C):
+                                cols[0, row, base + s_lo * C + i] = flat[src + i]
                         else:
-                            for g in range(G):
+                            for s in range(s_lo, s_hi):
                                 for c in range(Cg):
-                                    cols[g, row, base + c] = 0
+                                    cols[g, row, base + s * Cg + c] = x[n, h, w0 + s, g * Cg + c]
+                        for i in range(max(s_hi, s_lo) * Cg, S * Cg):
+                            cols[g, row, base + i] = 0
 
     @njit(parallel=True, cache=True)
     def _epilogue(src, bias, residual, has_residual, relu, out):
@@ -276,36 +297,49 @@ WINOGRAD = {
 }
 
 
-class PreparedConv:
-    """A folded convolution in the form its kernel wants (see the module docstring for the variants)."""
+def _winograd_matrices(tile: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    BT, Gm, AT = WINOGRAD[tile]
+    return BT.astype(dtype), Gm.astype(dtype), AT.astype(dtype)
 
-    def __init__(self, conv: FoldedConv, method: str, tile: int = 0):
+
+class PreparedConv:
+    """A folded convolution in the forms its kernels want (see the module docstring for the variants).
+
+    W (G, R*S*C/G, K/G) for the GEMM paths; for 3x3 stride-1 convolutions the
+    Winograd weights U (A*A, G, C/G, K/G) of each tile size, made on first use.
+    """
+
+    def __init__(self, conv: FoldedConv):
         K, Cg, R, S = conv.weight.shape
         G = conv.groups
-        dtype = conv.weight.dtype
         self.K, self.Cg, self.R, self.S, self.G = K, Cg, R, S, G
-        self.stride, self.padding, self.method, self.tile = conv.stride, conv.padding, method, tile
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dtype = conv.weight.dtype
         self.bias = np.ascontiguousarray(conv.bias)
-        Kg = K // G
-        if method == "winograd":
-            BT, Gm, AT = WINOGRAD[tile]
+        w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
+        self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
+        self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
+        self._U: dict[int, np.ndarray] = {}
+
+    def U(self, tile: int) -> np.ndarray:
+        if tile not in self._U:
+            _, Gm, _ = WINOGRAD[tile]
             A = tile + 2
-            g = conv.weight.astype(np.float64).reshape(G, Kg, Cg, 3, 3)
-            U = np.einsum("ar,gkcrs,bs->abgck", Gm, g, Gm)  # (A, A, G, C/G, K/G), in float64
-            self.U = np.ascontiguousarray(U.reshape(A * A, G, Cg, Kg).astype(dtype))
-            self.BT = BT.astype(dtype)
-            self.AT = AT.astype(dtype)
-        else:
-            w = conv.weight.reshape(G, Kg, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
-            self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, Kg))
+            X = self.G * self.Cg * (self.K // self.G)
+            g = self.W.reshape(self.G, 3, 3, -1).transpose(1, 2, 0, 3).astype(np.float64).reshape(3, 3, X)  # (R, S, X)
+            # U = G g G^T for every (group, input, output) channel triple, in float64 and rounded once.
+            rows = np.matmul(Gm, g.reshape(3, 3 * X)).reshape(A, 3, X)  # (A, S, X)
+            U = np.matmul(Gm, rows)  # (A, A, X)
+            self._U[tile] = U.reshape(A * A, self.G, self.Cg, self.K // self.G).astype(self.dtype)
+        return self._U[tile]
 
 
 class NumbaBackend(Backend):
     """Numba kernels over NHWC activations, BLAS for the GEMMs; see the module docstring."""
 
     name = "numba"
-    # Winograd when the output has at least this many positions per image (smaller maps: weight-bound).
-    WINOGRAD_MIN_POSITIONS = 0
+    # Winograd only with at least this many tiles per call (see _winograd_tile).
+    MIN_TILES = 32
 
     def __init__(self, threads: int | None = None, winograd_tile: int = 4):
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
@@ -329,12 +363,21 @@ class NumbaBackend(Backend):
         return np.array(x)
 
     def prepare_conv(self, conv: FoldedConv) -> PreparedConv:
-        K, Cg, R, S = conv.weight.shape
-        if (R, S, conv.stride, conv.padding) == (3, 3, 1, 1) and self.winograd_tile:
-            return PreparedConv(conv, "winograd", self.winograd_tile)
-        if (R, S, conv.padding, conv.groups) == (1, 1, 0, 1):
-            return PreparedConv(conv, "1x1")
-        return PreparedConv(conv, "im2col")
+        return PreparedConv(conv)
+
+    def _winograd_tile(self, conv: PreparedConv, N: int, P: int, Q: int) -> int:
+        """The Winograd tile for this call, or 0 for the GEMM path.
+
+        Measured on 2 cores (bench/): F(4x4) wins while there are enough tiles
+        to keep the 36 GEMMs efficient; on small maps (7x7 at batch 1) the
+        transformed weights outweigh the work saved and plain im2col is as fast.
+        """
+        if not conv.winograd:
+            return 0
+        for tile in (4, 2):
+            if tile <= self.winograd_tile and N * -(-P // tile) * -(-Q // tile) >= self.MIN_TILES:
+                return tile
+        return 0
 
     def prepare_linear(self, weight, bias):
         return np.ascontiguousarray(weight.T), bias
@@ -365,19 +408,20 @@ class NumbaBackend(Backend):
         if has_residual and residual.shape != out.shape:
             raise ValueError(f"conv: residual shape {residual.shape} != output shape {out.shape}")
         res = residual if has_residual else out  # a placeholder of the right type when there is none
-        if conv.method == "winograd":
-            m = conv.tile
+        m = self._winograd_tile(conv, N, P, Q)
+        if m:
             A = m + 2
             T = N * ((P + m - 1) // m) * ((Q + m - 1) // m)
             V = self._workspace("V", (A * A, conv.G, T, conv.Cg), x.dtype)
-            _winograd_input(x, conv.BT, m, V)
+            BT, _, AT = _winograd_matrices(m, x.dtype)
+            _winograd_input(x, BT, m, V)
             Mt = self._workspace("M", (A * A, conv.G, T, conv.K // conv.G), x.dtype)
-            np.matmul(V, conv.U, out=Mt)
-            _winograd_output(Mt, conv.AT, conv.bias, res, has_residual, relu, out)
+            np.matmul(V, conv.U(m), out=Mt)
+            _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, out)
             return out
         M = N * P * Q
         out2 = out.reshape(M, conv.K)
-        if conv.method == "1x1":
+        if conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
             cols = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
             np.matmul(cols.reshape(M, C), conv.W[0], out=out2)
             _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
