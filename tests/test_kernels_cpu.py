@@ -177,6 +177,25 @@ def test_every_architecture_matches_reference_model(cpu, arch, dtype):
     assert_close(model(x), want_logits)
 
 
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_matches_torch_float32(cpu, arch):
+    """The numba backend straight against torch too, not only through the reference (float32, 1e-4)."""
+    torch = pytest.importorskip("torch")
+    from torch_resnet import numpy_state_dict, randomise, torch_resnet
+
+    spec = get_spec(arch, num_classes=10)
+    tmodel = randomise(torch_resnet(spec), seed=8)
+    x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = {k: v.numpy() for k, v in tmodel.features(torch.from_numpy(x)).items()}
+        want_logits = tmodel.fc(torch.from_numpy(want["pool"])).numpy()
+    model = npresnet.build(arch, numpy_state_dict(tmodel), backend="numba")
+    got = model.features(x)
+    for name in npresnet.FEATURE_NAMES:
+        assert_close(got[name], want[name])
+    assert_close(model(x), want_logits)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_default_numba_model_at_imagenet_size(cpu, dtype):
     """The path choice the bench uses (F(4x4) on big maps, F(2x2) and GEMM on small ones), at 224x224."""
