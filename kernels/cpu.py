@@ -86,11 +86,13 @@ with _our_cache_dir():
         N, H, W, C = x.shape
         G = cols.shape[0]
         Cg = C // G
+        flat = x.reshape(-1)
         for job in prange(N * P):
             n = job // P
             p = job % P
             for q in range(Q):
                 row = job * Q + q
+                dst = cols[0, row]
                 w0 = q * stride - padding
                 # Kernel columns s_lo <= s < s_hi fall inside the image.
                 s_lo = max(0, -w0)
@@ -109,9 +111,9 @@ with _our_cache_dir():
                         if G == 1:
                             # One contiguous run: x[n, h, w0 + s_lo : w0 + s_hi, :] in NHWC.
                             src = ((n * H + h) * W + w0 + s_lo) * C
-                            flat = x.reshape(-1)
+                            start = base + s_lo * C
                             for i in range((s_hi - s_lo) * C):
-                                cols[0, row, base + s_lo * C + i] = flat[src + i]
+                                dst[start + i] = flat[src + i]
                         else:
                             for s in range(s_lo, s_hi):
                                 for c in range(Cg):
