@@ -4,19 +4,23 @@ Importing this module registers the backend with ``npresnet.backends``; it raise
 ImportError where numba is missing, so ``backend="auto"`` falls back to NumPy.
 
 Variants, chosen per convolution in ``NumbaBackend.prepare_conv``:
-    winograd  3x3, stride 1, padding 1 (any groups): Winograd F(m x m, 3x3), m = 4
-              (float32 and float64) or 2; input transform -> one batched GEMM per
-              (tile element, group) -> output transform with bias, residual and ReLU
-              fused, so each output activation is written once.
+    winograd  3x3, stride 1, padding 1, groups 1: Winograd F(m x m, 3x3), m = 4 or 2
+              (float32 and float64; chosen per call from the number of tiles, see
+              NumbaBackend._winograd_tile): input transform -> one GEMM per tile
+              element -> output transform with bias, residual and ReLU fused, so
+              each output activation is written once.
     1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
               already the GEMM's left matrix; bias/residual/ReLU fused after the GEMM.
-    im2col    everything else (the 7x7 stem, stride-2 3x3, grouped convs on small
-              maps): NHWC patches gathered in parallel, one GEMM per group, fused epilogue.
+    im2col    everything else (the 7x7 stem, stride-2 3x3, ResNeXt's grouped 3x3, 3x3 on
+              maps too small for Winograd): NHWC patches gathered in parallel, one
+              GEMM per group, fused epilogue.
 
-The GEMMs run in NumPy's BLAS (numba's own np.dot would need SciPy); the
-gathers, transforms and epilogues are parallel Numba loops. BLAS and Numba run
-one after the other, never nested, and both use the backend's thread count, so
-the two thread pools never oversubscribe the cores.
+The GEMMs run in NumPy's BLAS (numba's own np.dot would need SciPy), set to
+one thread for the duration of each convolution and split into one slab per
+thread by a small thread pool (BLAS releases the GIL); the gathers, transforms
+and epilogues are parallel Numba loops. The two run one after the other with
+the same thread count, so they never oversubscribe the cores, and OpenBLAS's
+own threads (which spin after each call) stay idle.
 
 Numerics: no fastmath (NaN and inf behave as in the reference); the Winograd
 weight transform is done in float64 and rounded once. Measured against the
@@ -37,6 +41,7 @@ import contextlib
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba  # ImportError here keeps the backend unregistered: the point of this module
 import numpy as np
@@ -347,12 +352,36 @@ class NumbaBackend(Backend):
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         self.winograd_tile = winograd_tile
         self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
 
     # --- threads ---------------------------------------------------------------------------
 
     def _threads(self):
         numba.set_num_threads(self.threads)  # per calling thread in numba, so set on every op
-        _set_blas_threads(self.threads)
+
+    def _matmul(self, a, b, out):
+        """np.matmul(a, b, out=out), split into one slab per thread along a's first axis.
+
+        BLAS itself runs single-threaded: Winograd's 36 small GEMMs per layer,
+        each split by OpenBLAS across threads, meant 36 thread synchronisations
+        per layer (ruinous when the cores are shared); one slab per thread is
+        one synchronisation, and the numba and BLAS pools never overlap.
+        """
+        parts = min(self.threads, a.shape[0])
+        if parts <= 1:
+            np.matmul(a, b, out=out)
+            return
+        bounds = np.linspace(0, a.shape[0], parts + 1).astype(int)
+        batched = b.ndim == a.ndim and a.ndim > 2
+
+        def slab(i):
+            lo, hi = bounds[i], bounds[i + 1]
+            np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
+
+        futures = [self._pool.submit(slab, i) for i in range(1, parts)]
+        slab(0)
+        for future in futures:
+            future.result()
 
     # --- layout ----------------------------------------------------------------------------
 
@@ -370,9 +399,10 @@ class NumbaBackend(Backend):
     def _winograd_tile(self, conv: PreparedConv, N: int, P: int, Q: int) -> int:
         """The Winograd tile for this call, or 0 for the GEMM path.
 
-        Measured on 2 cores (bench/): F(4x4) wins while there are enough tiles
-        to keep the 36 GEMMs efficient; on small maps (7x7 at batch 1) the
-        transformed weights outweigh the work saved and plain im2col is as fast.
+        Measured per layer on the 2-core development machine (one thread, best of
+        15): F(4x4) is 1.7-2.5x faster than im2col from 14x14 maps up; at 7x7
+        and batch 1 (16 or fewer tiles) the transformed weights (4x or 1.8x the
+        plain ones) cost as much as the work saved, so the plain GEMM is used there.
         """
         if not conv.winograd:
             return 0
@@ -398,6 +428,10 @@ class NumbaBackend(Backend):
 
     def conv(self, x, conv: PreparedConv, relu, residual=None):
         self._threads()
+        with _single_threaded_blas():
+            return self._conv(x, conv, relu, residual)
+
+    def _conv(self, x, conv: PreparedConv, relu, residual):
         N, H, W, C = x.shape
         if C != conv.Cg * conv.G:
             raise ValueError(f"conv: input has {C} channels, the convolution expects {conv.Cg * conv.G}")
@@ -418,24 +452,24 @@ class NumbaBackend(Backend):
             BT, _, AT = _winograd_matrices(m, x.dtype)
             _winograd_input(x, BT, m, V)
             Mt = self._workspace("M", (A * A, conv.G, T, conv.K // conv.G), x.dtype)
-            np.matmul(V, conv.U(m), out=Mt)
+            self._matmul(V, conv.U(m), Mt)
             _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, out)
             return out
         M = N * P * Q
         out2 = out.reshape(M, conv.K)
         if conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
             cols = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
-            np.matmul(cols.reshape(M, C), conv.W[0], out=out2)
+            self._matmul(cols.reshape(M, C), conv.W[0], out2)
             _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
             return out
         cols = self._workspace("cols", (conv.G, M, conv.R * conv.S * conv.Cg), x.dtype)
         _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, cols)
         if conv.G == 1:
-            np.matmul(cols[0], conv.W[0], out=out2)
+            self._matmul(cols[0], conv.W[0], out2)
             _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
         else:
             tmp = self._workspace("gemm", (conv.G, M, conv.K // conv.G), x.dtype)
-            np.matmul(cols, conv.W, out=tmp)
+            self._matmul(cols, conv.W, tmp)
             _epilogue(tmp, conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
         return out
 
@@ -460,8 +494,8 @@ class NumbaBackend(Backend):
 # --- BLAS thread count ---------------------------------------------------------------------------
 
 
-def _find_openblas_setter():
-    """openblas_set_num_threads of the OpenBLAS NumPy loaded, if any (as threadpoolctl finds it)."""
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy loaded, if any (found as threadpoolctl does)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
@@ -472,22 +506,31 @@ def _find_openblas_setter():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-                       "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                return setter
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter
     return None
 
 
-_blas_setter = _find_openblas_setter()
-_blas_threads = [None]
+_openblas = _find_openblas()
 
 
-def _set_blas_threads(n: int) -> None:
-    if _blas_setter is not None and _blas_threads[0] != n:
-        _blas_setter(ctypes.c_int(n))
-        _blas_threads[0] = n
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS on one thread for the duration (the backend splits GEMMs itself), then as the user had it."""
+    if _openblas is None:
+        yield
+        return
+    setter, getter = _openblas
+    before = getter()
+    setter(ctypes.c_int(1))
+    try:
+        yield
+    finally:
+        setter(ctypes.c_int(before))
 
 
 register_backend("numba", NumbaBackend)

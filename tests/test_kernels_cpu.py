@@ -277,3 +277,16 @@ def test_kernel_cache_goes_under_npresnet_home(cpu, tmp_path):
     assert proc.returncode == 0, proc.stderr
     cached = [f for _, _, files in os.walk(tmp_path / "home" / "numba") for f in files]
     assert any(f.endswith(".nbi") for f in cached), cached
+
+
+def test_blas_thread_count_is_restored_after_a_conv(cpu):
+    """The backend runs BLAS single-threaded inside a conv and leaves the user's setting as it found it."""
+    if cpu._openblas is None:
+        pytest.skip("NumPy is not linked to OpenBLAS here")
+    set_threads, get_threads = cpu._openblas
+    before = get_threads()
+    backend = cpu.NumbaBackend(threads=2)
+    prepared = backend.prepare_conv(FoldedConv(np.ones((4, 4, 1, 1)), np.zeros(4), 1, 0, 1))
+    out = backend.conv(backend.from_numpy(np.ones((1, 4, 3, 3))), prepared, relu=True)
+    assert np.all(backend.to_numpy(out) == 4.0)
+    assert get_threads() == before
