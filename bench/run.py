@@ -3,7 +3,9 @@
     python bench/run.py                 # resnet18 and resnet50, batch 1 and 8, 2 threads
     python bench/run.py --quick         # resnet18 batch 1 only, fewer repeats (for development)
 
-Every (runner, architecture, batch) is timed in its own fresh process, so that
+Reported per case: wall ms per batch (the median), images/s, the ratio to torch's
+wall time, CPU ms per batch (all threads; steadier than wall time on a shared
+machine), first-call ms and peak RSS. Every (runner, architecture, batch) is timed in its own fresh process, so that
 first-call time (compilation, cache loading, weight preparation) and peak
 resident memory (ru_maxrss) belong to that runner alone. Each process builds
 the model, runs one first call, `--warmup` more calls, then `--repeats` timed
@@ -114,11 +116,12 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeat
     assert out.shape == (batch, 1000), out.shape
     for _ in range(warmup):
         run(x)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run(x)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     median = statistics.median(times)
     return {
         "runner": runner,
@@ -129,6 +132,9 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeat
         "first_call_ms": first_s * 1e3,
         "ms_per_batch": median * 1e3,
         "min_ms": min(times) * 1e3,
+        # CPU time of all this process's threads: less sensitive than wall time to other jobs on
+        # the machine (but counting any spin-waiting of the runner's thread pool).
+        "cpu_ms_per_batch": statistics.median(cpu_times) * 1e3,
         "images_per_s": batch / median,
         "peak_rss_mb": _peak_rss_mb(),
         "repeats": repeats,
@@ -228,18 +234,18 @@ def markdown(results: list[dict], startup: dict, meta: dict) -> str:
         f"best of {meta['rounds']} round(s); load average {meta['load_average'][0]:.1f} before, "
         f"{meta['load_average_after'][0]:.1f} after; {meta['date']}.",
         "",
-        "| model | batch | runner | ms/batch | images/s | ratio to torch | first call ms | peak RSS MB |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | batch | runner | ms/batch | images/s | ratio to torch | CPU ms/batch | first call ms | peak RSS MB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | error: {r['error']} | | | | | |")
             continue
         base = torch_ms.get((r["arch"], r["batch"]))
         ratio = f"{r['ms_per_batch'] / base:.2f}" if base else "n/a"
         lines.append(
             f"| {r['arch']} | {r['batch']} | {r['runner']} | {r['ms_per_batch']:.1f} | {r['images_per_s']:.1f} | "
-            f"{ratio} | {r['first_call_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"{ratio} | {r['cpu_ms_per_batch']:.1f} | {r['first_call_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     if startup:
         lines.append("")

@@ -485,8 +485,9 @@ class NumbaBackend(Backend):
 
     def linear(self, x, fc):
         weight_t, bias = fc
-        self._threads()
-        out = x @ weight_t
+        # Single-threaded too: a woken OpenBLAS worker spins on, stealing a core from the next layers.
+        with _single_threaded_blas():
+            out = x @ weight_t
         out += bias
         return out
 
