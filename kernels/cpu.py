@@ -367,16 +367,23 @@ class NumbaBackend(Backend):
         per layer (ruinous when the cores are shared); one slab per thread is
         one synchronisation, and the numba and BLAS pools never overlap.
         """
-        parts = min(self.threads, a.shape[0])
+        # A plain product whose right matrix outweighs the left (layer4's weights at batch 1) is
+        # split by output columns, so that each thread reads its share of the weights, not all of them.
+        by_columns = a.ndim == b.ndim == 2 and b.nbytes > a.nbytes
+        length = b.shape[1] if by_columns else a.shape[0]
+        parts = min(self.threads, length)
         if parts <= 1:
             np.matmul(a, b, out=out)
             return
-        bounds = np.linspace(0, a.shape[0], parts + 1).astype(int)
+        bounds = np.linspace(0, length, parts + 1).astype(int)
         batched = b.ndim == a.ndim and a.ndim > 2
 
         def slab(i):
             lo, hi = bounds[i], bounds[i + 1]
-            np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
+            if by_columns:
+                np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])  # strided views: still BLAS-able
+            else:
+                np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
 
         futures = [self._pool.submit(slab, i) for i in range(1, parts)]
         slab(0)
