@@ -1,0 +1,366 @@
+"""The side-by-side benchmark: npresnet's backends against torch eager and ONNX Runtime.
+
+    python bench/run.py                 # resnet18 and resnet50, batch 1 and 8, 2 threads
+    python bench/run.py --quick         # resnet18 batch 1 only, fewer repeats (for development)
+
+Reported per case: wall ms per batch (the median), images/s, the ratio to torch's
+wall time, CPU ms per batch (all threads; steadier than wall time on a shared
+machine), first-call ms and peak RSS. Every (runner, architecture, batch) is timed in its own fresh process, so that
+first-call time (compilation, cache loading, weight preparation) and peak
+resident memory (ru_maxrss) belong to that runner alone. Each process builds
+the model, runs one first call, `--warmup` more calls, then `--repeats` timed
+calls; the median is reported. All runners compute the same architecture with
+random weights at 224x224 float32. One more process measures the startup path
+of a user command: interpreter start, `import npresnet`, loading a resnet18
+.npz and classifying one image, wall time from outside the process.
+
+Runners: every npresnet backend that can run here (numpy, numba), torch eager
+when torch is installed, ONNX Runtime (the torch model exported to ONNX) when
+onnxruntime and onnx are installed. Thread counts are pinned through the
+environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and each library's own knob.
+
+On a shared machine the load comes and goes: by default every case runs in
+two rounds, in turn, and the faster round is kept (all round medians are in the JSON).
+
+Results: bench/results/<name>.json, <name>.md and, with matplotlib, <name>.png.
+bench/ is not part of the test suite: timings never decide pass or fail.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+SIZE = 224
+
+
+# --- worker side: one runner, one model, one batch, in this process --------------------------
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _npresnet_runner(backend: str, arch: str, threads: int):
+    import numpy as np
+
+    import npresnet
+
+    model = npresnet.build(arch, backend=backend, threads=threads)
+    return lambda x: model(x), np.asarray
+
+
+def _torch_model(arch: str):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_resnet import torch_resnet
+
+    from npresnet.specs import get_spec
+
+    torch.manual_seed(0)
+    return torch_resnet(get_spec(arch)).eval()
+
+
+def _torch_runner(arch: str, threads: int):
+    import torch
+
+    torch.set_num_threads(threads)
+    model = _torch_model(arch)
+
+    def run(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run, None
+
+
+def _onnxruntime_runner(arch: str, threads: int, onnx_path: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0], None
+
+
+def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeats: int, onnx_path: str) -> dict:
+    import numpy as np
+
+    start = time.perf_counter()
+    if runner == "torch":
+        run, _ = _torch_runner(arch, threads)
+    elif runner == "onnxruntime":
+        run, _ = _onnxruntime_runner(arch, threads, onnx_path)
+    else:
+        run, _ = _npresnet_runner(runner, arch, threads)
+    build_s = time.perf_counter() - start
+    x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+    start = time.perf_counter()
+    out = run(x)
+    first_s = time.perf_counter() - start
+    assert out.shape == (batch, 1000), out.shape
+    for _ in range(warmup):
+        run(x)
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        run(x)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    median = statistics.median(times)
+    return {
+        "runner": runner,
+        "arch": arch,
+        "batch": batch,
+        "threads": threads,
+        "build_s": build_s,
+        "first_call_ms": first_s * 1e3,
+        "ms_per_batch": median * 1e3,
+        "min_ms": min(times) * 1e3,
+        # CPU time of all this process's threads: less sensitive than wall time to other jobs on
+        # the machine (but counting any spin-waiting of the runner's thread pool).
+        "cpu_ms_per_batch": statistics.median(cpu_times) * 1e3,
+        "images_per_s": batch / median,
+        "peak_rss_mb": _peak_rss_mb(),
+        "repeats": repeats,
+    }
+
+
+def startup_worker(weights: str, backend: str, threads: int) -> dict:
+    """What `npresnet classify photo.jpg` costs in a fresh process: import, load, one forward."""
+    import numpy as np
+
+    import npresnet
+
+    model = npresnet.load(weights, backend=backend, threads=threads)
+    x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
+    top = int(np.argmax(model(x)[0]))
+    return {"backend": model.backend.name, "top": top, "peak_rss_mb": _peak_rss_mb()}
+
+
+# --- parent side: which runners exist, one process each, the tables ----------------------------
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def available_runners() -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from npresnet.backends import available_backends
+
+    runners = [b for b in available_backends() if b != "cuda"]
+    if _has("torch"):
+        runners.append("torch")
+        if _has("onnxruntime") and _has("onnx"):
+            runners.append("onnxruntime")
+    return runners
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NPRESNET_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _run_json(args: list[str], threads: int, timeout: float = 900, env: dict | None = None) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        env={**_env(threads), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def export_onnx(arch: str, path: str, threads: int) -> dict:
+    code = (
+        "import sys, torch; sys.argv=['x']; import runpy; "
+        f"m = runpy.run_path({str(Path(__file__).resolve())!r})['_torch_model']({arch!r}); "
+        f"torch.onnx.export(m, torch.zeros(1, 3, {SIZE}, {SIZE}), {path!r}, input_names=['x'], output_names=['logits'], "
+        "dynamic_axes={'x': {0: 'n'}, 'logits': {0: 'n'}}, opset_version=17, dynamo=False); print('{}')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(threads), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "export failed"}
+    return {}
+
+
+def measure_startup(threads: int, tmp: str) -> dict:
+    weights = os.path.join(tmp, "resnet18.npz")
+    code = "import sys; sys.path.insert(0, %r); import npresnet; npresnet.save(npresnet.resnet18(backend='numpy'), %r)"
+    subprocess.run([sys.executable, "-c", code % (str(ROOT), weights)], env=_env(threads), check=True)
+    # A fresh kernel cache: the first process compiles (if the backend compiles), the second is what
+    # a user sees from then on.
+    results = {}
+    env = {"NPRESNET_HOME": os.path.join(tmp, "home")}
+    if "NUMBA_CACHE_DIR" in os.environ:
+        env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "home", "numba")
+    for label, backend in (("auto, empty kernel cache", "auto"), ("auto, kernels cached", "auto"), ("numpy", "numpy")):
+        start = time.perf_counter()
+        result = _run_json(["--startup-worker", weights, "--startup-backend", backend], threads, env=env)
+        result["wall_s"] = time.perf_counter() - start
+        results[label] = result
+    return results
+
+
+def markdown(results: list[dict], startup: dict, meta: dict) -> str:
+    torch_ms = {(r["arch"], r["batch"]): r["ms_per_batch"] for r in results if r["runner"] == "torch" and "error" not in r}
+    lines = [
+        f"Machine: {meta['machine']}; {meta['threads']} threads; {SIZE}x{SIZE} float32; "
+        f"median of {meta['repeats']} after {meta['warmup']} warm-up calls; each row its own process; "
+        f"best of {meta['rounds']} round(s); load average {meta['load_average'][0]:.1f} before, "
+        f"{meta['load_average_after'][0]:.1f} after; {meta['date']}.",
+        "",
+        "| model | batch | runner | ms/batch | images/s | ratio to torch | CPU ms/batch | first call ms | peak RSS MB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | error: {r['error']} | | | | | |")
+            continue
+        base = torch_ms.get((r["arch"], r["batch"]))
+        ratio = f"{r['ms_per_batch'] / base:.2f}" if base else "n/a"
+        lines.append(
+            f"| {r['arch']} | {r['batch']} | {r['runner']} | {r['ms_per_batch']:.1f} | {r['images_per_s']:.1f} | "
+            f"{ratio} | {r['cpu_ms_per_batch']:.1f} | {r['first_call_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
+    if startup:
+        lines.append("")
+        lines.append("Fresh process, `import npresnet` + load resnet18 .npz + classify one 224x224 image (wall, from outside):")
+        for label, s in startup.items():
+            if "error" in s:
+                lines.append(f"- {label}: error: {s['error']}")
+            else:
+                lines.append(f"- {label}: {s['wall_s']:.2f} s (backend {s['backend']}, peak RSS {s['peak_rss_mb']:.0f} MB)")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in results if "error" not in r]
+    cases = sorted({(r["arch"], r["batch"]) for r in ok})
+    runners = list(dict.fromkeys(r["runner"] for r in ok))
+    fig, axes = plt.subplots(1, len(cases), figsize=(4 * len(cases), 3.5), squeeze=False)
+    for ax, (arch, batch) in zip(axes[0], cases):
+        values = [next((r["images_per_s"] for r in ok if (r["arch"], r["batch"], r["runner"]) == (arch, batch, n)), 0) for n in runners]
+        ax.bar(runners, values, color=["C%d" % i for i in range(len(runners))])
+        ax.set_title(f"{arch}, batch {batch}")
+        ax.set_ylabel("images/s (higher is better)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="resnet18 batch 1, 3 repeats: a development check")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--archs", nargs="+", default=None)
+    parser.add_argument("--batches", nargs="+", type=int, default=None)
+    parser.add_argument("--runners", nargs="+", default=None, help="default: every one available here")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--name", default=None, help="results file name (default: 'latest', or 'quick')")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="run every case this many times, in turn, and keep each case's fastest round "
+                        "(a shared machine's load comes and goes; default 2, 1 with --quick)")
+    parser.add_argument("--no-startup", action="store_true", help="skip the fresh-process startup measurement")
+    parser.add_argument("--worker", nargs=3, metavar=("RUNNER", "ARCH", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--onnx", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--startup-worker", metavar="WEIGHTS", help=argparse.SUPPRESS)
+    parser.add_argument("--startup-backend", default="auto", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+
+    if args.worker:
+        runner, arch, batch = args.worker
+        print(json.dumps(worker(runner, arch, int(batch), args.threads, warmup, repeats, args.onnx)))
+        return 0
+    if args.startup_worker:
+        print(json.dumps(startup_worker(args.startup_worker, args.startup_backend, args.threads)))
+        return 0
+
+    archs = args.archs or (["resnet18"] if args.quick else ["resnet18", "resnet50"])
+    batches = args.batches or ([1] if args.quick else [1, 8])
+    runners = args.runners or available_runners()
+    name = args.name or ("quick" if args.quick else "latest")
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "threads": args.threads,
+        "warmup": warmup,
+        "repeats": repeats,
+        "rounds": args.rounds,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "load_average": os.getloadavg(),
+    }
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = {}
+        for arch in archs:
+            if "onnxruntime" in runners:
+                exported[arch] = export_onnx(arch, os.path.join(tmp, f"{arch}.onnx"), args.threads)
+        for round_ in range(args.rounds):
+            for arch in archs:
+                for batch in batches:
+                    for runner in runners:
+                        if runner == "onnxruntime" and "error" in exported[arch]:
+                            result = {"runner": runner, "arch": arch, "batch": batch, **exported[arch]}
+                        else:
+                            worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads),
+                                           "--warmup", str(warmup), "--repeats", str(repeats),
+                                           "--onnx", os.path.join(tmp, f"{arch}.onnx")]
+                            result = {"runner": runner, "arch": arch, "batch": batch, **_run_json(worker_args, args.threads)}
+                        key = (arch, batch, runner)
+                        kept = results.get(key)
+                        medians = (kept or {}).get("round_medians_ms", []) + [result.get("ms_per_batch")]
+                        if kept is None or ("error" not in result and ("error" in kept or result["ms_per_batch"] < kept["ms_per_batch"])):
+                            results[key] = result
+                        results[key]["round_medians_ms"] = medians
+                        shown = f"{result['ms_per_batch']:8.1f} ms" if "error" not in result else "error: " + result["error"]
+                        print(f"round {round_ + 1} {arch:10s} b{batch:<3d} {runner:12s} {shown}", flush=True)
+        results = list(results.values())
+        startup = {} if args.no_startup else measure_startup(args.threads, tmp)
+    meta["load_average_after"] = os.getloadavg()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results, "startup": startup}, indent=1) + "\n")
+    table = markdown(results, startup, meta)
+    (RESULTS / f"{name}.md").write_text(table)
+    chart(results, RESULTS / f"{name}.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

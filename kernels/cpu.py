@@ -1,0 +1,544 @@
+"""Numba CPU kernels: the "numba" backend (NHWC activations, fused epilogues, Winograd 3x3).
+
+Importing this module registers the backend with ``npresnet.backends``; it raises
+ImportError where numba is missing, so ``backend="auto"`` falls back to NumPy.
+
+Variants, chosen on each call in ``NumbaBackend.conv``:
+    winograd  3x3, stride 1, padding 1, groups 1: Winograd F(m x m, 3x3), m = 4 or 2
+              (float32 and float64; chosen per call from the number of tiles, see
+              NumbaBackend._winograd_tile): input transform -> one GEMM per tile
+              element -> output transform with bias, residual and ReLU fused, so
+              each output activation is written once.
+    1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
+              already the GEMM's left matrix; bias/residual/ReLU fused after the GEMM.
+    im2col    everything else (the 7x7 stem, stride-2 3x3, ResNeXt's grouped 3x3, 3x3 on
+              maps too small for Winograd): NHWC patches gathered in parallel, one
+              GEMM per group, fused epilogue.
+
+The GEMMs run in NumPy's BLAS (numba's own np.dot would need SciPy), set to
+one thread for the duration of each convolution and split into one slab per
+thread by a small thread pool (BLAS releases the GIL); the gathers, transforms
+and epilogues are parallel Numba loops. The two run one after the other with
+the same thread count, so they never oversubscribe the cores, and OpenBLAS's
+own threads (which spin after each call) stay idle.
+
+Numerics: no fastmath (NaN and inf behave as in the reference); the Winograd
+weight transform is done in float64 and rounded once. Measured against the
+float64 reference: see bench/ and tests/test_kernels_cpu.py.
+
+Compiled kernels are cached on disk (``cache=True``) under $NUMBA_CACHE_DIR
+when the user set it, else $NPRESNET_HOME/numba, else
+$XDG_CACHE_HOME/npresnet/numba (~/.cache/npresnet/numba), so a read-only
+site-packages still gets a cache and a second process does not recompile.
+
+References: Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"
+(2015) for the Winograd matrices; CS231n ``fast_layers.py`` for im2col.
+Tests: ``python -m pytest -q tests/test_kernels_cpu.py``; speed: ``python bench/run.py``.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba  # ImportError here keeps the backend unregistered: the point of this module
+import numpy as np
+from numba import njit, prange
+
+from npresnet.backends import Backend, FoldedConv, register_backend
+from npresnet.functional import conv_output_size
+
+
+# Numba's OpenMP layer spins at its barriers, which stalls whole forward passes when
+# the cores are shared (measured: 4.1 s instead of 0.3 s for resnet18 on a loaded
+# 2-core machine); the workqueue layer sleeps instead. A user's choice still wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _cache_dir() -> str:
+    home = os.environ.get("NPRESNET_HOME")
+    if home:
+        return os.path.join(home, "numba")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "npresnet", "numba")
+
+
+@contextlib.contextmanager
+def _our_cache_dir():
+    """Point numba's cache at npresnet's directory while our kernels are defined.
+
+    Numba picks a function's cache location when it is decorated, so this leaves
+    every other numba user in the process (and a user-set NUMBA_CACHE_DIR) alone.
+    """
+    if numba.config.CACHE_DIR:
+        yield
+        return
+    numba.config.CACHE_DIR = _cache_dir()
+    try:
+        yield
+    finally:
+        numba.config.CACHE_DIR = ""
+
+
+with _our_cache_dir():
+
+    @njit(parallel=True, cache=True)
+    def _im2col(x, R, S, stride, padding, P, Q, cols):
+        """x (N, H, W, C) -> cols (G, N*P*Q, R*S*C/G), column order (r, s, c), zero padded."""
+        N, H, W, C = x.shape
+        G = cols.shape[0]
+        Cg = C // G
+        flat = x.reshape(-1)
+        for job in prange(N * P):
+            n = job // P
+            p = job % P
+            for q in range(Q):
+                row = job * Q + q
+                dst = cols[0, row]
+                w0 = q * stride - padding
+                # Kernel columns s_lo <= s < s_hi fall inside the image.
+                s_lo = max(0, -w0)
+                s_hi = min(S, W - w0)
+                for r in range(R):
+                    h = p * stride + r - padding
+                    inside = 0 <= h < H
+                    for g in range(G):
+                        base = r * S * Cg
+                        if not inside:
+                            for i in range(S * Cg):
+                                cols[g, row, base + i] = 0
+                            continue
+                        for i in range(s_lo * Cg):
+                            cols[g, row, base + i] = 0
+                        if G == 1:
+                            # One contiguous run: x[n, h, w0 + s_lo : w0 + s_hi, :] in NHWC.
+                            src = ((n * H + h) * W + w0 + s_lo) * C
+                            start = base + s_lo * C
+                            for i in range((s_hi - s_lo) * C):
+                                dst[start + i] = flat[src + i]
+                        else:
+                            for s in range(s_lo, s_hi):
+                                for c in range(Cg):
+                                    cols[g, row, base + s * Cg + c] = x[n, h, w0 + s, g * Cg + c]
+                        for i in range(max(s_hi, s_lo) * Cg, S * Cg):
+                            cols[g, row, base + i] = 0
+
+    @njit(parallel=True, cache=True)
+    def _epilogue(src, bias, residual, has_residual, relu, out):
+        """out (M, K) = [relu](src + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1."""
+        G, M, Kg = src.shape
+        for row in prange(M):
+            for g in range(G):
+                for kk in range(Kg):
+                    k = g * Kg + kk
+                    v = src[g, row, kk] + bias[k]
+                    if has_residual:
+                        v += residual[row, k]
+                    if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
+                        v = 0
+                    out[row, k] = v
+
+    @njit(parallel=True, cache=True)
+    def _winograd_input(x, BT, m, V):
+        """x (N, H, W, C) -> V (A*A, G, T, C/G) = B^T d B for every m x m output tile's A x A patch d.
+
+        A = m + 2; tiles in row-major (n, tile row, tile column) order; the patch of
+        tile (i, j) starts at (i*m - 1, j*m - 1) (padding 1), zeros outside x.
+        """
+        N, H, W, C = x.shape
+        A = BT.shape[0]
+        G = V.shape[1]
+        Cg = C // G
+        th = (H + m - 1) // m
+        tw = (W + m - 1) // m
+        for job in prange(N * th):
+            n = job // th
+            i = job % th
+            d = np.empty((A, A, C), dtype=x.dtype)
+            tmp = np.empty((A, A, C), dtype=x.dtype)
+            acc = np.empty(C, dtype=x.dtype)
+            for j in range(tw):
+                for a in range(A):
+                    h = i * m + a - 1
+                    for b in range(A):
+                        w = j * m + b - 1
+                        if 0 <= h < H and 0 <= w < W:
+                            for c in range(C):
+                                d[a, b, c] = x[n, h, w, c]
+                        else:
+                            for c in range(C):
+                                d[a, b, c] = 0
+                # tmp = B^T d (rows), then V = tmp B (columns); zero coefficients skipped.
+                for a in range(A):
+                    for b in range(A):
+                        for c in range(C):
+                            tmp[a, b, c] = 0
+                        for k in range(A):
+                            coef = BT[a, k]
+                            if coef != 0:
+                                for c in range(C):
+                                    tmp[a, b, c] += coef * d[k, b, c]
+                t = (n * th + i) * tw + j
+                for a in range(A):
+                    for b in range(A):
+                        for c in range(C):
+                            acc[c] = 0
+                        for k in range(A):
+                            coef = BT[b, k]
+                            if coef != 0:
+                                for c in range(C):
+                                    acc[c] += coef * tmp[a, k, c]
+                        for g in range(G):
+                            for c in range(Cg):
+                                V[a * A + b, g, t, c] = acc[g * Cg + c]
+
+    @njit(parallel=True, cache=True)
+    def _winograd_output(Mt, AT, bias, residual, has_residual, relu, out):
+        """Mt (A*A, G, T, K/G) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]), tiles clipped at the edge."""
+        N, P, Q, K = out.shape
+        m, A = AT.shape
+        G = Mt.shape[1]
+        Kg = Mt.shape[3]
+        th = (P + m - 1) // m
+        tw = (Q + m - 1) // m
+        for job in prange(N * th):
+            n = job // th
+            i = job % th
+            tmp = np.empty((m, A, K), dtype=out.dtype)
+            acc = np.empty(K, dtype=out.dtype)
+            for j in range(tw):
+                t = (n * th + i) * tw + j
+                for a in range(m):
+                    for b in range(A):
+                        for k in range(K):
+                            tmp[a, b, k] = 0
+                        for x in range(A):
+                            coef = AT[a, x]
+                            if coef != 0:
+                                for g in range(G):
+                                    for kk in range(Kg):
+                                        tmp[a, b, g * Kg + kk] += coef * Mt[x * A + b, g, t, kk]
+                for a in range(m):
+                    p = i * m + a
+                    if p >= P:
+                        break
+                    for b in range(m):
+                        q = j * m + b
+                        if q >= Q:
+                            break
+                        for k in range(K):
+                            acc[k] = 0
+                        for y in range(A):
+                            coef = AT[b, y]
+                            if coef != 0:
+                                for k in range(K):
+                                    acc[k] += coef * tmp[a, y, k]
+                        for k in range(K):
+                            v = acc[k] + bias[k]
+                            if has_residual:
+                                v += residual[n, p, q, k]
+                            if relu and v < 0:
+                                v = 0
+                            out[n, p, q, k] = v
+
+    @njit(parallel=True, cache=True)
+    def _max_pool_3x3s2(x, out):
+        """x (N, H, W, C) -> out (N, P, Q, C): 3x3 window, stride 2, padding 1 (never wins), NaN propagates."""
+        N, H, W, C = x.shape
+        _, P, Q, _ = out.shape
+        for job in prange(N * P):
+            n = job // P
+            p = job % P
+            for q in range(Q):
+                for c in range(C):
+                    out[n, p, q, c] = -np.inf
+                for r in range(3):
+                    h = 2 * p + r - 1
+                    if h < 0 or h >= H:
+                        continue
+                    for s in range(3):
+                        w = 2 * q + s - 1
+                        if w < 0 or w >= W:
+                            continue
+                        for c in range(C):
+                            v = x[n, h, w, c]
+                            if v > out[n, p, q, c] or v != v:
+                                out[n, p, q, c] = v
+
+
+# Winograd F(m x m, 3 x 3) matrices (Lavin & Gray 2015): B^T (A x A), G (A x 3), A^T (m x A), A = m + 2.
+WINOGRAD = {
+    2: (
+        np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=np.float64),
+        np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=np.float64),
+    ),
+    4: (
+        np.array(
+            [
+                [4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1],
+            ],
+            dtype=np.float64,
+        ),
+        np.array(
+            [
+                [1 / 4, 0, 0],
+                [-1 / 6, -1 / 6, -1 / 6],
+                [-1 / 6, 1 / 6, -1 / 6],
+                [1 / 24, 1 / 12, 1 / 6],
+                [1 / 24, -1 / 12, 1 / 6],
+                [0, 0, 1],
+            ],
+            dtype=np.float64,
+        ),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=np.float64),
+    ),
+}
+
+
+def _winograd_matrices(tile: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    BT, Gm, AT = WINOGRAD[tile]
+    return BT.astype(dtype), Gm.astype(dtype), AT.astype(dtype)
+
+
+class PreparedConv:
+    """A folded convolution in the forms its kernels want (see the module docstring for the variants).
+
+    W (G, R*S*C/G, K/G) for the GEMM paths; for 3x3 stride-1 convolutions the
+    Winograd weights U (A*A, G, C/G, K/G) of each tile size, made on first use.
+    """
+
+    def __init__(self, conv: FoldedConv):
+        K, Cg, R, S = conv.weight.shape
+        G = conv.groups
+        self.K, self.Cg, self.R, self.S, self.G = K, Cg, R, S, G
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dtype = conv.weight.dtype
+        self.bias = np.ascontiguousarray(conv.bias)
+        w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
+        self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
+        self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
+        self._U: dict[int, np.ndarray] = {}
+
+    def U(self, tile: int) -> np.ndarray:
+        if tile not in self._U:
+            _, Gm, _ = WINOGRAD[tile]
+            A = tile + 2
+            X = self.G * self.Cg * (self.K // self.G)
+            g = self.W.reshape(self.G, 3, 3, -1).transpose(1, 2, 0, 3).astype(np.float64).reshape(3, 3, X)  # (R, S, X)
+            # U = G g G^T for every (group, input, output) channel triple, in float64 and rounded once.
+            rows = np.matmul(Gm, g.reshape(3, 3 * X)).reshape(A, 3, X)  # (A, S, X)
+            U = np.matmul(Gm, rows)  # (A, A, X)
+            self._U[tile] = U.reshape(A * A, self.G, self.Cg, self.K // self.G).astype(self.dtype)
+        return self._U[tile]
+
+
+class NumbaBackend(Backend):
+    """Numba kernels over NHWC activations, BLAS for the GEMMs; see the module docstring."""
+
+    name = "numba"
+    # Winograd only with at least this many tiles per call (see _winograd_tile).
+    MIN_TILES = 32
+
+    def __init__(self, threads: int | None = None, winograd_tile: int = 4):
+        self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+        self.winograd_tile = winograd_tile
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+
+    # --- threads ---------------------------------------------------------------------------
+
+    def _threads(self):
+        numba.set_num_threads(self.threads)  # per calling thread in numba, so set on every op
+
+    def _matmul(self, a, b, out):
+        """np.matmul(a, b, out=out), split into one slab per thread along a's first axis.
+
+        BLAS itself runs single-threaded: Winograd's 36 small GEMMs per layer,
+        each split by OpenBLAS across threads, meant 36 thread synchronisations
+        per layer (ruinous when the cores are shared); one slab per thread is
+        one synchronisation, and the numba and BLAS pools never overlap.
+        """
+        # A plain product whose right matrix outweighs the left (layer4's weights at batch 1) is
+        # split by output columns, so that each thread reads its share of the weights, not all of them.
+        by_columns = a.ndim == b.ndim == 2 and b.nbytes > a.nbytes
+        length = b.shape[1] if by_columns else a.shape[0]
+        parts = min(self.threads, length)
+        if parts <= 1:
+            np.matmul(a, b, out=out)
+            return
+        bounds = np.linspace(0, length, parts + 1).astype(int)
+        batched = b.ndim == a.ndim and a.ndim > 2
+
+        def slab(i):
+            lo, hi = bounds[i], bounds[i + 1]
+            if by_columns:
+                np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])  # strided views: still BLAS-able
+            else:
+                np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
+
+        futures = [self._pool.submit(slab, i) for i in range(1, parts)]
+        slab(0)
+        for future in futures:
+            future.result()
+
+    # --- layout ----------------------------------------------------------------------------
+
+    def from_numpy(self, x):
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (N, H, W, C)
+
+    def to_numpy(self, x):
+        if x.ndim == 4:
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (N, C, H, W)
+        return np.array(x)
+
+    def prepare_conv(self, conv: FoldedConv) -> PreparedConv:
+        return PreparedConv(conv)
+
+    def _winograd_tile(self, conv: PreparedConv, N: int, P: int, Q: int) -> int:
+        """The Winograd tile for this call, or 0 for the GEMM path.
+
+        Measured per layer on the 2-core development machine (one thread, best of
+        15): F(4x4) is 1.7-2.5x faster than im2col from 14x14 maps up; at 7x7
+        and batch 1 (16 or fewer tiles) the transformed weights (4x or 1.8x the
+        plain ones) cost as much as the work saved, so the plain GEMM is used there.
+        """
+        if not conv.winograd:
+            return 0
+        for tile in (4, 2):
+            if tile <= self.winograd_tile and N * -(-P // tile) * -(-Q // tile) >= self.MIN_TILES:
+                return tile
+        return 0
+
+    def prepare_linear(self, weight, bias):
+        return np.ascontiguousarray(weight.T), bias
+
+    # --- ops -------------------------------------------------------------------------------
+
+    def _workspace(self, name, shape, dtype):
+        """A scratch array reused across calls (per thread): saves page faults on every conv."""
+        spaces = self._local.__dict__.setdefault("spaces", {})
+        size = int(np.prod(shape))
+        key = (name, np.dtype(dtype))
+        buf = spaces.get(key)
+        if buf is None or buf.size < size:
+            buf = spaces[key] = np.empty(size, dtype=dtype)
+        return buf[:size].reshape(shape)
+
+    def conv(self, x, conv: PreparedConv, relu, residual=None):
+        self._threads()
+        with _single_threaded_blas():
+            return self._conv(x, conv, relu, residual)
+
+    def _conv(self, x, conv: PreparedConv, relu, residual):
+        N, H, W, C = x.shape
+        if C != conv.Cg * conv.G:
+            raise ValueError(f"conv: input has {C} channels, the convolution expects {conv.Cg * conv.G}")
+        P = conv_output_size(H, conv.R, conv.stride, conv.padding)
+        Q = conv_output_size(W, conv.S, conv.stride, conv.padding)
+        if P < 1 or Q < 1:
+            raise ValueError(f"conv2d: input {H}x{W} is too small for a {conv.R}x{conv.S} kernel with padding {conv.padding}")
+        out = np.empty((N, P, Q, conv.K), dtype=x.dtype)
+        has_residual = residual is not None
+        if has_residual and residual.shape != out.shape:
+            raise ValueError(f"conv: residual shape {residual.shape} != output shape {out.shape}")
+        res = residual if has_residual else out  # a placeholder of the right type when there is none
+        m = self._winograd_tile(conv, N, P, Q)
+        if m:
+            A = m + 2
+            T = N * ((P + m - 1) // m) * ((Q + m - 1) // m)
+            V = self._workspace("V", (A * A, conv.G, T, conv.Cg), x.dtype)
+            BT, _, AT = _winograd_matrices(m, x.dtype)
+            _winograd_input(x, BT, m, V)
+            Mt = self._workspace("M", (A * A, conv.G, T, conv.K // conv.G), x.dtype)
+            self._matmul(V, conv.U(m), Mt)
+            _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, out)
+            return out
+        M = N * P * Q
+        out2 = out.reshape(M, conv.K)
+        if conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
+            cols = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
+            self._matmul(cols.reshape(M, C), conv.W[0], out2)
+            _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+            return out
+        cols = self._workspace("cols", (conv.G, M, conv.R * conv.S * conv.Cg), x.dtype)
+        _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, cols)
+        if conv.G == 1:
+            self._matmul(cols[0], conv.W[0], out2)
+            _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+        else:
+            tmp = self._workspace("gemm", (conv.G, M, conv.K // conv.G), x.dtype)
+            self._matmul(cols, conv.W, tmp)
+            _epilogue(tmp, conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+        return out
+
+    def max_pool(self, x):
+        self._threads()
+        N, H, W, C = x.shape
+        out = np.empty((N, conv_output_size(H, 3, 2, 1), conv_output_size(W, 3, 2, 1), C), dtype=x.dtype)
+        _max_pool_3x3s2(x, out)
+        return out
+
+    def global_avg_pool(self, x):
+        return x.mean(axis=(1, 2))  # (N, C)
+
+    def linear(self, x, fc):
+        weight_t, bias = fc
+        # Single-threaded too: a woken OpenBLAS worker spins on, stealing a core from the next layers.
+        with _single_threaded_blas():
+            out = x @ weight_t
+        out += bias
+        return out
+
+
+# --- BLAS thread count ---------------------------------------------------------------------------
+
+
+def _find_openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy loaded, if any (found as threadpoolctl does)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return setter, getter
+    return None
+
+
+_openblas = _find_openblas()
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS on one thread for the duration (the backend splits GEMMs itself), then as the user had it."""
+    if _openblas is None:
+        yield
+        return
+    setter, getter = _openblas
+    before = getter()
+    setter(ctypes.c_int(1))
+    try:
+        yield
+    finally:
+        setter(ctypes.c_int(before))
+
+
+register_backend("numba", NumbaBackend)

@@ -1,0 +1,290 @@
+"""The Numba backend against the NumPy reference: each kernel on edge cases, then whole models.
+
+The chain: torch checks functional.py (test_functional.py); functional.py checks
+every kernel here, in float32 and float64; the reference model (backend "numpy")
+checks the numba model on every architecture. Also: thread selection,
+backend="auto", and that a machine without numba gets NumPy with no error.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import npresnet
+from helpers import assert_close
+from npresnet import functional as F
+from npresnet.backends import FoldedConv, get_backend
+from npresnet.model import random_state_dict
+from npresnet.specs import ARCHITECTURES, get_spec
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    pytest.importorskip("numba")
+    from npresnet_kernels import cpu
+
+    return cpu
+
+
+def numba_backend(cpu, path):
+    """A backend forced onto one convolution path: 'winograd4', 'winograd2' or 'gemm'."""
+    backend = cpu.NumbaBackend(threads=2, winograd_tile={"winograd4": 4, "winograd2": 2, "gemm": 0}[path])
+    backend.MIN_TILES = 1  # Winograd even on the tiny maps of a test
+    return backend
+
+
+def spec_params(arch):
+    return npresnet.count_params(get_spec(arch))
+
+
+def reference_conv(x, conv: FoldedConv, relu, residual):
+    out = F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, groups=conv.groups)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out) if relu else out
+
+
+# (N, C, H, W, K, kernel, stride, padding, groups)
+CONV_CASES = {
+    "3x3": (2, 8, 9, 7, 16, 3, 1, 1, 1),
+    "3x3_odd_8x5": (1, 5, 8, 5, 3, 3, 1, 1, 1),
+    "3x3_1x1input": (1, 4, 1, 1, 6, 3, 1, 1, 1),
+    "3x3_2x3input": (3, 4, 2, 3, 4, 3, 1, 1, 1),
+    "3x3_stride2": (2, 8, 9, 7, 16, 3, 2, 1, 1),
+    "3x3_stride2_1x1input": (1, 4, 1, 1, 4, 3, 2, 1, 1),
+    "3x3_groups4": (2, 8, 9, 7, 16, 3, 1, 1, 4),
+    "3x3_groups4_stride2": (2, 8, 9, 7, 16, 3, 2, 1, 4),
+    "3x3_depthwise": (1, 6, 5, 5, 6, 3, 1, 1, 6),
+    "1x1": (2, 8, 5, 5, 12, 1, 1, 0, 1),
+    "1x1_stride2_odd": (2, 8, 5, 7, 12, 1, 2, 0, 1),
+    "1x1_1x1input": (1, 8, 1, 1, 3, 1, 1, 0, 1),
+    "7x7_stem": (1, 3, 11, 13, 8, 7, 2, 3, 1),
+    "7x7_stem_tiny": (2, 3, 2, 3, 4, 7, 2, 3, 1),
+    "5x5_nopad": (1, 4, 6, 7, 4, 5, 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("path", ["winograd4", "winograd2", "gemm"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv_matches_reference(cpu, case, path, dtype):
+    N, C, H, W, K, k, stride, padding, groups = CONV_CASES[case]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    conv = FoldedConv(
+        rng.standard_normal((K, C // groups, k, k)).astype(dtype), rng.standard_normal(K).astype(dtype), stride, padding, groups
+    )
+    backend = numba_backend(cpu, path)
+    prepared = backend.prepare_conv(conv)
+    residual_shape = reference_conv(x, conv, False, None).shape
+    for relu in (False, True):
+        for residual in (None, rng.standard_normal(residual_shape).astype(dtype)):
+            want = reference_conv(x, conv, relu, residual)
+            r = None if residual is None else backend.from_numpy(residual)
+            got = backend.to_numpy(backend.conv(backend.from_numpy(x), prepared, relu, r))
+            assert_close(got, want)
+            if relu:
+                assert got.min() >= 0
+
+
+def test_winograd_is_used_where_it_should_be(cpu):
+    conv = cpu.PreparedConv(FoldedConv(np.zeros((4, 4, 3, 3)), np.zeros(4), 1, 1, 1))
+    backend = cpu.NumbaBackend(threads=1)
+    assert backend._winograd_tile(conv, 1, 56, 56) == 4
+    assert backend._winograd_tile(conv, 1, 1, 1) == 0  # too few tiles: the GEMM path
+    grouped = cpu.PreparedConv(FoldedConv(np.zeros((4, 1, 3, 3)), np.zeros(4), 1, 1, 4))
+    assert backend._winograd_tile(grouped, 8, 56, 56) == 0
+    strided = cpu.PreparedConv(FoldedConv(np.zeros((4, 4, 3, 3)), np.zeros(4), 2, 1, 1))
+    assert backend._winograd_tile(strided, 8, 56, 56) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("tile", [2, 4])
+def test_winograd_error_against_float64_reference(cpu, tile, dtype):
+    """A ResNet-sized 3x3 convolution (64 channels, 56x56): the error the tests' tolerance must cover."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.standard_normal((1, 64, 56, 56)), 0)  # post-ReLU input, as inside a ResNet
+    weight = rng.standard_normal((64, 64, 3, 3)) * np.sqrt(2 / (64 * 9))
+    want = F.conv2d(x, weight, padding=1)  # float64
+    conv = FoldedConv(weight.astype(dtype), np.zeros(64, dtype), 1, 1, 1)
+    backend = numba_backend(cpu, f"winograd{tile}")
+    got = backend.to_numpy(backend.conv(backend.from_numpy(x.astype(dtype)), backend.prepare_conv(conv), relu=False))
+    assert got.dtype == dtype
+    limit = {np.float32: 1e-5, np.float64: 1e-13}[dtype]  # an order below the whole-model tolerance
+    assert_close(got, want.astype(dtype), tol=limit)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(2, 3, 9, 7), (1, 2, 1, 1), (1, 4, 2, 2), (2, 5, 8, 8)], ids=str)
+def test_max_pool_matches_reference(cpu, shape, dtype):
+    x = np.random.default_rng(2).standard_normal(shape).astype(dtype)
+    x.flat[0] = np.nan  # NaN must propagate as in the reference (and torch)
+    backend = cpu.NumbaBackend(threads=2)
+    got = backend.to_numpy(backend.max_pool(backend.from_numpy(x)))
+    want = F.max_pool2d(x, 3, 2, 1)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert_close(np.nan_to_num(got), np.nan_to_num(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_pool_and_linear_match_reference(cpu, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 6, 3, 5)).astype(dtype)
+    weight, bias = rng.standard_normal((4, 6)).astype(dtype), rng.standard_normal(4).astype(dtype)
+    backend = cpu.NumbaBackend(threads=2)
+    pooled = backend.global_avg_pool(backend.from_numpy(x))
+    assert_close(backend.to_numpy(pooled), F.adaptive_avg_pool2d(x, 1).reshape(2, 6))
+    logits = backend.to_numpy(backend.linear(pooled, backend.prepare_linear(weight, bias)))
+    assert_close(logits, F.linear(F.adaptive_avg_pool2d(x, 1).reshape(2, 6), weight, bias))
+
+
+def test_conv_rejects_wrong_channels(cpu):
+    backend = cpu.NumbaBackend(threads=1)
+    prepared = backend.prepare_conv(FoldedConv(np.zeros((4, 3, 3, 3)), np.zeros(4), 1, 1, 1))
+    with pytest.raises(ValueError, match="channels"):
+        backend.conv(backend.from_numpy(np.zeros((1, 5, 4, 4))), prepared, relu=True)
+
+
+# --- whole models against the reference model -----------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_matches_reference_model(cpu, arch, dtype):
+    spec = get_spec(arch, num_classes=10)
+    state = random_state_dict(spec, seed=4, dtype=dtype)
+    rng = np.random.default_rng(5)
+    # Batch norm as after training, not the identity of a fresh init: folding must matter.
+    for key in list(state):
+        if key.endswith("running_var"):
+            state[key] = rng.uniform(0.5, 2.0, state[key].shape).astype(dtype)
+        elif key.endswith(("running_mean", "bn1.bias", "bn2.bias", "bn3.bias")):
+            state[key] = (0.1 * rng.standard_normal(state[key].shape)).astype(dtype)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(dtype)
+    want = npresnet.build(arch, state, backend="numpy").features(x)
+    want_logits = F.linear(want["pool"], state["fc.weight"], state["fc.bias"])
+    # Winograd F(4x4) forced on every 3x3 of the smaller networks; the deep and wide ones take the
+    # default choice (F(2x2) on layer1, GEMM below), as forcing F(4x4) there costs GBs of transforms.
+    backend = numba_backend(cpu, "winograd4") if spec_params(arch) < 40e6 else cpu.NumbaBackend(threads=2)
+    model = npresnet.build(arch, state, backend=backend)
+    got = model.features(x)
+    for name in npresnet.FEATURE_NAMES:
+        assert_close(got[name], want[name])
+    assert_close(model(x), want_logits)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_matches_torch_float32(cpu, arch):
+    """The numba backend straight against torch too, not only through the reference (float32, 1e-4)."""
+    torch = pytest.importorskip("torch")
+    from torch_resnet import numpy_state_dict, randomise, torch_resnet
+
+    spec = get_spec(arch, num_classes=10)
+    tmodel = randomise(torch_resnet(spec), seed=8)
+    x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = {k: v.numpy() for k, v in tmodel.features(torch.from_numpy(x)).items()}
+        want_logits = tmodel.fc(torch.from_numpy(want["pool"])).numpy()
+    model = npresnet.build(arch, numpy_state_dict(tmodel), backend="numba")
+    got = model.features(x)
+    for name in npresnet.FEATURE_NAMES:
+        assert_close(got[name], want[name])
+    assert_close(model(x), want_logits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_default_numba_model_at_imagenet_size(cpu, dtype):
+    """The path choice the bench uses (F(4x4) on big maps, F(2x2) and GEMM on small ones), at 224x224."""
+    state = random_state_dict(get_spec("resnet18"), seed=6, dtype=dtype)
+    x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(dtype)
+    want = npresnet.resnet18(state, backend="numpy")(x)
+    assert_close(npresnet.resnet18(state, backend="numba")(x), want)
+
+
+# --- choosing the backend and its threads ---------------------------------------------------
+
+def test_threads_argument_and_environment(cpu, monkeypatch):
+    import numba
+
+    monkeypatch.delenv("NPRESNET_NUM_THREADS", raising=False)
+    assert get_backend("numba", threads=1).threads == 1
+    assert get_backend("numba").threads == numba.config.NUMBA_NUM_THREADS
+    monkeypatch.setenv("NPRESNET_NUM_THREADS", "1")
+    backend = get_backend("numba")
+    assert backend.threads == 1
+    backend.max_pool(backend.from_numpy(np.zeros((1, 1, 4, 4))))
+    assert numba.get_num_threads() == 1
+    # More threads than numba's pool holds is clamped, not an error deep inside numba.
+    assert get_backend("numba", threads=10_000).threads == numba.config.NUMBA_NUM_THREADS
+    with pytest.raises(ValueError, match="threads"):
+        get_backend("numba", threads=0)
+
+
+def test_auto_picks_numba_when_installed(cpu):
+    assert get_backend("auto").name == "numba"
+    assert npresnet.resnet18(num_classes=2).backend.name == "numba"
+    assert "numba" in npresnet.available_backends()
+
+
+def run_python(code, tmp_path, **env):
+    environment = dict(os.environ, **env)
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+
+
+def test_without_numba_auto_is_numpy(tmp_path):
+    """A machine without numba: 'auto' is NumPy with no error; asking for numba names the fix."""
+    fake = tmp_path / "fake"
+    (fake / "numba").mkdir(parents=True)
+    (fake / "numba" / "__init__.py").write_text("raise ImportError('No module named numba (simulated)')\n")
+    proc = run_python(
+        """
+        import numpy as np, npresnet
+        assert npresnet.get_backend("auto").name == "numpy"
+        model = npresnet.resnet18(num_classes=3)
+        assert model.backend.name == "numpy"
+        assert model(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 3)
+        assert npresnet.available_backends() == ["numpy"]
+        try:
+            npresnet.get_backend("numba")
+        except npresnet.BackendUnavailable as exc:
+            assert "pip install" in str(exc), exc
+        else:
+            raise AssertionError("numba backend without numba")
+        print("ok")
+        """,
+        tmp_path,
+        PYTHONPATH=str(fake),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_kernel_cache_goes_under_npresnet_home(cpu, tmp_path):
+    """Without NUMBA_CACHE_DIR the compiled kernels land in $NPRESNET_HOME/numba (site-packages may be read-only)."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(NPRESNET_HOME=str(tmp_path / "home"))
+    proc = subprocess.run(
+        [sys.executable, "-c", "import numpy as np, npresnet; b = npresnet.get_backend('numba'); "
+         "b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), np.float32)))"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    cached = [f for _, _, files in os.walk(tmp_path / "home" / "numba") for f in files]
+    assert any(f.endswith(".nbi") for f in cached), cached
+
+
+def test_blas_thread_count_is_restored_after_a_conv(cpu):
+    """The backend runs BLAS single-threaded inside a conv and leaves the user's setting as it found it."""
+    get_threads = cpu._openblas[1] if cpu._openblas else (lambda: None)  # None: NumPy without OpenBLAS
+    before = get_threads()
+    backend = cpu.NumbaBackend(threads=2)
+    prepared = backend.prepare_conv(FoldedConv(np.ones((4, 4, 1, 1)), np.zeros(4), 1, 0, 1))
+    out = backend.conv(backend.from_numpy(np.ones((1, 4, 3, 3))), prepared, relu=True)
+    assert np.all(backend.to_numpy(out) == 4.0)
+    assert get_threads() == before
