@@ -30,6 +30,7 @@ from .weights import WeightsError, convert, read_weights
 
 DEFAULT_ARCH = "resnet50"
 GLOB_CHARACTERS = "*?["
+SHORT_RUN_IMAGES = 16  # up to this many images, --backend auto runs on NumPy (see backend_for)
 
 
 # --- helpers shared by the subcommands ---------------------------------------------------------------------------
@@ -141,7 +142,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="a weights file (.npz, .pth, .safetensors) or the name of official weights of --arch "
         "(DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2: fetched once, then cached); without it the parameters are random",
     )
-    group.add_argument("--backend", default="auto", help="numpy, numba, cuda, or auto: the fastest here (default)")
+    group.add_argument(
+        "--backend",
+        default="auto",
+        help=f"numpy, numba, cuda, or auto (default): the fastest here; NumPy for runs of up to "
+        f"{SHORT_RUN_IMAGES} images, where Numba's ~1 s start-up outweighs its speed",
+    )
     group.add_argument("--threads", type=int, metavar="N", help="CPU threads for the compiled backends")
     group.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
     group.add_argument(
@@ -158,8 +164,21 @@ def positive_int(text: str) -> int:
     return value
 
 
-def model_from_args(args) -> ResNet:
-    options = {"backend": args.backend, "threads": args.threads}
+def backend_for(requested: str, num_images: int) -> str:
+    """The backend a command uses: `auto` means NumPy for short runs.
+
+    Starting Numba (import, loading cached kernels) costs about 1 s in a fresh process, more than it
+    saves on a few images (bench/: resnet18 and resnet50 break even at about 25-40 images), so a short
+    run is fastest on NumPy; a long one gets what backends.get_backend("auto") picks.
+    """
+    if requested == "auto" and num_images <= SHORT_RUN_IMAGES:
+        return "numpy"
+    return requested
+
+
+def model_from_args(args, num_images: int | None = None) -> ResNet:
+    backend = args.backend if num_images is None else backend_for(args.backend, num_images)
+    options = {"backend": backend, "threads": args.threads}
     if args.weights is None:
         arch = args.arch or DEFAULT_ARCH
         print(
@@ -178,7 +197,7 @@ def images_and_model(args) -> tuple[list[str], list[str], ResNet, ImageClassific
     paths, problems = expand_inputs(args.images)
     for problem in problems:
         error(problem)
-    model = model_from_args(args)
+    model = model_from_args(args, num_images=len(paths))
     preset = preset_for(model, exif_transpose=args.exif_transpose)
     return paths, problems, model, preset
 

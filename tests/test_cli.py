@@ -221,3 +221,12 @@ def test_progress_bar_only_on_a_terminal():
     assert "\r[###############...............] 2/4 images" in tty.getvalue()
     assert "4/4 images" in tty.getvalue()
     assert pipe.getvalue() == "npresnet: error: x.jpg: empty file (0 bytes)\n"
+
+
+def test_auto_backend_is_numpy_for_short_runs_only():
+    from npresnet.cli import SHORT_RUN_IMAGES, backend_for
+
+    assert backend_for("auto", 1) == "numpy"
+    assert backend_for("auto", SHORT_RUN_IMAGES) == "numpy"
+    assert backend_for("auto", SHORT_RUN_IMAGES + 1) == "auto"
+    assert backend_for("numba", 1) == "numba"  # an explicit choice is kept
