@@ -223,6 +223,21 @@ def measure_startup(threads: int, tmp: str) -> dict:
         result = _run_json(["--startup-worker", weights, "--startup-backend", backend], threads, env=env)
         result["wall_s"] = time.perf_counter() - start
         results[label] = result
+    # The command itself, as a user runs it: `npresnet classify --weights W photo.png` (backend auto).
+    photo = str(ROOT / "tests" / "data" / "chelsea_small.png")
+    code = (
+        "import json, resource, sys; from npresnet.cli import main; "
+        f"status = main(['classify', '--weights', {weights!r}, '--topk', '1', {photo!r}]); "
+        "print(json.dumps({'status': status, 'backend': 'cli auto', "
+        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], env={**_env(threads), **env}, capture_output=True, text=True)
+    wall_s = time.perf_counter() - start
+    if proc.returncode == 0:
+        results["`npresnet classify` one photo"] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall_s}
+    else:
+        results["`npresnet classify` one photo"] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return results
 
 
