@@ -12,8 +12,11 @@ Variants, chosen on each call in ``NumbaBackend.conv``:
     1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
               already the GEMM's left matrix; bias/residual/ReLU fused after the GEMM.
     im2col    everything else (the 7x7 stem, stride-2 3x3, ResNeXt's grouped 3x3, 3x3 on
-              maps too small for Winograd): NHWC patches gathered in parallel, one
-              GEMM per group, fused epilogue.
+              maps too small for Winograd): NHWC patches gathered, one GEMM per
+              group, fused epilogue.
+    The 1x1 and im2col paths hand each thread one share of the output rows (or, where
+    the weights outweigh the patches, of the output channels) and let it gather,
+    multiply and finish its share alone: one thread synchronisation per layer.
 
 The GEMMs run in NumPy's BLAS (numba's own np.dot would need SciPy), set to
 one thread for the duration of each convolution and split into one slab per
@@ -85,18 +88,22 @@ def _our_cache_dir():
 
 with _our_cache_dir():
 
-    @njit(parallel=True, cache=True)
-    def _im2col(x, R, S, stride, padding, P, Q, cols):
-        """x (N, H, W, C) -> cols (G, N*P*Q, R*S*C/G), column order (r, s, c), zero padded."""
+    @njit(nogil=True, cache=True)
+    def _im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
+        """Output rows job_lo <= (n, p) < job_hi of x (N, H, W, C) -> cols (G, (job_hi-job_lo)*Q, R*S*C/G).
+
+        Column order (r, s, c), zero padded. Serial and GIL-free: each thread of the
+        backend's pool gathers its own chunk just before multiplying it.
+        """
         N, H, W, C = x.shape
         G = cols.shape[0]
         Cg = C // G
         flat = x.reshape(-1)
-        for job in prange(N * P):
+        for job in range(job_lo, job_hi):
             n = job // P
             p = job % P
             for q in range(Q):
-                row = job * Q + q
+                row = (job - job_lo) * Q + q
                 dst = cols[0, row]
                 w0 = q * stride - padding
                 # Kernel columns s_lo <= s < s_hi fall inside the image.
@@ -126,11 +133,14 @@ with _our_cache_dir():
                         for i in range(max(s_hi, s_lo) * Cg, S * Cg):
                             cols[g, row, base + i] = 0
 
-    @njit(parallel=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _epilogue(src, bias, residual, has_residual, relu, out):
-        """out (M, K) = [relu](src + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1."""
+        """out (M, K) = [relu](src + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1.
+
+        Serial and GIL-free, called by each pool thread on the chunk it just multiplied (still in cache).
+        """
         G, M, Kg = src.shape
-        for row in prange(M):
+        for row in range(M):
             for g in range(G):
                 for kk in range(Kg):
                     k = g * Kg + kk
@@ -347,6 +357,9 @@ class NumbaBackend(Backend):
     name = "numba"
     # Winograd only with at least this many tiles per call (see _winograd_tile).
     MIN_TILES = 32
+    # Rows of the GEMM paths are gathered, multiplied and finished in chunks of about this many
+    # bytes of patches (or outputs): small enough to stay in L2 between the three steps.
+    CHUNK_BYTES = 256 * 1024
 
     def __init__(self, threads: int | None = None, winograd_tile: int = 4):
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
@@ -367,26 +380,19 @@ class NumbaBackend(Backend):
         per layer (ruinous when the cores are shared); one slab per thread is
         one synchronisation, and the numba and BLAS pools never overlap.
         """
-        # A plain product whose right matrix outweighs the left (layer4's weights at batch 1) is
-        # split by output columns, so that each thread reads its share of the weights, not all of them.
-        by_columns = a.ndim == b.ndim == 2 and b.nbytes > a.nbytes
-        length = b.shape[1] if by_columns else a.shape[0]
-        parts = min(self.threads, length)
-        if parts <= 1:
-            np.matmul(a, b, out=out)
-            return
-        bounds = np.linspace(0, length, parts + 1).astype(int)
         batched = b.ndim == a.ndim and a.ndim > 2
 
-        def slab(i):
-            lo, hi = bounds[i], bounds[i + 1]
-            if by_columns:
-                np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])  # strided views: still BLAS-able
-            else:
-                np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
+        def slab(lo, hi):
+            np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
 
-        futures = [self._pool.submit(slab, i) for i in range(1, parts)]
-        slab(0)
+        self._split(slab, a.shape[0])
+
+    def _split(self, work, length):
+        """work(lo, hi) over [0, length) cut into one contiguous share per thread; returns when all are done."""
+        parts = min(self.threads, length)
+        bounds = np.linspace(0, length, parts + 1).astype(int).tolist()
+        futures = [self._pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+        work(bounds[0], bounds[1])
         for future in futures:
             future.result()
 
@@ -463,21 +469,50 @@ class NumbaBackend(Backend):
             _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, out)
             return out
         M = N * P * Q
-        out2 = out.reshape(M, conv.K)
-        if conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
-            cols = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
-            self._matmul(cols.reshape(M, C), conv.W[0], out2)
-            _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+        K, G, width = conv.K, conv.G, conv.R * conv.S * conv.Cg
+        out2 = out.reshape(M, K)
+        res2 = res.reshape(M, K)
+        one_by_one = conv.R == conv.S == 1 and conv.padding == 0 and G == 1
+        if one_by_one:
+            a = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
+            a = a.reshape(M, C)
+        if G == 1 and conv.W.nbytes > M * width * x.itemsize:
+            # The weights outweigh the patches (layer4 at batch 1): each thread takes a share of the
+            # output channels, so that it reads only its share of the weights.
+            if not one_by_one:
+                a = self._workspace("cols", (1, M, width), x.dtype)
+                _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, 0, N * P, a)
+                a = a[0]
+
+            def columns(lo, hi):
+                np.matmul(a, conv.W[0, :, lo:hi], out=out2[:, lo:hi])
+                _epilogue(out2[None, :, lo:hi], conv.bias[lo:hi], res2[:, lo:hi], has_residual, relu, out2[:, lo:hi])
+
+            self._split(columns, K)
             return out
-        cols = self._workspace("cols", (conv.G, M, conv.R * conv.S * conv.Cg), x.dtype)
-        _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, cols)
-        if conv.G == 1:
-            self._matmul(cols[0], conv.W[0], out2)
-            _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
-        else:
-            tmp = self._workspace("gemm", (conv.G, M, conv.K // conv.G), x.dtype)
-            self._matmul(cols, conv.W, tmp)
-            _epilogue(tmp, conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+        # Otherwise each thread takes a share of the output rows (n, p), chunk by chunk: gather the
+        # chunk's patches, multiply, finish with the epilogue while the chunk is still in cache.
+        step = max(1, self.CHUNK_BYTES // (Q * max(G * width, K) * x.itemsize))
+
+        def rows(lo, hi):
+            for j in range(lo, hi, step):
+                k = min(j + step, hi)
+                span = slice(j * Q, k * Q)
+                if one_by_one:
+                    np.matmul(a[span], conv.W[0], out=out2[span])
+                    src = out2[None, span]
+                else:
+                    cols = self._workspace("cols", (G, (k - j) * Q, width), x.dtype)
+                    _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, j, k, cols)
+                    if G == 1:
+                        np.matmul(cols[0], conv.W[0], out=out2[span])
+                        src = out2[None, span]
+                    else:
+                        src = self._workspace("gemm", (G, (k - j) * Q, K // G), x.dtype)
+                        np.matmul(cols, conv.W, out=src)
+                _epilogue(src, conv.bias, res2[span], has_residual, relu, out2[span])
+
+        self._split(rows, N * P)
         return out
 
     def max_pool(self, x):
