@@ -151,12 +151,13 @@ with _our_cache_dir():
                         v = 0
                     out[row, k] = v
 
-    @njit(parallel=True, cache=True)
-    def _winograd_input(x, BT, m, V):
-        """x (N, H, W, C) -> V (A*A, G, T, C/G) = B^T d B for every m x m output tile's A x A patch d.
+    @njit(nogil=True, cache=True)
+    def _winograd_input(x, BT, m, t_lo, t_hi, V):
+        """x (N, H, W, C) -> V (A*A, G, t_hi-t_lo, C/G) = B^T d B for tiles t_lo <= t < t_hi.
 
         A = m + 2; tiles in row-major (n, tile row, tile column) order; the patch of
-        tile (i, j) starts at (i*m - 1, j*m - 1) (padding 1), zeros outside x.
+        tile (i, j) is the A x A patch d at (i*m - 1, j*m - 1) (padding 1), zeros outside x.
+        Serial and GIL-free: each pool thread transforms its own share of the tiles.
         """
         N, H, W, C = x.shape
         A = BT.shape[0]
@@ -164,95 +165,94 @@ with _our_cache_dir():
         Cg = C // G
         th = (H + m - 1) // m
         tw = (W + m - 1) // m
-        for job in prange(N * th):
-            n = job // th
-            i = job % th
-            d = np.empty((A, A, C), dtype=x.dtype)
-            tmp = np.empty((A, A, C), dtype=x.dtype)
-            acc = np.empty(C, dtype=x.dtype)
-            for j in range(tw):
-                for a in range(A):
-                    h = i * m + a - 1
-                    for b in range(A):
-                        w = j * m + b - 1
-                        if 0 <= h < H and 0 <= w < W:
-                            for c in range(C):
-                                d[a, b, c] = x[n, h, w, c]
-                        else:
-                            for c in range(C):
-                                d[a, b, c] = 0
-                # tmp = B^T d (rows), then V = tmp B (columns); zero coefficients skipped.
-                for a in range(A):
-                    for b in range(A):
+        d = np.empty((A, A, C), dtype=x.dtype)
+        tmp = np.empty((A, A, C), dtype=x.dtype)
+        acc = np.empty(C, dtype=x.dtype)
+        for t in range(t_lo, t_hi):
+            n = t // (th * tw)
+            i = (t // tw) % th
+            j = t % tw
+            for a in range(A):
+                h = i * m + a - 1
+                for b in range(A):
+                    w = j * m + b - 1
+                    if 0 <= h < H and 0 <= w < W:
                         for c in range(C):
-                            tmp[a, b, c] = 0
-                        for k in range(A):
-                            coef = BT[a, k]
-                            if coef != 0:
-                                for c in range(C):
-                                    tmp[a, b, c] += coef * d[k, b, c]
-                t = (n * th + i) * tw + j
-                for a in range(A):
-                    for b in range(A):
+                            d[a, b, c] = x[n, h, w, c]
+                    else:
                         for c in range(C):
-                            acc[c] = 0
-                        for k in range(A):
-                            coef = BT[b, k]
-                            if coef != 0:
-                                for c in range(C):
-                                    acc[c] += coef * tmp[a, k, c]
-                        for g in range(G):
-                            for c in range(Cg):
-                                V[a * A + b, g, t, c] = acc[g * Cg + c]
+                            d[a, b, c] = 0
+            # tmp = B^T d (rows), then V = tmp B (columns); zero coefficients skipped.
+            for a in range(A):
+                for b in range(A):
+                    for c in range(C):
+                        tmp[a, b, c] = 0
+                    for k in range(A):
+                        coef = BT[a, k]
+                        if coef != 0:
+                            for c in range(C):
+                                tmp[a, b, c] += coef * d[k, b, c]
+            for a in range(A):
+                for b in range(A):
+                    for c in range(C):
+                        acc[c] = 0
+                    for k in range(A):
+                        coef = BT[b, k]
+                        if coef != 0:
+                            for c in range(C):
+                                acc[c] += coef * tmp[a, k, c]
+                    for g in range(G):
+                        for c in range(Cg):
+                            V[a * A + b, g, t - t_lo, c] = acc[g * Cg + c]
 
-    @njit(parallel=True, cache=True)
-    def _winograd_output(Mt, AT, bias, residual, has_residual, relu, out):
-        """Mt (A*A, G, T, K/G) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]), tiles clipped at the edge."""
+    @njit(nogil=True, cache=True)
+    def _winograd_output(Mt, AT, bias, residual, has_residual, relu, t_lo, t_hi, out):
+        """Mt (A*A, G, t_hi-t_lo, K/G) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]) for
+        tiles t_lo <= t < t_hi, clipped at the edge. Serial and GIL-free, as _winograd_input."""
         N, P, Q, K = out.shape
         m, A = AT.shape
         G = Mt.shape[1]
         Kg = Mt.shape[3]
         th = (P + m - 1) // m
         tw = (Q + m - 1) // m
-        for job in prange(N * th):
-            n = job // th
-            i = job % th
-            tmp = np.empty((m, A, K), dtype=out.dtype)
-            acc = np.empty(K, dtype=out.dtype)
-            for j in range(tw):
-                t = (n * th + i) * tw + j
-                for a in range(m):
-                    for b in range(A):
-                        for k in range(K):
-                            tmp[a, b, k] = 0
-                        for x in range(A):
-                            coef = AT[a, x]
-                            if coef != 0:
-                                for g in range(G):
-                                    for kk in range(Kg):
-                                        tmp[a, b, g * Kg + kk] += coef * Mt[x * A + b, g, t, kk]
-                for a in range(m):
-                    p = i * m + a
-                    if p >= P:
+        tmp = np.empty((m, A, K), dtype=out.dtype)
+        acc = np.empty(K, dtype=out.dtype)
+        for t in range(t_lo, t_hi):
+            n = t // (th * tw)
+            i = (t // tw) % th
+            j = t % tw
+            for a in range(m):
+                for b in range(A):
+                    for k in range(K):
+                        tmp[a, b, k] = 0
+                    for x in range(A):
+                        coef = AT[a, x]
+                        if coef != 0:
+                            for g in range(G):
+                                for kk in range(Kg):
+                                    tmp[a, b, g * Kg + kk] += coef * Mt[x * A + b, g, t - t_lo, kk]
+            for a in range(m):
+                p = i * m + a
+                if p >= P:
+                    break
+                for b in range(m):
+                    q = j * m + b
+                    if q >= Q:
                         break
-                    for b in range(m):
-                        q = j * m + b
-                        if q >= Q:
-                            break
-                        for k in range(K):
-                            acc[k] = 0
-                        for y in range(A):
-                            coef = AT[b, y]
-                            if coef != 0:
-                                for k in range(K):
-                                    acc[k] += coef * tmp[a, y, k]
-                        for k in range(K):
-                            v = acc[k] + bias[k]
-                            if has_residual:
-                                v += residual[n, p, q, k]
-                            if relu and v < 0:
-                                v = 0
-                            out[n, p, q, k] = v
+                    for k in range(K):
+                        acc[k] = 0
+                    for y in range(A):
+                        coef = AT[b, y]
+                        if coef != 0:
+                            for k in range(K):
+                                acc[k] += coef * tmp[a, y, k]
+                    for k in range(K):
+                        v = acc[k] + bias[k]
+                        if has_residual:
+                            v += residual[n, p, q, k]
+                        if relu and v < 0:
+                            v = 0
+                        out[n, p, q, k] = v
 
     @njit(parallel=True, cache=True)
     def _max_pool_3x3s2(x, out):
@@ -372,23 +372,14 @@ class NumbaBackend(Backend):
     def _threads(self):
         numba.set_num_threads(self.threads)  # per calling thread in numba, so set on every op
 
-    def _matmul(self, a, b, out):
-        """np.matmul(a, b, out=out), split into one slab per thread along a's first axis.
-
-        BLAS itself runs single-threaded: Winograd's 36 small GEMMs per layer,
-        each split by OpenBLAS across threads, meant 36 thread synchronisations
-        per layer (ruinous when the cores are shared); one slab per thread is
-        one synchronisation, and the numba and BLAS pools never overlap.
-        """
-        batched = b.ndim == a.ndim and a.ndim > 2
-
-        def slab(lo, hi):
-            np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
-
-        self._split(slab, a.shape[0])
-
     def _split(self, work, length):
-        """work(lo, hi) over [0, length) cut into one contiguous share per thread; returns when all are done."""
+        """work(lo, hi) over [0, length) cut into one contiguous share per thread; returns when all are done.
+
+        Each share does its whole layer step (gather or transform, single-threaded BLAS,
+        epilogue) alone: one thread synchronisation per layer. OpenBLAS splitting each
+        GEMM itself meant one per GEMM (36 per Winograd layer), ruinous when the cores
+        are shared, and its spinning threads stole cores from the next kernels.
+        """
         parts = min(self.threads, length)
         bounds = np.linspace(0, length, parts + 1).astype(int).tolist()
         futures = [self._pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
@@ -461,12 +452,18 @@ class NumbaBackend(Backend):
         if m:
             A = m + 2
             T = N * ((P + m - 1) // m) * ((Q + m - 1) // m)
-            V = self._workspace("V", (A * A, conv.G, T, conv.Cg), x.dtype)
             BT, _, AT = _winograd_matrices(m, x.dtype)
-            _winograd_input(x, BT, m, V)
-            Mt = self._workspace("M", (A * A, conv.G, T, conv.K // conv.G), x.dtype)
-            self._matmul(V, conv.U(m), Mt)
-            _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, out)
+            U = conv.U(m)
+
+            def tiles(lo, hi):
+                # Each thread transforms, multiplies and finishes its own tiles: one synchronisation.
+                V = self._workspace("V", (A * A, conv.G, hi - lo, conv.Cg), x.dtype)
+                _winograd_input(x, BT, m, lo, hi, V)
+                Mt = self._workspace("M", (A * A, conv.G, hi - lo, conv.K // conv.G), x.dtype)
+                np.matmul(V, U, out=Mt)
+                _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, lo, hi, out)
+
+            self._split(tiles, T)
             return out
         M = N * P * Q
         K, G, width = conv.K, conv.G, conv.R * conv.S * conv.Cg
