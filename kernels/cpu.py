@@ -12,15 +12,19 @@ Variants, chosen on each call in ``NumbaBackend.conv``:
     1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
               already the GEMM's left matrix; bias/residual/ReLU fused after the GEMM.
     im2col    everything else (the 7x7 stem, stride-2 3x3, ResNeXt's grouped 3x3, 3x3 on
-              maps too small for Winograd): NHWC patches gathered in parallel, one
-              GEMM per group, fused epilogue.
+              maps too small for Winograd): NHWC patches gathered, one GEMM per
+              group, fused epilogue.
+    The 1x1 and im2col paths hand each thread one share of the output rows (or, where
+    the weights outweigh the patches, of the output channels) and let it gather,
+    multiply and finish its share alone: one thread synchronisation per layer.
 
 The GEMMs run in NumPy's BLAS (numba's own np.dot would need SciPy), set to
-one thread for the duration of each convolution and split into one slab per
-thread by a small thread pool (BLAS releases the GIL); the gathers, transforms
-and epilogues are parallel Numba loops. The two run one after the other with
-the same thread count, so they never oversubscribe the cores, and OpenBLAS's
-own threads (which spin after each call) stay idle.
+one thread for the duration of each convolution. A small thread pool (BLAS and
+the nogil Numba kernels release the GIL) hands each thread one share of the
+layer, which it gathers or transforms, multiplies and finishes alone: one thread
+synchronisation per convolution (each costs ~0.15 ms of wake-up on the 2-vCPU
+development machine), and OpenBLAS's own threads (which spin after each call)
+stay idle. Max pooling is a parallel Numba loop.
 
 Numerics: no fastmath (NaN and inf behave as in the reference); the Winograd
 weight transform is done in float64 and rounded once. Measured against the
@@ -85,18 +89,22 @@ def _our_cache_dir():
 
 with _our_cache_dir():
 
-    @njit(parallel=True, cache=True)
-    def _im2col(x, R, S, stride, padding, P, Q, cols):
-        """x (N, H, W, C) -> cols (G, N*P*Q, R*S*C/G), column order (r, s, c), zero padded."""
+    @njit(nogil=True, cache=True)
+    def _im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
+        """Output rows job_lo <= (n, p) < job_hi of x (N, H, W, C) -> cols (G, (job_hi-job_lo)*Q, R*S*C/G).
+
+        Column order (r, s, c), zero padded. Serial and GIL-free: each thread of the
+        backend's pool gathers its own chunk just before multiplying it.
+        """
         N, H, W, C = x.shape
         G = cols.shape[0]
         Cg = C // G
         flat = x.reshape(-1)
-        for job in prange(N * P):
+        for job in range(job_lo, job_hi):
             n = job // P
             p = job % P
             for q in range(Q):
-                row = job * Q + q
+                row = (job - job_lo) * Q + q
                 dst = cols[0, row]
                 w0 = q * stride - padding
                 # Kernel columns s_lo <= s < s_hi fall inside the image.
@@ -126,11 +134,14 @@ with _our_cache_dir():
                         for i in range(max(s_hi, s_lo) * Cg, S * Cg):
                             cols[g, row, base + i] = 0
 
-    @njit(parallel=True, cache=True)
+    @njit(nogil=True, cache=True)
     def _epilogue(src, bias, residual, has_residual, relu, out):
-        """out (M, K) = [relu](src + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1."""
+        """out (M, K) = [relu](src + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1.
+
+        Serial and GIL-free, called by each pool thread on the chunk it just multiplied (still in cache).
+        """
         G, M, Kg = src.shape
-        for row in prange(M):
+        for row in range(M):
             for g in range(G):
                 for kk in range(Kg):
                     k = g * Kg + kk
@@ -141,12 +152,13 @@ with _our_cache_dir():
                         v = 0
                     out[row, k] = v
 
-    @njit(parallel=True, cache=True)
-    def _winograd_input(x, BT, m, V):
-        """x (N, H, W, C) -> V (A*A, G, T, C/G) = B^T d B for every m x m output tile's A x A patch d.
+    @njit(nogil=True, cache=True)
+    def _winograd_input(x, BT, m, t_lo, t_hi, V):
+        """x (N, H, W, C) -> V (A*A, G, t_hi-t_lo, C/G) = B^T d B for tiles t_lo <= t < t_hi.
 
         A = m + 2; tiles in row-major (n, tile row, tile column) order; the patch of
-        tile (i, j) starts at (i*m - 1, j*m - 1) (padding 1), zeros outside x.
+        tile (i, j) is the A x A patch d at (i*m - 1, j*m - 1) (padding 1), zeros outside x.
+        Serial and GIL-free: each pool thread transforms its own share of the tiles.
         """
         N, H, W, C = x.shape
         A = BT.shape[0]
@@ -154,95 +166,94 @@ with _our_cache_dir():
         Cg = C // G
         th = (H + m - 1) // m
         tw = (W + m - 1) // m
-        for job in prange(N * th):
-            n = job // th
-            i = job % th
-            d = np.empty((A, A, C), dtype=x.dtype)
-            tmp = np.empty((A, A, C), dtype=x.dtype)
-            acc = np.empty(C, dtype=x.dtype)
-            for j in range(tw):
-                for a in range(A):
-                    h = i * m + a - 1
-                    for b in range(A):
-                        w = j * m + b - 1
-                        if 0 <= h < H and 0 <= w < W:
-                            for c in range(C):
-                                d[a, b, c] = x[n, h, w, c]
-                        else:
-                            for c in range(C):
-                                d[a, b, c] = 0
-                # tmp = B^T d (rows), then V = tmp B (columns); zero coefficients skipped.
-                for a in range(A):
-                    for b in range(A):
+        d = np.empty((A, A, C), dtype=x.dtype)
+        tmp = np.empty((A, A, C), dtype=x.dtype)
+        acc = np.empty(C, dtype=x.dtype)
+        for t in range(t_lo, t_hi):
+            n = t // (th * tw)
+            i = (t // tw) % th
+            j = t % tw
+            for a in range(A):
+                h = i * m + a - 1
+                for b in range(A):
+                    w = j * m + b - 1
+                    if 0 <= h < H and 0 <= w < W:
                         for c in range(C):
-                            tmp[a, b, c] = 0
-                        for k in range(A):
-                            coef = BT[a, k]
-                            if coef != 0:
-                                for c in range(C):
-                                    tmp[a, b, c] += coef * d[k, b, c]
-                t = (n * th + i) * tw + j
-                for a in range(A):
-                    for b in range(A):
+                            d[a, b, c] = x[n, h, w, c]
+                    else:
                         for c in range(C):
-                            acc[c] = 0
-                        for k in range(A):
-                            coef = BT[b, k]
-                            if coef != 0:
-                                for c in range(C):
-                                    acc[c] += coef * tmp[a, k, c]
-                        for g in range(G):
-                            for c in range(Cg):
-                                V[a * A + b, g, t, c] = acc[g * Cg + c]
+                            d[a, b, c] = 0
+            # tmp = B^T d (rows), then V = tmp B (columns); zero coefficients skipped.
+            for a in range(A):
+                for b in range(A):
+                    for c in range(C):
+                        tmp[a, b, c] = 0
+                    for k in range(A):
+                        coef = BT[a, k]
+                        if coef != 0:
+                            for c in range(C):
+                                tmp[a, b, c] += coef * d[k, b, c]
+            for a in range(A):
+                for b in range(A):
+                    for c in range(C):
+                        acc[c] = 0
+                    for k in range(A):
+                        coef = BT[b, k]
+                        if coef != 0:
+                            for c in range(C):
+                                acc[c] += coef * tmp[a, k, c]
+                    for g in range(G):
+                        for c in range(Cg):
+                            V[a * A + b, g, t - t_lo, c] = acc[g * Cg + c]
 
-    @njit(parallel=True, cache=True)
-    def _winograd_output(Mt, AT, bias, residual, has_residual, relu, out):
-        """Mt (A*A, G, T, K/G) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]), tiles clipped at the edge."""
+    @njit(nogil=True, cache=True)
+    def _winograd_output(Mt, AT, bias, residual, has_residual, relu, t_lo, t_hi, out):
+        """Mt (A*A, G, t_hi-t_lo, K/G) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]) for
+        tiles t_lo <= t < t_hi, clipped at the edge. Serial and GIL-free, as _winograd_input."""
         N, P, Q, K = out.shape
         m, A = AT.shape
         G = Mt.shape[1]
         Kg = Mt.shape[3]
         th = (P + m - 1) // m
         tw = (Q + m - 1) // m
-        for job in prange(N * th):
-            n = job // th
-            i = job % th
-            tmp = np.empty((m, A, K), dtype=out.dtype)
-            acc = np.empty(K, dtype=out.dtype)
-            for j in range(tw):
-                t = (n * th + i) * tw + j
-                for a in range(m):
-                    for b in range(A):
-                        for k in range(K):
-                            tmp[a, b, k] = 0
-                        for x in range(A):
-                            coef = AT[a, x]
-                            if coef != 0:
-                                for g in range(G):
-                                    for kk in range(Kg):
-                                        tmp[a, b, g * Kg + kk] += coef * Mt[x * A + b, g, t, kk]
-                for a in range(m):
-                    p = i * m + a
-                    if p >= P:
+        tmp = np.empty((m, A, K), dtype=out.dtype)
+        acc = np.empty(K, dtype=out.dtype)
+        for t in range(t_lo, t_hi):
+            n = t // (th * tw)
+            i = (t // tw) % th
+            j = t % tw
+            for a in range(m):
+                for b in range(A):
+                    for k in range(K):
+                        tmp[a, b, k] = 0
+                    for x in range(A):
+                        coef = AT[a, x]
+                        if coef != 0:
+                            for g in range(G):
+                                for kk in range(Kg):
+                                    tmp[a, b, g * Kg + kk] += coef * Mt[x * A + b, g, t - t_lo, kk]
+            for a in range(m):
+                p = i * m + a
+                if p >= P:
+                    break
+                for b in range(m):
+                    q = j * m + b
+                    if q >= Q:
                         break
-                    for b in range(m):
-                        q = j * m + b
-                        if q >= Q:
-                            break
-                        for k in range(K):
-                            acc[k] = 0
-                        for y in range(A):
-                            coef = AT[b, y]
-                            if coef != 0:
-                                for k in range(K):
-                                    acc[k] += coef * tmp[a, y, k]
-                        for k in range(K):
-                            v = acc[k] + bias[k]
-                            if has_residual:
-                                v += residual[n, p, q, k]
-                            if relu and v < 0:
-                                v = 0
-                            out[n, p, q, k] = v
+                    for k in range(K):
+                        acc[k] = 0
+                    for y in range(A):
+                        coef = AT[b, y]
+                        if coef != 0:
+                            for k in range(K):
+                                acc[k] += coef * tmp[a, y, k]
+                    for k in range(K):
+                        v = acc[k] + bias[k]
+                        if has_residual:
+                            v += residual[n, p, q, k]
+                        if relu and v < 0:
+                            v = 0
+                        out[n, p, q, k] = v
 
     @njit(parallel=True, cache=True)
     def _max_pool_3x3s2(x, out):
@@ -347,6 +358,10 @@ class NumbaBackend(Backend):
     name = "numba"
     # Winograd only with at least this many tiles per call (see _winograd_tile).
     MIN_TILES = 32
+    # Rows of the GEMM paths are gathered, multiplied and finished in chunks of at least this many
+    # bytes of patches (or outputs), which bounds the patch workspace at large batches. Measured
+    # (2 threads, batch 1): 1 MiB is as fast as no chunking; 256 KiB is up to 20% slower (small GEMMs).
+    CHUNK_BYTES = 1 << 20
 
     def __init__(self, threads: int | None = None, winograd_tile: int = 4):
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
@@ -359,34 +374,18 @@ class NumbaBackend(Backend):
     def _threads(self):
         numba.set_num_threads(self.threads)  # per calling thread in numba, so set on every op
 
-    def _matmul(self, a, b, out):
-        """np.matmul(a, b, out=out), split into one slab per thread along a's first axis.
+    def _split(self, work, length):
+        """work(lo, hi) over [0, length) cut into one contiguous share per thread; returns when all are done.
 
-        BLAS itself runs single-threaded: Winograd's 36 small GEMMs per layer,
-        each split by OpenBLAS across threads, meant 36 thread synchronisations
-        per layer (ruinous when the cores are shared); one slab per thread is
-        one synchronisation, and the numba and BLAS pools never overlap.
+        Each share does its whole layer step (gather or transform, single-threaded BLAS,
+        epilogue) alone: one thread synchronisation per layer. OpenBLAS splitting each
+        GEMM itself meant one per GEMM (36 per Winograd layer), ruinous when the cores
+        are shared, and its spinning threads stole cores from the next kernels.
         """
-        # A plain product whose right matrix outweighs the left (layer4's weights at batch 1) is
-        # split by output columns, so that each thread reads its share of the weights, not all of them.
-        by_columns = a.ndim == b.ndim == 2 and b.nbytes > a.nbytes
-        length = b.shape[1] if by_columns else a.shape[0]
         parts = min(self.threads, length)
-        if parts <= 1:
-            np.matmul(a, b, out=out)
-            return
-        bounds = np.linspace(0, length, parts + 1).astype(int)
-        batched = b.ndim == a.ndim and a.ndim > 2
-
-        def slab(i):
-            lo, hi = bounds[i], bounds[i + 1]
-            if by_columns:
-                np.matmul(a, b[:, lo:hi], out=out[:, lo:hi])  # strided views: still BLAS-able
-            else:
-                np.matmul(a[lo:hi], b[lo:hi] if batched else b, out=out[lo:hi])
-
-        futures = [self._pool.submit(slab, i) for i in range(1, parts)]
-        slab(0)
+        bounds = np.linspace(0, length, parts + 1).astype(int).tolist()
+        futures = [self._pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+        work(bounds[0], bounds[1])
         for future in futures:
             future.result()
 
@@ -455,29 +454,64 @@ class NumbaBackend(Backend):
         if m:
             A = m + 2
             T = N * ((P + m - 1) // m) * ((Q + m - 1) // m)
-            V = self._workspace("V", (A * A, conv.G, T, conv.Cg), x.dtype)
             BT, _, AT = _winograd_matrices(m, x.dtype)
-            _winograd_input(x, BT, m, V)
-            Mt = self._workspace("M", (A * A, conv.G, T, conv.K // conv.G), x.dtype)
-            self._matmul(V, conv.U(m), Mt)
-            _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, out)
+            U = conv.U(m)
+
+            def tiles(lo, hi):
+                # Each thread transforms, multiplies and finishes its own tiles: one synchronisation.
+                V = self._workspace("V", (A * A, conv.G, hi - lo, conv.Cg), x.dtype)
+                _winograd_input(x, BT, m, lo, hi, V)
+                Mt = self._workspace("M", (A * A, conv.G, hi - lo, conv.K // conv.G), x.dtype)
+                np.matmul(V, U, out=Mt)
+                _winograd_output(Mt, AT, conv.bias, res, has_residual, relu, lo, hi, out)
+
+            self._split(tiles, T)
             return out
         M = N * P * Q
-        out2 = out.reshape(M, conv.K)
-        if conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
-            cols = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
-            self._matmul(cols.reshape(M, C), conv.W[0], out2)
-            _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+        K, G, width = conv.K, conv.G, conv.R * conv.S * conv.Cg
+        out2 = out.reshape(M, K)
+        res2 = res.reshape(M, K)
+        one_by_one = conv.R == conv.S == 1 and conv.padding == 0 and G == 1
+        if one_by_one:
+            a = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
+            a = a.reshape(M, C)
+        if G == 1 and conv.W.nbytes > M * width * x.itemsize:
+            # The weights outweigh the patches (layer4 at batch 1): each thread takes a share of the
+            # output channels, so that it reads only its share of the weights.
+            if not one_by_one:
+                a = self._workspace("cols", (1, M, width), x.dtype)
+                _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, 0, N * P, a)
+                a = a[0]
+
+            def columns(lo, hi):
+                np.matmul(a, conv.W[0, :, lo:hi], out=out2[:, lo:hi])
+                _epilogue(out2[None, :, lo:hi], conv.bias[lo:hi], res2[:, lo:hi], has_residual, relu, out2[:, lo:hi])
+
+            self._split(columns, K)
             return out
-        cols = self._workspace("cols", (conv.G, M, conv.R * conv.S * conv.Cg), x.dtype)
-        _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, cols)
-        if conv.G == 1:
-            self._matmul(cols[0], conv.W[0], out2)
-            _epilogue(out2.reshape(1, M, conv.K), conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
-        else:
-            tmp = self._workspace("gemm", (conv.G, M, conv.K // conv.G), x.dtype)
-            self._matmul(cols, conv.W, tmp)
-            _epilogue(tmp, conv.bias, res.reshape(M, conv.K), has_residual, relu, out2)
+        # Otherwise each thread takes a share of the output rows (n, p), chunk by chunk: gather the
+        # chunk's patches, multiply, finish with the epilogue while the chunk is still in cache.
+        step = max(1, self.CHUNK_BYTES // (Q * max(G * width, K) * x.itemsize))
+
+        def rows(lo, hi):
+            for j in range(lo, hi, step):
+                k = min(j + step, hi)
+                span = slice(j * Q, k * Q)
+                if one_by_one:
+                    np.matmul(a[span], conv.W[0], out=out2[span])
+                    src = out2[None, span]
+                else:
+                    cols = self._workspace("cols", (G, (k - j) * Q, width), x.dtype)
+                    _im2col(x, conv.R, conv.S, conv.stride, conv.padding, P, Q, j, k, cols)
+                    if G == 1:
+                        np.matmul(cols[0], conv.W[0], out=out2[span])
+                        src = out2[None, span]
+                    else:
+                        src = self._workspace("gemm", (G, (k - j) * Q, K // G), x.dtype)
+                        np.matmul(cols, conv.W, out=src)
+                _epilogue(src, conv.bias, res2[span], has_residual, relu, out2[span])
+
+        self._split(rows, N * P)
         return out
 
     def max_pool(self, x):
