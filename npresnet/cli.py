@@ -105,6 +105,21 @@ class Progress:
     close = clear
 
 
+class ImageErrors:
+    """Reports each image that could not be read (one stderr line; a JSON line too with --json) and counts them."""
+
+    def __init__(self, progress: Progress, already: int = 0, json_lines: bool = False):
+        self.progress = progress
+        self.count = already  # problems found before any image was read (missing files, empty patterns)
+        self.json_lines = json_lines
+
+    def report(self, path: str, message: str) -> None:
+        self.count += 1
+        self.progress.message(f"npresnet: error: {message}")
+        if self.json_lines:
+            print(json.dumps({"file": path, "error": message}), flush=True)
+
+
 def preprocessed_batches(
     paths: list[str], preset: ImageClassification, batch_size: int, progress: Progress, on_error
 ) -> Iterator[tuple[list[str], np.ndarray]]:
@@ -208,17 +223,9 @@ def images_and_model(args) -> tuple[list[str], list[str], ResNet, ImageClassific
 def cmd_classify(args) -> int:
     paths, problems, model, preset = images_and_model(args)
     labels = labels_for(model, args.labels)
-    failures = len(problems)
     progress = Progress(len(paths))
-
-    def on_error(path: str, message: str) -> None:
-        nonlocal failures
-        failures += 1
-        progress.message(f"npresnet: error: {message}")
-        if args.json:
-            print(json.dumps({"file": path, "error": message}), flush=True)
-
-    for names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, on_error):
+    errors = ImageErrors(progress, already=len(problems), json_lines=args.json)
+    for names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, errors.report):
         for name, predictions in zip(names, top_k(model(batch), labels, args.topk)):
             if args.json:
                 top = [{"index": p.index, "label": p.label, "probability": p.probability} for p in predictions]
@@ -230,22 +237,16 @@ def cmd_classify(args) -> int:
                     print(f"  {p.probability:7.2%}  {p.label} ({p.index})")
                 sys.stdout.flush()
     progress.close()
-    return 1 if failures else 0
+    return 1 if errors.count else 0
 
 
 def cmd_embed(args) -> int:
     paths, problems, model, preset = images_and_model(args)
-    failures = len(problems)
     progress = Progress(len(paths))
-
-    def on_error(path: str, message: str) -> None:
-        nonlocal failures
-        failures += 1
-        progress.message(f"npresnet: error: {message}")
-
+    errors = ImageErrors(progress, already=len(problems))
     names: list[str] = []
     vectors: list[np.ndarray] = []
-    for batch_names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, on_error):
+    for batch_names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, errors.report):
         names.extend(batch_names)
         vectors.append(model.features(batch)["pool"])  # (B, num_features)
     progress.close()
@@ -256,7 +257,7 @@ def cmd_embed(args) -> int:
     embeddings = np.concatenate(vectors)
     save_embeddings(args.output, names, embeddings, meta)
     print(f"wrote {len(names)} embeddings of width {embeddings.shape[1]} to {args.output}")
-    return 1 if failures else 0
+    return 1 if errors.count else 0
 
 
 def cmd_info(args) -> int:
