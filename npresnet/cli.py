@@ -356,10 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     convert_ = commands.add_parser(
-        "convert", help="convert a PyTorch checkpoint (.pth) or .safetensors file to an .npz (no torch needed)"
+        "convert",
+        help="convert weights between .pth, .safetensors and .npz (no torch needed), e.g. a trained .npz back to PyTorch",
     )
     convert_.add_argument("src", help="the weights file to read (.pth, .pt, .safetensors, .npz)")
-    convert_.add_argument("dst", help="the .npz to write (atomically)")
+    convert_.add_argument(
+        "dst", help="the file to write (atomically), its format by suffix: .npz, or .pth/.pt/.safetensors for torch"
+    )
     convert_.set_defaults(run=cmd_convert)
 
     fetch_ = commands.add_parser(
