@@ -163,7 +163,7 @@ def _write_aligned(archive: zipfile.ZipFile, f, name: str, data: bytes) -> None:
     info.extra = PADDING_HEADER_ID + struct.pack("<H", pad) + b"Z" * pad
     archive.writestr(info, data)
     if (f.tell() - len(data)) % STORAGE_ALIGNMENT:
-        raise AssertionError(f"{name}: zipfile wrote a local header of unexpected length")
+        raise RuntimeError(f"{name}: zipfile wrote a local header of unexpected length, so the data is not aligned")
 
 
 def save_pth(path: str | os.PathLike, state: Mapping[str, Any]) -> None:

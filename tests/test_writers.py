@@ -6,6 +6,9 @@ num_batches_tracked included, and the loaded model must give npresnet's outputs.
 """
 import collections
 import struct
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 import numpy as np
@@ -185,6 +188,31 @@ def test_cli_convert_to_each_suffix(tmp_path, capsys, tiny_npz, suffix):
                 np.testing.assert_array_equal(value.numpy(), want[key])
     got = npresnet.load(dst).state_dict()
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_written_where_torch_cannot_be_imported(tmp_path, tiny_npz):
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch is blocked in this test")
+
+        sys.meta_path.insert(0, BlockTorch())
+        import npresnet
+
+        for dst in sys.argv[2:]:
+            npresnet.convert(sys.argv[1], dst)
+        assert not any(m.split(".")[0] == "torch" for m in sys.modules)
+        """
+    )
+    outputs = [tmp_path / "out.pth", tmp_path / "out.safetensors"]
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_npz), *map(str, outputs)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for path in outputs:
+        torch_resnet(BOTTLENECK_10).load_state_dict(load_with_torch(path), strict=True)
 
 
 @pytest.mark.parametrize("name", ["out.onnx", "out"])
