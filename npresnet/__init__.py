@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
+from .explain import Explanation, explain, gradcam
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
@@ -52,6 +53,7 @@ __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
     "BackendUnavailable",
+    "Explanation",
     "FetchError",
     "ImageClassification",
     "ImageError",
@@ -64,10 +66,12 @@ __all__ = [
     "classify",
     "convert",
     "embed",
+    "explain",
     "count_params",
     "fetch",
     "get_backend",
     "get_spec",
+    "gradcam",
     "load",
     "load_embeddings",
     "load_labels",

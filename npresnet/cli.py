@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import __version__
 from .backends import BackendUnavailable
+from .explain import explain, image_format, save_image
 from .hub import fetch, is_weights_name
 from .manifest import DEFAULT
 from .model import ResNet, build, load
@@ -318,6 +319,22 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    image_format(args.output)  # a bad -o fails before any work
+    model = model_from_args(args, num_images=1)
+    preset = preset_for(model, exif_transpose=args.exif_transpose)
+    result = explain(model, args.image, args.class_index, labels=args.labels, preset=preset)
+    top, shown = result.top, result.prediction
+    print(args.image)
+    print(f"  {top.probability:7.2%}  {top.label} ({top.index})  top class")
+    if shown.index != top.index:
+        print(f"  {shown.probability:7.2%}  {shown.label} ({shown.index})  the class the heatmap explains")
+    save_image(args.output, result.render())
+    height, width = result.heatmap.shape
+    print(f"wrote {args.output}: the {width}x{height} crop the network saw, Grad-CAM on layer4 over it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
@@ -356,10 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     convert_ = commands.add_parser(
-        "convert", help="convert a PyTorch checkpoint (.pth) or .safetensors file to an .npz (no torch needed)"
+        "convert",
+        help="convert weights between .pth, .safetensors and .npz (no torch needed), e.g. a trained .npz back to PyTorch",
     )
     convert_.add_argument("src", help="the weights file to read (.pth, .pt, .safetensors, .npz)")
-    convert_.add_argument("dst", help="the .npz to write (atomically)")
+    convert_.add_argument(
+        "dst", help="the file to write (atomically), its format by suffix: .npz, or .pth/.pt/.safetensors for torch"
+    )
     convert_.set_defaults(run=cmd_convert)
 
     fetch_ = commands.add_parser(
@@ -368,6 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="e.g. resnet50")
     fetch_.add_argument("--weights", default=DEFAULT, help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (default)")
     fetch_.set_defaults(run=cmd_fetch)
+
+    explain_ = commands.add_parser(
+        "explain",
+        help="show where in a photo the network found its answer (Grad-CAM heatmap over the photo)",
+        description="Write the preprocessed crop of IMAGE with the Grad-CAM heatmap of layer4 over it "
+        "(red: strongest evidence) and the class named below it; print the top class.",
+    )
+    explain_.add_argument("image", metavar="IMAGE", help="an image file")
+    explain_.add_argument(
+        "--class", dest="class_index", type=int, metavar="INDEX", help="the class to explain (default: the top class)"
+    )
+    explain_.add_argument("--labels", metavar="FILE", help="class names, one a line, for a model with its own head")
+    explain_.add_argument("-o", "--output", default="cam.png", help="the image to write (default cam.png; .png or .jpg)")
+    add_model_options(explain_)
+    explain_.set_defaults(run=cmd_explain)
     return parser
 
 

@@ -238,18 +238,23 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Convert a weights file (.pth, .safetensors, .npz) to an .npz npresnet loads without pickle; return its metadata.
+    """Convert a weights file (.pth, .safetensors, .npz) to .npz, .pth/.pt or .safetensors (by dst's suffix); return its metadata.
 
     The .npz holds the validated state dict under TorchVision's key names and
     __meta__: arch, num_classes, stem, the source's name and sha256, and for an
     official TorchVision file its weights name, crop_size and resize_size.
     `meta` adds or overrides facts the file cannot tell (e.g. crop_size). The write is atomic.
+    .pth and .safetensors are for torch (``writers.py``): TorchVision's state dict,
+    num_batches_tracked included (the source's, else 0); .safetensors keeps the metadata too.
     """
-    if Path(dst).suffix != ".npz":
-        raise WeightsError(f"{dst}: the converted file must end in .npz")
+    # Imported here: writers.py uses this module's WeightsError and atomic_write.
+    from .writers import check_suffix, write_weights
+
+    check_suffix(dst)
     state, found = read_weights(src)
     spec = infer_spec_from_state(state, str(src))
+    num_batches_tracked = {k: v for k, v in state.items() if k.endswith(IGNORED_SUFFIXES)}
     state = validate_state_dict(state, spec, str(src))
     meta = {**found, **(meta or {}), "arch": spec.name, "num_classes": spec.num_classes, "stem": spec.stem}
-    save_npz(dst, state, meta)
+    write_weights(dst, state, spec, meta, num_batches_tracked)
     return meta
