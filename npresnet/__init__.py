@@ -12,6 +12,7 @@ from __future__ import annotations
 from .backends import BackendUnavailable, available_backends, get_backend
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
+from .onnx_export import export_onnx
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
@@ -64,6 +65,7 @@ __all__ = [
     "classify",
     "convert",
     "embed",
+    "export_onnx",
     "count_params",
     "fetch",
     "get_backend",

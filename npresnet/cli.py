@@ -318,6 +318,34 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .onnx_export import DYNAMIC, FEATURE_OUTPUTS, LOGITS_NAME, export_onnx
+
+    if args.size == [DYNAMIC]:
+        size = DYNAMIC
+    elif len(args.size) == 2 and all(v.isdigit() and int(v) > 0 for v in args.size):
+        size = (int(args.size[0]), int(args.size[1]))
+    else:
+        raise ValueError(f"--size takes HEIGHT WIDTH (two positive integers) or {DYNAMIC}, not {' '.join(args.size)!r}")
+    model = model_from_args(args)
+    try:
+        export_onnx(model, args.output, features=args.features, opset=args.opset, batch=args.batch, size=size)
+    except ImportError as exc:
+        error(str(exc))
+        return 1
+    shape = ", ".join(map(str, ["batch" if args.batch == DYNAMIC else args.batch, 3, *(("height", "width") if size == DYNAMIC else size)]))
+    outputs = [LOGITS_NAME, *(FEATURE_OUTPUTS if args.features else ())]
+    print(
+        f"{args.output}: {model.arch}, {os.path.getsize(args.output) / 1e6:.1f} MB, opset {args.opset}, "
+        f"input 'input' ({shape}), outputs {', '.join(outputs)}; batch norm folded"
+    )
+    return 0
+
+
+def batch_or_dynamic(text: str) -> int | str:
+    return text if text == "dynamic" else positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
@@ -368,6 +396,27 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="e.g. resnet50")
     fetch_.add_argument("--weights", default=DEFAULT, help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (default)")
     fetch_.set_defaults(run=cmd_fetch)
+
+    export = commands.add_parser(
+        "export",
+        help="write a model as ONNX (standard operators, batch norm folded), for ONNX Runtime and other runtimes",
+        description="Write the network of a weights file as an ONNX model, from npresnet's own architecture table "
+        "(no torch): input 'input' (N, 3, H, W), output 'logits'; the preprocessing and the class names are in its "
+        "metadata. Needs the onnx package: pip install \"npresnet[onnx]\".",
+    )
+    export.add_argument("weights", metavar="WEIGHTS", help="a weights file (.npz, .pth, .safetensors) or official "
+                        "weights of --arch by name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2)")
+    export.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write (atomically)")
+    export.add_argument("--arch", choices=list(ARCHITECTURES), metavar="ARCH",
+                        help=f"architecture (default: read from the weights; {DEFAULT_ARCH} for a weights name)")
+    export.add_argument("--features", action="store_true",
+                        help="also output layer1..layer4 (C2-C5, strides 4-32), for detection and FPN backbones")
+    export.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset, 13 or newer (default 17)")
+    export.add_argument("--batch", type=batch_or_dynamic, default="dynamic", metavar="N|dynamic",
+                        help="a fixed batch size, or dynamic (default)")
+    export.add_argument("--size", nargs="+", default=["dynamic"], metavar="SIZE",
+                        help="a fixed input size, HEIGHT WIDTH (e.g. --size 800 800), or dynamic (default)")
+    export.set_defaults(run=cmd_export, backend="numpy", threads=None)
     return parser
 
 
