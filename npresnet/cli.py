@@ -305,11 +305,13 @@ and prepared exactly as TorchVision prepares them for its ResNet weights.
 
 
 def cmd_convert(args) -> int:
-    meta = convert(args.src, args.dst)
+    meta = convert(args.src, args.dst, dtype=args.dtype)
     known = f", crop {meta['crop_size']}, resize {meta['resize_size']}" if "crop_size" in meta else ""
     print(f"{args.dst}: {meta['arch']}, num_classes {meta['num_classes']}, stem {meta['stem']}{known}")
     if "source_sha256" in meta:
         print(f"source sha256: {meta['source_sha256']}")
+    if args.dtype:
+        print(f"weights stored as {args.dtype} ({os.path.getsize(args.dst) / 1e6:.1f} MB); they load as float32")
     return 0
 
 
@@ -388,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_.add_argument("src", help="the weights file to read (.pth, .pt, .safetensors, .npz)")
     convert_.add_argument("dst", help="the .npz to write (atomically)")
+    convert_.add_argument("--dtype", choices=["float16", "float32"], help="store the conv and fc weights in this "
+                          "dtype: float16 halves the file (batch norm stays float32; models compute in float32)")
     convert_.set_defaults(run=cmd_convert)
 
     fetch_ = commands.add_parser(
