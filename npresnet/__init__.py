@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
+from .evaluate import Evaluation, evaluate
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .onnx_export import export_onnx
@@ -53,6 +54,7 @@ __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
     "BackendUnavailable",
+    "Evaluation",
     "FetchError",
     "ImageClassification",
     "ImageError",
@@ -65,6 +67,7 @@ __all__ = [
     "classify",
     "convert",
     "embed",
+    "evaluate",
     "export_onnx",
     "count_params",
     "fetch",

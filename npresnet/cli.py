@@ -348,6 +348,67 @@ def batch_or_dynamic(text: str) -> int | str:
     return text if text == "dynamic" else positive_int(text)
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, image_folder, interleave_classes, read_class_map
+
+    class_to_idx = read_class_map(args.labels) if args.labels else None
+    folder = image_folder(args.data, class_to_idx)
+    num_images = len(interleave_classes(folder.samples, args.limit))
+    model = model_from_args(args, num_images)
+    compare = None
+    if args.compare:
+        # The second file's own architecture (fine-tuned, quantized, another model), unless it is a weights name.
+        arch = args.arch if is_weights_name(args.compare) else None
+        compare = model_from_args(argparse.Namespace(**{**vars(args), "weights": args.compare, "arch": arch}), num_images)
+    progress = Progress(num_images)
+    errors = ImageErrors(progress)
+    result = evaluate(
+        model, folder, topk=args.topk, limit=args.limit, class_to_idx=class_to_idx, batch_size=args.batch_size,
+        compare=compare, exif_transpose=args.exif_transpose, on_error=errors.report, on_progress=progress.advance,
+    )
+    progress.close()
+    for warning in result.warnings:
+        print(f"npresnet: warning: {warning}", file=sys.stderr)
+    k = result.topk
+
+    def figures(r, weights, arch) -> dict:
+        return {"weights": weights, "arch": arch, "top1": r.top1, f"top{k}": r.topk_accuracy, "loss": r.loss}
+
+    if args.json:
+        out = {
+            "data": args.data, "images": result.images, "skipped": [p for p, _ in result.skipped], "topk": k,
+            **figures(result, args.weights, model.arch),
+            "classes": [
+                {"name": c.name, "index": c.index, "images": c.count, "top1": c.top1, f"top{k}": c.topk_accuracy}
+                for c in result.per_class
+            ],
+        }
+        if compare is not None:
+            out["compare"] = {**figures(result.compared, args.compare, compare.arch), "agreement": result.agreement}
+        print(json.dumps(out))
+        return 1 if result.skipped else 0
+    skipped = f" ({len(result.skipped)} unreadable, left out)" if result.skipped else ""
+    print(f"{args.data}: {result.images} images in {len(result.per_class)} classes{skipped}; {model.arch}, weights {args.weights}")
+    hits = int(round(result.top1 * result.images)), int(round(result.topk_accuracy * result.images))
+    print(f"top-1 accuracy  {result.top1:8.2%}  ({hits[0]}/{result.images})")
+    print(f"top-{k} accuracy  {result.topk_accuracy:8.2%}  ({hits[1]}/{result.images})")
+    print(f"loss            {result.loss:8.4f}  (mean cross-entropy)")
+    width = max(len("class"), *(len(c.name) for c in result.per_class))
+    print()
+    print(f"{'class':<{width}}  index  images    top-1    top-{k}")
+    for c in result.per_class:
+        accuracy = f"{c.top1:8.2%} {c.topk_accuracy:8.2%}" if c.count else f"{'-':>8} {'-':>8}"
+        print(f"{c.name:<{width}}  {c.index:5d}  {c.count:6d} {accuracy}")
+    if compare is not None:
+        other = result.compared
+        agree = int(round(result.agreement * result.images))
+        print()
+        print(f"compared with {args.compare} ({compare.arch}): top-1 {other.top1:.2%}, top-{k} {other.topk_accuracy:.2%}, "
+              f"loss {other.loss:.4f}")
+        print(f"top-1 agreement {result.agreement:8.2%}  ({agree}/{result.images} images get the same class from both)")
+    return 1 if result.skipped else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
@@ -421,6 +482,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--size", nargs="+", default=["dynamic"], metavar="SIZE",
                         help="a fixed input size, HEIGHT WIDTH (e.g. --size 800 800), or dynamic (default)")
     export.set_defaults(run=cmd_export, backend="numpy", threads=None)
+
+    evaluate_ = commands.add_parser(
+        "evaluate",
+        help="top-1/top-5 accuracy and loss on a labelled folder (DATA/<class>/*.jpg); --compare two weights files",
+        description="Accuracy and mean cross-entropy on a folder in TorchVision's ImageFolder layout: one sub-folder "
+        "per class, classes in sorted order of the folder names (or as --labels maps them), with a per-class table.",
+    )
+    evaluate_.add_argument("data", metavar="DATA", help="the folder: DATA/<class>/<image> (sub-folders searched)")
+    evaluate_.add_argument("--topk", type=positive_int, default=5, metavar="K", help="also report top-K accuracy (default 5)")
+    evaluate_.add_argument("--limit", type=positive_int, metavar="N",
+                           help="evaluate N images, taken in turn from each class (a quick check)")
+    evaluate_.add_argument("--labels", metavar="FILE", help="class map: lines 'FOLDER INDEX', or folder names in index "
+                           "order, one a line (e.g. ImageNet's LOC_synset_mapping.txt); default: sorted folder i is class i")
+    evaluate_.add_argument("--compare", metavar="WEIGHTS2", help="a second weights file run on the same images: its "
+                           "figures, and how often its top-1 class equals the first's")
+    evaluate_.add_argument("--json", action="store_true", help="one JSON object with every figure, for scripts")
+    add_model_options(evaluate_)
+    evaluate_.set_defaults(run=cmd_evaluate)
     return parser
 
 
