@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
-from .evaluate import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .onnx_export import export_onnx

@@ -349,7 +349,7 @@ def batch_or_dynamic(text: str) -> int | str:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, image_folder, interleave_classes, read_class_map
+    from .evaluation import evaluate, image_folder, interleave_classes, read_class_map
 
     class_to_idx = read_class_map(args.labels) if args.labels else None
     folder = image_folder(args.data, class_to_idx)

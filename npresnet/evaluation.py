@@ -1,11 +1,10 @@
 """Accuracy on a labelled folder: top-1 and top-k accuracy, mean cross-entropy, per class; and how often two models agree.
 
     import npresnet
-    from npresnet.evaluate import evaluate
-    result = evaluate(npresnet.load("resnet50.npz"), "val/", topk=5)
-    result.top1, result.topk_accuracy, result.loss                # fractions in [0, 1]; mean cross-entropy
-    result = evaluate(model_a, "val/", compare=model_b)
-    result.agreement                                                # fraction of images with the same top-1
+    result = npresnet.evaluate(npresnet.load("resnet50.npz"), "val/", topk=5)
+    result.top1, result.topk_accuracy, result.loss          # fractions in [0, 1]; mean cross-entropy
+    result = npresnet.evaluate(model_a, "val/", compare=model_b)
+    result.agreement                                        # fraction of images with the same top-1
 
 The folder is in TorchVision's ImageFolder layout (``torchvision/datasets/folder.py``):
 ``DATA/<class>/**/<image>``, one sub-folder per class, class indices in the sorted

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import npresnet  # noqa: E402
-from npresnet.evaluate import evaluate, image_folder, read_class_map  # noqa: E402
+from npresnet.evaluation import evaluate, image_folder, read_class_map  # noqa: E402
 from npresnet.specs import get_spec  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch_resnet import numpy_state_dict, randomise, torch_resnet  # noqa: E402
