@@ -152,7 +152,9 @@ def add_gemm(graph: GraphBuilder, name: str, x: str, weight: np.ndarray, bias: n
     return graph.node("Gemm", [x, w, b], output or name, name=name, transB=1)
 
 
+# conv(graph, name, x, weight, bias, stride, padding, groups) -> output name: add_conv's signature.
 ConvFn = Callable[[GraphBuilder, str, str, np.ndarray, np.ndarray, int, int, int], str]
+# linear(graph, name, x, weight, bias, output=None) -> output name: add_gemm's signature.
 LinearFn = Callable[..., str]
 
 
@@ -172,9 +174,12 @@ def resnet_graph(
     The outputs are "layer1".."layer4" and "logits", named so in the graph.
     """
 
-    def conv_relu(c: ConvSpec, x: str, relu_name: str) -> str:
+    def conv_bn(c: ConvSpec, x: str) -> str:
         weight, bias = folded_conv(c)
-        return add_relu(graph, relu_name, conv(graph, c.conv, x, weight, bias, c.stride, c.padding, c.groups))
+        return conv(graph, c.conv, x, weight, bias, c.stride, c.padding, c.groups)
+
+    def conv_relu(c: ConvSpec, x: str, relu_name: str) -> str:
+        return add_relu(graph, relu_name, conv_bn(c, x))
 
     stem = stem_conv(spec)
     h = conv_relu(stem, INPUT_NAME, "relu")  # (N, 64, H/2, W/2)
@@ -186,19 +191,12 @@ def resnet_graph(
         stage = b.prefix.split(".")[0]  # "layer1"
         last_of_stage = i + 1 == len(blocks) or blocks[i + 1].prefix.split(".")[0] != stage
         convs = block_convs(b)
-        if "downsample" in convs:
-            d = convs["downsample"]
-            weight, bias = folded_conv(d)
-            identity = conv(graph, d.conv, h, weight, bias, d.stride, d.padding, d.groups)
-        else:
-            identity = h
+        identity = conv_bn(convs["downsample"], h) if "downsample" in convs else h
         roles = [r for r in ("conv1", "conv2", "conv3") if r in convs]
         out = h
         for role in roles[:-1]:
             out = conv_relu(convs[role], out, f"{b.prefix}.relu{role[-1]}")
-        last = convs[roles[-1]]
-        weight, bias = folded_conv(last)
-        out = conv(graph, last.conv, out, weight, bias, last.stride, last.padding, last.groups)
+        out = conv_bn(convs[roles[-1]], out)
         out = add_add(graph, f"{b.prefix}.add", out, identity)
         # The stage's output tensor is named after the stage, so that it can be a graph output.
         h = add_relu(graph, stage if last_of_stage else f"{b.prefix}.relu", out)
