@@ -122,21 +122,22 @@ def dims(value_info) -> list:
 
 def test_fixed_batch_and_size():
     model = npresnet.build("resnet50", random_state("resnet50", num_classes=10), backend="numpy")
-    proto = build_onnx_model(model, features=True, batch=2, size=(64, 96))
+    proto = build_onnx_model(model, features=True, batch=2, size=(65, 97))
     graph = proto.graph
-    assert dims(graph.input[0]) == [2, 3, 64, 96]
+    assert dims(graph.input[0]) == [2, 3, 65, 97]
+    # Odd sizes round up at each stride-2 step: 65 -> 33 (conv1) -> 17 (max pool) -> 9 -> 5 -> 3.
     assert {o.name: dims(o) for o in graph.output} == {
         "logits": [2, 10],
-        "layer1": [2, 256, 16, 24],
-        "layer2": [2, 512, 8, 12],
-        "layer3": [2, 1024, 4, 6],
-        "layer4": [2, 2048, 2, 3],
+        "layer1": [2, 256, 17, 25],
+        "layer2": [2, 512, 9, 13],
+        "layer3": [2, 1024, 5, 7],
+        "layer4": [2, 2048, 3, 4],
     }
     sess = session(serialize_checked(proto))
-    x = images((2, 3, 64, 96))
+    x = images((2, 3, 65, 97))
     assert_close(run_onnx(sess, x)["layer2"], model.features(x)["layer2"])
     with pytest.raises(Exception, match="(?i)dimension|shape"):
-        sess.run(None, {"input": images((1, 3, 64, 96))})
+        sess.run(None, {"input": images((1, 3, 65, 97))})
 
 
 def test_dynamic_axes_and_metadata():
