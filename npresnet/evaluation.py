@@ -73,6 +73,9 @@ def image_folder(root: str | os.PathLike, class_to_idx: Mapping[str, int] | None
             shown = ", ".join(unmapped[:5]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 5 else "")
             raise ValueError(f"{root}: class folders not in the class map: {shown}")
         class_to_idx = {name: int(class_to_idx[name]) for name in classes}
+        negative = [name for name, index in class_to_idx.items() if index < 0]
+        if negative:
+            raise ValueError(f"{root}: negative class index for {', '.join(negative)}")
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for name in classes:
@@ -247,7 +250,8 @@ def evaluate(
                 f"{folder.root}: class index {largest} is beyond the model's head (num_classes={m.num_classes}); "
                 f"{len(folder.classes)} class folders"
             )
-    if class_to_idx is None and len(folder.classes) != model.num_classes:
+    numbered_by_folder = folder.class_to_idx == {name: i for i, name in enumerate(folder.classes)}
+    if numbered_by_folder and len(folder.classes) != model.num_classes:
         warnings.append(
             f"{folder.root}: {len(folder.classes)} class folders for a model with {model.num_classes} classes: "
             f"folder i (sorted by name) is taken as class i; a class map gives other indices"
