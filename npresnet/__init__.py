@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
 from .explain import Explanation, explain, gradcam
+from .evaluation import Evaluation, evaluate
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
+from .onnx_export import export_onnx
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
@@ -54,6 +56,7 @@ __all__ = [
     "FEATURE_NAMES",
     "BackendUnavailable",
     "Explanation",
+    "Evaluation",
     "FetchError",
     "ImageClassification",
     "ImageError",
@@ -67,6 +70,8 @@ __all__ = [
     "convert",
     "embed",
     "explain",
+    "evaluate",
+    "export_onnx",
     "count_params",
     "fetch",
     "get_backend",

@@ -259,11 +259,13 @@ def write_weights(
     spec: ResNetSpec,
     meta: Mapping[str, Any],
     num_batches_tracked: Mapping[str, Any] | None = None,
+    dtype=None,
 ) -> None:
-    """Write a validated state dict as .npz (with meta), .pth/.pt (what torch.load reads) or .safetensors (with meta)."""
+    """Write a validated state dict as .npz (with meta; stored in `dtype` if given), .pth/.pt (what torch.load
+    reads) or .safetensors (with meta)."""
     suffix = check_suffix(path)
     if suffix == NPZ_SUFFIX:
-        save_npz(path, state, meta)
+        save_npz(path, state, meta, dtype)
     elif suffix == SAFETENSORS_SUFFIX:
         save_safetensors(path, torchvision_state_dict(state, spec, num_batches_tracked), meta)
     else:
