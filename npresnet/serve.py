@@ -249,6 +249,7 @@ def create_app(
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.request_class = InMemoryRequest
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
+    app.config["MAX_UPLOAD_MB"] = max_upload_mb  # as the user gave it, for messages
     app.json.sort_keys = False
     app.extensions["npresnet"] = classifier
 
@@ -292,7 +293,7 @@ def create_app(
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if isinstance(exc, RequestEntityTooLarge):
-            limit = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+            limit = app.config["MAX_UPLOAD_MB"]
             return _error(413, f"the upload is larger than the server's limit of {limit:g} MB (--max-upload-mb)")
         return _error(exc.code or 500, exc.description or exc.name)
 
