@@ -1,6 +1,7 @@
 """The web API through Flask's test client: the answers of npresnet.classify, and every error as JSON."""
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -237,3 +238,12 @@ def test_the_page_uses_only_what_the_server_serves(client):
         assert not re.search(r"https?://", response.get_data(as_text=True)), f"{asset} loads something from elsewhere"
     assert re.search(r'<input id="file"[^>]*type="file"', html) and '<label for="file"' in html
     assert 'aria-live="polite"' in html
+
+
+def test_without_the_web_extra_the_command_says_what_to_install():
+    hide_flask = "import sys; sys.modules['flask'] = None; from npresnet.cli import main; sys.exit(main(['serve']))"
+    result = subprocess.run([sys.executable, "-c", hide_flask], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "npresnet: error: npresnet serve needs Flask and waitress (flask is missing): pip install 'npresnet[web]'\n"
+    )

@@ -62,8 +62,6 @@ function addCard(file) {
   const status = element("p", "status", "Waiting\u2026");
   answer.append(element("h2", "name", file.name), status);
   card.append(figure, answer);
-  elements.results.prepend(card);
-  elements.toolbar.hidden = false;
   return { card, answer, status, image };
 }
 
@@ -96,7 +94,8 @@ function showAnswer(view, result) {
     row.append(element("span", "label", prediction.label), element("span", "percent", `${percent.toFixed(2)}%`), bar);
     list.append(row);
   }
-  view.answer.append(list, element("p", "time", `server: ${result.ms} ms`));
+  const ms = result.ms < 10 ? result.ms.toFixed(1) : Math.round(result.ms);
+  view.answer.append(list, element("p", "time", `server: ${ms} ms`));
 }
 
 async function classify(file, view) {
@@ -143,8 +142,12 @@ function enqueue(file, view) {
   queue = queue.then(() => classify(file, view));
 }
 
+// The newest photos go on top, in the order they were chosen.
 function addFiles(files) {
-  for (const file of files) enqueue(file, addCard(file));
+  const views = files.map(addCard);
+  elements.results.prepend(...views.map((view) => view.card));
+  elements.toolbar.hidden = false;
+  files.forEach((file, i) => enqueue(file, views[i]));
 }
 
 elements.input.addEventListener("change", () => {
