@@ -20,9 +20,11 @@ Load and memory, and why:
   more than twice ``--max-upload-mb`` itself (a plain-text 413); Flask's
   ``MAX_CONTENT_LENGTH`` answers the JSON 413 below that.
 * Admission (``Classifier.admit``): at most ``workers + queue_limit`` requests are
-  inside the app at once; the next one gets 503 at once instead of waiting, so memory
-  stays bounded by that count times the upload limit. waitress has a few more threads
-  than that, so that a request past the limit is turned away without waiting for one.
+  inside the app at once; the next one gets 503 at once instead of waiting. waitress has
+  a few more threads than that, so that a request past the limit is turned away without
+  waiting for one, and accepts at most twice as many connections as it has threads (the
+  rest wait in the kernel's listen queue, costing the server nothing): request bodies in
+  memory are bounded by that count times the body limit.
 * ``workers`` of the admitted requests at a time decode, preprocess and run the model
   (decoding a photo can take hundreds of MB); the rest wait their turn, in order.
 * The model is shared. A backend whose ``thread_safe`` is False runs one forward pass
