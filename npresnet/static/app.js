@@ -56,7 +56,10 @@ function addCard(file) {
   const image = element("img");
   image.alt = `Preview of ${file.name}`;
   image.src = URL.createObjectURL(file);
-  image.addEventListener("error", () => figure.replaceChildren("No preview"));
+  image.addEventListener("error", () => {
+    figure.replaceChildren("No preview");
+    figure.classList.add("empty");
+  });
   figure.append(image);
   const answer = element("div", "answer");
   const status = element("p", "status", "Waiting\u2026");
