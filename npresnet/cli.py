@@ -337,7 +337,11 @@ def cmd_serve(args) -> int:
         exif_transpose=args.exif_transpose,
         weights=os.path.basename(args.weights) if args.weights else None,
     )
-    server = serve.create_server(app, host=args.host, port=args.port)
+    try:
+        server = serve.create_server(app, host=args.host, port=args.port)
+    except OSError as exc:
+        error(f"cannot listen on {args.host} port {args.port}: {exc.strerror or exc}")
+        return 1
     host = f"[{server.effective_host}]" if ":" in str(server.effective_host) else server.effective_host
     url = f"http://{host}:{server.effective_port}/"
     print(f"npresnet: serving {model.arch} ({model.backend.name} backend) at {url}", flush=True)
