@@ -27,12 +27,13 @@ Load and memory, and why:
   memory are bounded by that count times the body limit.
 * ``workers`` of the admitted requests at a time decode, preprocess and run the model
   (decoding a photo can take hundreds of MB); the rest wait their turn, in order.
-* The model is shared. A backend whose ``thread_safe`` is False runs one forward pass
-  at a time under a lock: the Numba backend's workqueue threading layer aborts the
-  whole process when two threads enter its parallel loops at once, and it sets
-  OpenBLAS's process-wide thread count around each convolution. The NumPy backend's
-  ops are pure functions of their arguments, so its forward passes run concurrently.
-  Preprocessing is outside the lock either way.
+* The model is shared. A backend whose ``thread_safe`` is False runs every forward pass
+  on one thread of its own, so one at a time: the Numba backend's workqueue threading
+  layer aborts the whole process when two threads enter its parallel loops at once, it
+  sets OpenBLAS's process-wide thread count around each convolution, and its scratch
+  buffers are per thread (one thread: one set, not one per request thread). The NumPy
+  backend's ops are pure functions of their arguments, so its forward passes run
+  concurrently on the request threads. Preprocessing runs on the request threads either way.
 * After a burst the memory goes back to the OS: the request threads share two glibc heaps
   (``_limit_malloc_arenas``), and a second after the last request ``malloc_trim`` returns
   their free pages.
@@ -47,6 +48,7 @@ import ctypes
 import io
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -144,7 +146,7 @@ class Classifier:
         self._count_lock = threading.Lock()
         self._working = threading.Semaphore(workers)
         thread_safe = getattr(model.backend, "thread_safe", False)
-        self._forward_lock = contextlib.nullcontext() if thread_safe else threading.Lock()
+        self._model_thread = None if thread_safe else ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._went_idle = threading.Event()
         # Freed memory goes back to the OS (glibc's malloc_trim) once no request has run for IDLE_SECONDS.
         self._trim = _glibc("malloc_trim")
@@ -161,13 +163,18 @@ class Classifier:
         start = time.perf_counter()
         crop = self.preset.crop_size
         try:
-            with self._forward_lock:
-                self.model(np.zeros((1, 3, crop, crop), dtype=np.float32))
+            self.forward(np.zeros((1, 3, crop, crop), dtype=np.float32))
         except Exception as exc:
             self.warm_up_error = f"{type(exc).__name__}: {exc}"
             raise
         self.ready.set()
         return time.perf_counter() - start
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """The model's logits for a batch: on the model's own thread unless its backend is thread-safe."""
+        if self._model_thread is None:
+            return self.model(batch)
+        return self._model_thread.submit(self.model, batch).result()
 
     @contextlib.contextmanager
     def admit(self):
@@ -226,8 +233,7 @@ class Classifier:
     def _answer(self, pending: list[tuple[dict[str, Any], np.ndarray, float]], topk: int) -> None:
         batch = np.stack([array for _, array, _ in pending])  # (B, 3, crop, crop)
         start = time.perf_counter()
-        with self._forward_lock:
-            logits = self.model(batch)  # (B, num_classes)
+        logits = self.forward(batch)  # (B, num_classes)
         forward = time.perf_counter() - start
         for (entry, _, seconds), predictions in zip(pending, top_k(logits, self.labels, topk)):
             entry["top"] = [_as_json(p) for p in predictions]

@@ -42,19 +42,20 @@ def test_fifty_concurrent_uploads_are_all_answered(weights, tmp_path, backend):
     with running_server(tmp_path, "--weights", path, "--backend", backend, "--workers", 2, "--queue-limit", queue_limit) as server:
         url = server.url + "api/classify"
         # One at a time first: the answers every concurrent request must give again.
+        available = pictures()
         expected = {}
-        for name, data in pictures():
+        for name, data in available:
             status, body = post(url, [(name, data)])
             assert status == 200, body
             expected[name] = body["results"][0]["top"]
         if backend == "numpy":
             model = npresnet.load(path, backend="numpy")
-            for name, data in pictures():
+            for name, data in available:
                 want = npresnet.classify(data, model, topk=3)[0]
                 assert [t["index"] for t in expected[name]] == [p.index for p in want]
                 assert [t["label"] for t in expected[name]] == [p.label for p in want]
                 np.testing.assert_allclose([t["probability"] for t in expected[name]], [p.probability for p in want], rtol=1e-5)
-        uploads = [pictures()[i % len(expected)] for i in range(CONCURRENT)]
+        uploads = [available[i % len(available)] for i in range(CONCURRENT)]
         with ThreadPoolExecutor(CONCURRENT) as pool:
             answers = list(pool.map(lambda upload: post(url, [upload], timeout=120), uploads))
         assert [status for status, _ in answers] == [200] * CONCURRENT, [body for _, body in answers if "error" in body][:3]
