@@ -25,7 +25,8 @@ OUTPUT = ROOT / "docs" / "web-page.png"
 
 def main(paths: list[str]) -> None:
     chosen = [Path(p) for p in paths] or [p for p in photos() if p.stem.startswith(("chelsea", "rocket"))]
-    with tempfile.TemporaryDirectory() as folder, running_server(Path(folder), "--arch", "resnet18", "--backend", "numpy") as server:
+    server_options = ["--arch", "resnet18", "--backend", "numpy"]  # no --weights: random parameters
+    with tempfile.TemporaryDirectory() as folder, running_server(Path(folder), *server_options) as server:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), headless=True)
             page = browser.new_page(viewport={"width": 860, "height": 600}, device_scale_factor=1)

@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
     serve_.add_argument("--topk", type=positive_int, default=3, metavar="K", help="classes shown per photo (default 3)")
     serve_.add_argument(
-        "--workers", type=positive_int, default=2, metavar="N", help="requests decoded and classified at once (default 2)"
+        "--workers", type=positive_int, default=2, metavar="N", help="requests classified at once (default 2)"
     )
     serve_.add_argument(
         "--queue-limit",

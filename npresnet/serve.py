@@ -331,13 +331,13 @@ def create_app(
                 # A form whose file input was left empty still sends a part, with no file name and no bytes.
                 uploads = [(name or "upload", data) for name, data in uploads if name or data]
                 if not uploads:
-                    return _error(400, f"no image in the request: send one or more files in the multipart field '{FILE_FIELD}'")
+                    return _error(400, f"no image in the request: send files in the multipart field '{FILE_FIELD}'")
                 results = classifier.classify(uploads, k)
         except NotReady:
             return _error(503, "the model is still warming up; try again in a moment", ready=False)
         except Busy:
             limit = classifier.workers + classifier.queue_limit
-            return _error(503, f"the server is busy: {limit} requests are already waiting or running; try again shortly")
+            return _error(503, f"the server is busy: {limit} requests are already waiting or running; try again soon")
         if all("error" in r for r in results):
             return _error(400, "; ".join(r["error"] for r in results), results=results)
         return jsonify({"results": results})
