@@ -3,6 +3,7 @@
 CI installs it with `apt-get install chromium` and `pip install -e ".[test]"` (Playwright's Python package;
 no browser download: Playwright is pointed at /usr/bin/chromium).
 """
+import base64
 import re
 import shutil
 from importlib.util import find_spec
@@ -10,7 +11,7 @@ from importlib.util import find_spec
 import pytest
 
 import npresnet
-from image_files import photos
+from image_files import LOCAL_IMAGES, photos
 from serve_client import post, running_server
 
 CHROMIUM = shutil.which("chromium")
@@ -22,6 +23,12 @@ pytestmark = [
 ]
 TIMEOUT_MS = 120_000
 TOPK = 3
+DROP = """([name, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const files = new DataTransfer();
+  files.items.add(new File([bytes], name, { type: "image/jpeg" }));
+  document.body.dispatchEvent(new DragEvent("drop", { dataTransfer: files, bubbles: true, cancelable: true }));
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,13 @@ def test_a_photo_through_the_page(weights, tmp_path, browser):
         page.set_input_files("#file", files=[{"name": "fake.png", "mimeType": "image/png", "buffer": b"not pixels"}])
         page.locator(".result").first.locator(".status.error").wait_for()
         assert page.locator(".result").first.locator(".status").text_content() == "fake.png: not an image PIL can read"
+
+        # Dropped on the page (a drop event carrying the file, as a browser makes it) rather than chosen.
+        dropped = LOCAL_IMAGES / "rocket_small.jpg"
+        page.evaluate(DROP, [dropped.name, base64.b64encode(dropped.read_bytes()).decode()])
+        card = page.locator(".result").first
+        card.locator(".prediction").nth(TOPK - 1).wait_for()
+        assert card.locator(".name").text_content() == dropped.name
 
         # A phone-sized screen: nothing wider than the screen.
         page.set_viewport_size({"width": 360, "height": 740})
