@@ -141,6 +141,9 @@ def main() -> None:
 
 
 def markdown(report: dict) -> str:
+    def show(value):
+        return "-" if value is None else value
+
     lines = [
         f"Machine: {report['machine']}; {report['date']}; load average {report['load_before']} before, "
         f"{report['load_after']} after. One photo (chelsea.png, 451x300 PNG), 224x224, random weights.",
@@ -159,7 +162,7 @@ def markdown(report: dict) -> str:
         for r in report[kind]:
             lines.append(
                 f"| {kind} | {r['backend']} | {r['requests']} | {r['workers']} + {r['queue_limit']} | {r['ok']} | {r['busy_503']} | "
-                f"{r['other']} | {r['wall_s']} | {r['ok_ms_median']} / {r['ok_ms_max']} | {r['busy_ms_median']} | "
+                f"{r['other']} | {r['wall_s']} | {show(r['ok_ms_median'])} / {show(r['ok_ms_max'])} | {show(r['busy_ms_median'])} | "
                 f"{r['next_request_status']} | {r['rss_mb_before']} / {r['rss_mb_peak']} / {r['rss_mb_after']} |"
             )
     return "\n".join(lines) + "\n"
