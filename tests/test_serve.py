@@ -250,3 +250,23 @@ def test_without_the_web_extra_the_command_says_what_to_install():
     assert result.stderr == (
         "npresnet: error: npresnet serve needs Flask and waitress (flask is missing): pip install 'npresnet[web]'\n"
     )
+
+
+def test_the_numpy_backend_is_thread_safe_as_it_says(model):
+    # serve runs NumPy forward passes concurrently on its request threads because of this flag.
+    assert model.backend.thread_safe
+    x = np.random.default_rng(2).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    expected = model(x)
+    outputs = []
+
+    def run():
+        outputs.extend(model(x) for _ in range(2))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(outputs) == 6
+    for out in outputs:
+        np.testing.assert_array_equal(out, expected)
