@@ -356,6 +356,9 @@ class NumbaBackend(Backend):
     """Numba kernels over NHWC activations, BLAS for the GEMMs; see the module docstring."""
 
     name = "numba"
+    # Not thread-safe: the workqueue threading layer aborts the process when two threads enter its
+    # parallel loops at once, and each convolution sets OpenBLAS's process-wide thread count.
+    thread_safe = False
     # Winograd only with at least this many tiles per call (see _winograd_tile).
     MIN_TILES = 32
     # Rows of the GEMM paths are gathered, multiplied and finished in chunks of at least this many

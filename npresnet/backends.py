@@ -45,6 +45,9 @@ class Backend:
     """The ops a ResNet forward pass needs. Activations are opaque between from_numpy and to_numpy."""
 
     name = "abstract"
+    # Whether several threads may run forward passes on one model at once. False unless a backend has
+    # been checked: `npresnet serve` serialises the forward passes of a backend that is not.
+    thread_safe = False
 
     def prepare_conv(self, conv: FoldedConv) -> Any:
         """Turn a folded convolution into this backend's form (re-layout, transform, upload)."""
@@ -83,6 +86,8 @@ class NumpyBackend(Backend):
     """The reference ops of ``functional.py``, NCHW, batch norm folded at load."""
 
     name = "numpy"
+    # Pure functions of their arguments (prepared weights are only read), and NumPy's BLAS is thread-safe.
+    thread_safe = True
 
     def __init__(self, threads: int | None = None):
         # NumPy's BLAS picks its own thread count from the environment

@@ -7,11 +7,13 @@ traceback; a bad image among many is reported and the rest are still processed.
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import glob
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -424,6 +426,54 @@ def cmd_evaluate(args) -> int:
               f"loss {other.loss:.4f}")
         print(f"top-1 agreement {result.agreement:8.2%}  ({agree}/{result.images} images get the same class from both)")
     return 1 if result.skipped else 0
+def cmd_serve(args) -> int:
+    try:
+        from . import serve
+    except ImportError as exc:
+        error(str(exc))
+        return 1
+    model = model_from_args(args)
+    app = serve.create_app(
+        model,
+        topk=args.topk,
+        workers=args.workers,
+        queue_limit=args.queue_limit,
+        max_upload_mb=args.max_upload_mb,
+        batch_size=args.batch_size,
+        exif_transpose=args.exif_transpose,
+        weights=os.path.basename(args.weights) if args.weights else None,
+    )
+    try:
+        server = serve.create_server(app, host=args.host, port=args.port)
+    except OSError as exc:
+        error(f"cannot listen on {args.host} port {args.port}: {exc.strerror or exc}")
+        return 1
+    host = f"[{server.effective_host}]" if ":" in str(server.effective_host) else server.effective_host
+    url = f"http://{host}:{server.effective_port}/"
+    print(f"npresnet: serving {model.arch} ({model.backend.name} backend) at {url}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"npresnet: warning: listening on {args.host}: other machines can reach this page", file=sys.stderr)
+    classifier = app.extensions["npresnet"]
+    failed = []
+
+    def warm_up():
+        try:
+            seconds = classifier.warm_up()
+        except Exception as exc:  # shown on /healthz too; the server stops
+            failed.append(exc)
+            error(f"warm-up forward pass failed: {classifier.warm_up_error}")
+            _thread.interrupt_main()
+            return
+        print(f"npresnet: ready (warm-up {seconds:.1f} s); Ctrl+C stops", flush=True)
+
+    threading.Thread(target=warm_up, name="warm-up", daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,6 +584,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_.add_argument("--json", action="store_true", help="one JSON object with every figure, for scripts")
     add_model_options(evaluate_)
     evaluate_.set_defaults(run=cmd_evaluate)
+    serve_ = commands.add_parser(
+        "serve",
+        help="a web page and JSON API that classify uploaded photos (needs: pip install 'npresnet[web]')",
+        description="Serve a page where photos are chosen or dropped and classified, and a JSON API beside it: "
+        "POST /api/classify (multipart field 'file'), GET /api/info, GET /healthz. Uploads stay in memory.",
+    )
+    serve_.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0: all)"
+    )
+    serve_.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
+    serve_.add_argument("--topk", type=positive_int, default=3, metavar="K", help="classes shown per photo (default 3)")
+    serve_.add_argument(
+        "--workers", type=positive_int, default=2, metavar="N", help="requests classified at once (default 2)"
+    )
+    serve_.add_argument(
+        "--queue-limit",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests that may wait for a worker; past them the server answers 503 at once (default 16)",
+    )
+    serve_.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=20.0,
+        metavar="MB",
+        help="largest request body, all its files together (default 20); a larger one gets 413",
+    )
+    add_model_options(serve_)
+    serve_.set_defaults(run=cmd_serve)
     return parser
 
 
