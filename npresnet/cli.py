@@ -19,14 +19,14 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .backends import BackendUnavailable
+from .errors import BackendUnavailable, ImageError, WeightsError
+from .formats import convert, read_weights
 from .hub import fetch, is_weights_name
 from .manifest import DEFAULT
 from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
-from .preprocess import ImageClassification, ImageError, preset_for
+from .preprocess import ImageClassification, preset_for
 from .specs import ARCHITECTURES, count_macs
-from .weights import WeightsError, convert, read_weights
 
 DEFAULT_ARCH = "resnet50"
 GLOB_CHARACTERS = "*?["

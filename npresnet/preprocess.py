@@ -41,6 +41,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_SIZE = 224
@@ -52,10 +54,6 @@ INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageError(ValueError):
-    """An image that cannot be read or preprocessed; the message starts with the image's name."""
 
 
 @dataclass(frozen=True)
