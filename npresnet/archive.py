@@ -95,7 +95,7 @@ def _check_member_count(path: Path, source: str) -> None:
         raise WeightsError(f"{source}: a zip archive of {count} members; more than {MAX_ZIP_MEMBERS} is refused")
 
 
-def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: LoadBudget, source: str) -> bytearray:
+def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: LoadBudget, source: str) -> bytes | bytearray:
     """The bytes of one member, counted against `budget` as they inflate; WeightsError for anything unsafe or unreadable."""
     name = info.filename
     if info.flag_bits & 0x1:
@@ -109,9 +109,14 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: LoadBud
             f"{source}: member {name} claims {info.file_size} bytes, more than the {budget.limit - budget.used} "
             f"bytes left of this file's cap ({budget.limit}; ${MAX_LOAD_BYTES_ENV} raises it)"
         )
-    data = bytearray()
     try:
         with archive.open(info) as member:
+            if info.compress_type == zipfile.ZIP_STORED:
+                # Stored bytes cannot inflate: at most the bytes physically in the file come back, in one read.
+                data = member.read()
+                budget.charge(len(data), f"member {name}")
+                return data
+            data = bytearray()
             while chunk := member.read(CHUNK):
                 budget.charge(len(chunk), f"member {name}")
                 data += chunk

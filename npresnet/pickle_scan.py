@@ -30,7 +30,7 @@ PEP 574 (protocol 5 buffers), torch ``_weights_only_unpickler.py`` (the same che
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from typing import Any, Callable
 
 from .archive import LoadBudget
 from .errors import WeightsError
@@ -81,6 +81,8 @@ class Scanner:
         self.marks: list[int] = []
         self.memo: dict[int, Node] = {}
         self.ops = 0
+        self.used = 0  # bytes of the objects described so far
+        self.allowed = budget.limit - budget.used
 
     def fail(self, problem: str, at: int | None = None) -> WeightsError:
         where = self.pos if at is None else at
@@ -91,12 +93,12 @@ class Scanner:
     def take(self, n: int, what: str) -> int:
         start = self.pos
         if n < 0 or n > len(self.data) - start:
-            raise self.fail(f"{what} of {n} bytes, but only {len(self.data) - start} remain")
+            raise self.fail(f"a {what} of {n} bytes, but only {len(self.data) - start} remain")
         self.pos = start + n
         return start
 
     def unsigned(self, n: int) -> int:
-        start = self.take(n, "an argument")
+        start = self.take(n, "argument")
         return int.from_bytes(self.data[start : start + n], "little")
 
     def line(self) -> str:
@@ -113,7 +115,10 @@ class Scanner:
     # --- the stack ---
 
     def push(self, node: Node, nbytes: int = OBJECT_BYTES) -> None:
-        self.budget.charge(nbytes, "the objects of the checkpoint pickle")
+        # Counted here and charged to the budget once at STOP: a call per opcode would double the walk's cost.
+        self.used += nbytes
+        if self.used > self.allowed:
+            self.budget.charge(self.used, "the objects of the checkpoint pickle")
         self.stack.append(node)
 
     def pop(self) -> Node:
@@ -136,13 +141,13 @@ class Scanner:
 
     def adopt(self, parent: Node, children: list[Node]) -> None:
         """Make `children` entries of `parent`: depth, tree size and entry count grow, each bounded."""
-        if parent.frozen:
-            raise self.fail(f"{describe(parent)} changed after it was placed in another container (or a cycle)")
         depth, size = parent.depth, parent.size
         for child in children:
             child.frozen = True
             depth = max(depth, child.depth + 1)
             size += child.size
+        if parent.frozen:  # checked after the children are marked, so that a container cannot hold itself
+            raise self.fail(f"{describe(parent)} changed after it was placed in another container (or a cycle)")
         parent.depth, parent.size = depth, min(size, MAX_TREE + 1)
         parent.count += len(children)
         if depth > MAX_DEPTH:
@@ -151,7 +156,7 @@ class Scanner:
             raise self.fail(f"an object of more than {MAX_TREE} parts (shared parts counted at each use)")
         if parent.count > MAX_ITEMS:
             raise self.fail(f"a {parent.kind} of more than {MAX_ITEMS} entries")
-        self.budget.charge(SLOT_BYTES * len(children), "the objects of the checkpoint pickle")
+        self.used += SLOT_BYTES * len(children)
 
     def check_key(self, key: Node) -> None:
         if key.kind == "str" or (key.kind in ("int", "bool") and key.value is not None and -MAX_KEY_INT <= key.value < MAX_KEY_INT):
@@ -179,7 +184,7 @@ class Scanner:
         return node
 
     def string(self, n: int, kind: str, decode: bool) -> None:
-        start = self.take(n, f"a {kind}")
+        start = self.take(n, kind)
         value = None
         if decode and n <= MAX_GLOBAL_NAME:
             try:
@@ -191,156 +196,225 @@ class Scanner:
     def integer(self, n: int, signed: bool = True) -> None:
         if n > MAX_INT_BYTES:
             raise self.fail(f"an integer of {n} bytes")
-        start = self.take(n, "an integer")
+        start = self.take(n, "integer")
         self.push(Node("int", int.from_bytes(self.data[start : start + n], "little", signed=signed)))
 
     def global_(self, module: str, name: str) -> None:
         self.push(Node("global", self.classify_global(module, name)))
 
-    # --- the walk ---
+    # --- the walk: one method per opcode, found by OPCODES ---
 
     def run(self) -> int:
-        data = self.data
+        data, handlers = self.data, OPCODES
+        end = len(data)
         while True:
-            if self.pos >= len(data):
-                raise self.fail("the pickle ends without STOP")
             at = self.pos
+            if at >= end:
+                raise self.fail("the pickle ends without STOP")
             op = data[at]
             self.pos = at + 1
             self.ops += 1
-            if op == 0x71:  # BINPUT
-                self.put(self.unsigned(1), at)
-            elif op == 0x68:  # BINGET
-                self.get(self.unsigned(1), at)
-            elif op == 0x72:  # LONG_BINPUT
-                self.put(self.unsigned(4), at)
-            elif op == 0x6A:  # LONG_BINGET
-                self.get(self.unsigned(4), at)
-            elif op == 0x94:  # MEMOIZE
-                self.put(len(self.memo), at)
-            elif op == 0x58:  # BINUNICODE
-                self.string(self.unsigned(4), "str", True)
-            elif op == 0x8C:  # SHORT_BINUNICODE
-                self.string(self.unsigned(1), "str", True)
-            elif op == 0x8D:  # BINUNICODE8
-                self.string(self.unsigned(8), "str", True)
-            elif op in (0x54, 0x55):  # BINSTRING, SHORT_BINSTRING (Python 2 str; decoded as ASCII by pickle)
-                self.string(self.unsigned(4 if op == 0x54 else 1), "str", True)
-            elif op in (0x42, 0x43, 0x8E, 0x96):  # BINBYTES, SHORT_BINBYTES, BINBYTES8, BYTEARRAY8
-                self.string(self.unsigned({0x42: 4, 0x43: 1}.get(op, 8)), "bytes", False)
-            elif op == 0x4B:  # BININT1
-                self.integer(1, signed=False)
-            elif op == 0x4D:  # BININT2
-                self.integer(2, signed=False)
-            elif op == 0x4A:  # BININT
-                self.integer(4)
-            elif op == 0x8A:  # LONG1
-                self.integer(self.unsigned(1))
-            elif op == 0x8B:  # LONG4
-                self.integer(self.unsigned(4))
-            elif op == 0x47:  # BINFLOAT
-                self.take(8, "a float")
-                self.push(Node("float"))
-            elif op in (0x88, 0x89):  # NEWTRUE, NEWFALSE
-                self.push(Node("bool", int(op == 0x88)), 0)
-            elif op == 0x4E:  # NONE
-                self.push(Node("none"), 0)
-            elif op == 0x28:  # MARK
-                self.marks.append(len(self.stack))
-            elif op == 0x29:  # EMPTY_TUPLE
-                self.new_container("tuple", [])
-            elif op in (0x85, 0x86, 0x87):  # TUPLE1, TUPLE2, TUPLE3
-                items = [self.pop() for _ in range(op - 0x84)][::-1]
-                self.new_container("tuple", items)
-            elif op == 0x74:  # TUPLE
-                self.new_container("tuple", self.pop_mark())
-            elif op == 0x5D:  # EMPTY_LIST
-                self.new_container("list", [])
-            elif op == 0x6C:  # LIST
-                self.new_container("list", self.pop_mark())
-            elif op == 0x7D:  # EMPTY_DICT
-                self.new_container("dict", [])
-            elif op == 0x64:  # DICT
-                items = self.pop_mark()
-                node = Node("dict")
-                self.set_items(node, items)
-                self.push(node)
-            elif op == 0x8F:  # EMPTY_SET
-                self.new_container("set", [])
-            elif op == 0x91:  # FROZENSET
-                items = self.pop_mark()
-                for item in items:
-                    self.check_key(item)
-                self.new_container("frozenset", items)
-            elif op == 0x90:  # ADDITEMS
-                items = self.pop_mark()
-                target = self.top()
-                if target.kind != "set":
-                    raise self.fail(f"ADDITEMS on {describe(target)}", at)
-                for item in items:
-                    self.check_key(item)
-                self.adopt(target, items)
-            elif op == 0x61:  # APPEND
-                value = self.pop()
-                target = self.top()
-                if target.kind != "list":
-                    raise self.fail(f"APPEND on {describe(target)}", at)
-                self.adopt(target, [value])
-            elif op == 0x65:  # APPENDS
-                items = self.pop_mark()
-                target = self.top()
-                if target.kind != "list":
-                    raise self.fail(f"APPENDS on {describe(target)}", at)
-                self.adopt(target, items)
-            elif op == 0x73:  # SETITEM
-                value, key = self.pop(), self.pop()
-                self.set_items(self.top(), [key, value])
-            elif op == 0x75:  # SETITEMS
-                items = self.pop_mark()
-                self.set_items(self.top(), items)
-            elif op == 0x63:  # GLOBAL
-                module = self.line()
-                self.global_(module, self.line())
-            elif op == 0x93:  # STACK_GLOBAL
-                name, module = self.pop(), self.pop()
-                if module.kind != "str" or name.kind != "str" or module.value is None or name.value is None:
-                    raise self.fail("STACK_GLOBAL of something other than two short strings", at)
-                self.global_(module.value, name.value)
-            elif op == 0x52:  # REDUCE
-                self.reduce(at)
-            elif op == 0x62:  # BUILD
-                self.build(at)
-            elif op == 0x51:  # BINPERSID
-                pid = self.pop()
-                if pid.kind != "tuple":
-                    raise self.fail(f"a persistent id that is {describe(pid)}", at)
-                pid.frozen = True
-                self.push(Node("storage"))
-            elif op == 0x30:  # POP
-                self.pop()
-            elif op == 0x31:  # POP_MARK
-                self.pop_mark()
-            elif op == 0x32:  # DUP
-                self.push(self.top(), 8)
-            elif op == 0x80:  # PROTO
-                if self.unsigned(1) > 5:
-                    raise self.fail("an unknown pickle protocol", at)
-            elif op == 0x95:  # FRAME
-                size = self.unsigned(8)
-                if size > len(data) - self.pos:
-                    raise self.fail(f"a frame of {size} bytes, but only {len(data) - self.pos} remain", at)
-            elif op == 0x2E:  # STOP
-                if len(self.stack) != 1 or self.marks:
-                    raise self.fail(f"STOP with {len(self.stack)} objects on the stack", at)
-                return self.pos
-            else:
+            handler = handlers.get(op)
+            if handler is None:
                 raise self.fail(f"opcode {bytes([op])!r} is not used by checkpoints and is refused", at)
+            if handler(self, at):
+                self.budget.charge(self.used, "the objects of the checkpoint pickle")
+                return self.pos
+
+    def byte(self) -> int:
+        at = self.pos
+        if at >= len(self.data):
+            raise self.fail("an argument past the end of the pickle")
+        self.pos = at + 1
+        return self.data[at]
+
+    def op_binput(self, at):
+        self.put(self.byte(), at)
+
+    def op_binget(self, at):
+        self.get(self.byte(), at)
+
+    def op_long_binput(self, at):
+        self.put(self.unsigned(4), at)
+
+    def op_long_binget(self, at):
+        self.get(self.unsigned(4), at)
+
+    def op_memoize(self, at):
+        self.put(len(self.memo), at)
+
+    def op_short_binunicode(self, at):
+        self.string(self.byte(), "str", True)
+
+    def op_binunicode(self, at):
+        self.string(self.unsigned(4), "str", True)
+
+    def op_binunicode8(self, at):
+        self.string(self.unsigned(8), "str", True)
+
+    def op_binstring(self, at):  # Python 2 str, decoded as ASCII by pickle
+        self.string(self.unsigned(4), "str", True)
+
+    def op_short_binstring(self, at):
+        self.string(self.byte(), "str", True)
+
+    def op_binbytes(self, at):
+        self.string(self.unsigned(4), "bytes", False)
+
+    def op_short_binbytes(self, at):
+        self.string(self.byte(), "bytes", False)
+
+    def op_binbytes8(self, at):  # also BYTEARRAY8
+        self.string(self.unsigned(8), "bytes", False)
+
+    def op_binint1(self, at):
+        self.push(Node("int", self.byte()), 0)  # small ints are cached by Python: no new object
+
+    def op_binint2(self, at):
+        self.integer(2, signed=False)
+
+    def op_binint(self, at):
+        self.integer(4)
+
+    def op_long1(self, at):
+        self.integer(self.byte())
+
+    def op_long4(self, at):
+        self.integer(self.unsigned(4))
+
+    def op_binfloat(self, at):
+        self.take(8, "float")
+        self.push(FLOAT)
+
+    def op_newtrue(self, at):
+        self.push(TRUE, 0)
+
+    def op_newfalse(self, at):
+        self.push(FALSE, 0)
+
+    def op_none(self, at):
+        self.push(NONE, 0)
+
+    def op_mark(self, at):
+        self.marks.append(len(self.stack))
+
+    def op_empty_tuple(self, at):
+        self.new_container("tuple", [])
+
+    def op_tuple1(self, at):
+        self.new_container("tuple", [self.pop()])
+
+    def op_tuple2(self, at):
+        second = self.pop()
+        self.new_container("tuple", [self.pop(), second])
+
+    def op_tuple3(self, at):
+        third, second = self.pop(), self.pop()
+        self.new_container("tuple", [self.pop(), second, third])
+
+    def op_tuple(self, at):
+        self.new_container("tuple", self.pop_mark())
+
+    def op_empty_list(self, at):
+        self.new_container("list", [])
+
+    def op_list(self, at):
+        self.new_container("list", self.pop_mark())
+
+    def op_empty_dict(self, at):
+        self.new_container("dict", [])
+
+    def op_dict(self, at):
+        items = self.pop_mark()
+        node = Node("dict")
+        self.set_items(node, items)
+        self.push(node)
+
+    def op_empty_set(self, at):
+        self.new_container("set", [])
+
+    def op_frozenset(self, at):
+        items = self.pop_mark()
+        for item in items:
+            self.check_key(item)
+        self.new_container("frozenset", items)
+
+    def op_additems(self, at):
+        items = self.pop_mark()
+        target = self.top()
+        if target.kind != "set":
+            raise self.fail(f"ADDITEMS on {describe(target)}", at)
+        for item in items:
+            self.check_key(item)
+        self.adopt(target, items)
+
+    def op_append(self, at):
+        value = self.pop()
+        target = self.top()
+        if target.kind != "list":
+            raise self.fail(f"APPEND on {describe(target)}", at)
+        self.adopt(target, [value])
+
+    def op_appends(self, at):
+        items = self.pop_mark()
+        target = self.top()
+        if target.kind != "list":
+            raise self.fail(f"APPENDS on {describe(target)}", at)
+        self.adopt(target, items)
+
+    def op_setitem(self, at):
+        value, key = self.pop(), self.pop()
+        self.set_items(self.top(), [key, value])
+
+    def op_setitems(self, at):
+        items = self.pop_mark()
+        self.set_items(self.top(), items)
+
+    def op_global(self, at):
+        module = self.line()
+        self.global_(module, self.line())
+
+    def op_stack_global(self, at):
+        name, module = self.pop(), self.pop()
+        if module.kind != "str" or name.kind != "str" or module.value is None or name.value is None:
+            raise self.fail("STACK_GLOBAL of something other than two short strings", at)
+        self.global_(module.value, name.value)
+
+    def op_binpersid(self, at):
+        pid = self.pop()
+        if pid.kind != "tuple":
+            raise self.fail(f"a persistent id that is {describe(pid)}", at)
+        pid.frozen = True
+        self.push(Node("storage"))
+
+    def op_pop(self, at):
+        self.pop()
+
+    def op_pop_mark(self, at):
+        self.pop_mark()
+
+    def op_dup(self, at):
+        self.push(self.top(), 8)
+
+    def op_proto(self, at):
+        if self.byte() > 5:
+            raise self.fail("an unknown pickle protocol", at)
+
+    def op_frame(self, at):
+        size = self.unsigned(8)
+        if size > len(self.data) - self.pos:
+            raise self.fail(f"a frame of {size} bytes, but only {len(self.data) - self.pos} remain", at)
+
+    def op_stop(self, at):
+        if len(self.stack) != 1 or self.marks:
+            raise self.fail(f"STOP with {len(self.stack)} objects on the stack", at)
+        return True
 
     def put(self, index: int, at: int) -> None:
         if index > self.ops:
             raise self.fail(f"memo index {index} beyond the {self.ops} opcodes read", at)
         self.memo[index] = self.top()
-        self.budget.charge(SLOT_BYTES, "the memo of the checkpoint pickle")
+        self.used += SLOT_BYTES
 
     def get(self, index: int, at: int) -> None:
         node = self.memo.get(index)
@@ -348,7 +422,7 @@ class Scanner:
             raise self.fail(f"memo index {index} was never stored", at)
         self.push(node, SLOT_BYTES)
 
-    def reduce(self, at: int) -> None:
+    def op_reduce(self, at: int) -> None:
         args, func = self.pop(), self.pop()
         if func.kind != "global" or args.kind != "tuple":
             raise self.fail(f"REDUCE of {describe(func)} with {describe(args)}", at)
@@ -363,7 +437,7 @@ class Scanner:
         else:
             raise self.fail(f"REDUCE of a {func.value} global", at)
 
-    def build(self, at: int) -> None:
+    def op_build(self, at: int) -> None:
         state = self.pop()
         target = self.top()
         # torch pickles a state dict's _metadata (versions per module) as the OrderedDict's attribute.
@@ -371,6 +445,28 @@ class Scanner:
             raise self.fail(f"BUILD on {describe(target)} with {describe(state)}; only an OrderedDict's _metadata is read", at)
         self.adopt(target, [state])
         target.count -= 1
+
+
+FLOAT, TRUE, FALSE, NONE = Node("float"), Node("bool", 1), Node("bool", 0), Node("none")
+
+# Protocol 2 (what torch.save writes) and the protocol 3-5 forms a checkpoint may use. Everything
+# else (the text forms of protocols 0-1, INST, OBJ, NEWOBJ, EXT*, out-of-band buffers) is refused.
+OPCODES: dict[int, Callable[[Scanner, int], Any]] = {
+    ord(code): getattr(Scanner, f"op_{name}")
+    for code, name in [
+        ("q", "binput"), ("h", "binget"), ("r", "long_binput"), ("j", "long_binget"), ("\x94", "memoize"),
+        ("\x8c", "short_binunicode"), ("X", "binunicode"), ("\x8d", "binunicode8"), ("T", "binstring"),
+        ("U", "short_binstring"), ("B", "binbytes"), ("C", "short_binbytes"), ("\x8e", "binbytes8"),
+        ("\x96", "binbytes8"), ("K", "binint1"), ("M", "binint2"), ("J", "binint"), ("\x8a", "long1"),
+        ("\x8b", "long4"), ("G", "binfloat"), ("\x88", "newtrue"), ("\x89", "newfalse"), ("N", "none"),
+        ("(", "mark"), (")", "empty_tuple"), ("\x85", "tuple1"), ("\x86", "tuple2"), ("\x87", "tuple3"),
+        ("t", "tuple"), ("]", "empty_list"), ("l", "list"), ("}", "empty_dict"), ("d", "dict"),
+        ("\x8f", "empty_set"), ("\x91", "frozenset"), ("\x90", "additems"), ("a", "append"),
+        ("e", "appends"), ("s", "setitem"), ("u", "setitems"), ("c", "global"), ("\x93", "stack_global"),
+        ("R", "reduce"), ("b", "build"), ("Q", "binpersid"), ("0", "pop"), ("1", "pop_mark"), ("2", "dup"),
+        ("\x80", "proto"), ("\x95", "frame"), (".", "stop"),
+    ]
+}
 
 
 def check_pickle(data, start: int, source: str, budget: LoadBudget, classify_global: Callable[[str, str], str]) -> int:

@@ -226,8 +226,8 @@ def load_npz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[dic
     return state, meta
 
 
-def parse_npy(data: bytearray, what: str) -> np.ndarray:
-    """The array in one .npy member's bytes, its header checked before the array is made (no copy: a view of `data`)."""
+def parse_npy(data: bytes | bytearray, what: str) -> np.ndarray:
+    """The array in one .npy member's bytes, its header checked before the array is made."""
     if data[:6] != NPY_MAGIC or len(data) < 10 or data[6] not in (1, 2, 3) or data[7] != 0:
         raise WeightsError(f"{what}: not an .npy array (bad magic or version)")
     if data[6] == 1:
@@ -262,6 +262,8 @@ def parse_npy(data: bytearray, what: str) -> np.ndarray:
     if count == 0:
         return np.zeros(shape, dtype=dtype)
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    if not flat.flags.writeable:  # a stored member comes back as bytes: copy, so that arrays are writable as np.load's are
+        flat = flat.copy()
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
