@@ -8,7 +8,8 @@ error (WeightsError for weights, ImageError for images) naming the file; a crash
 MemoryError or any other exception fails it.
 
 Bounds (issue 10's targets, with room for a busy machine in the time limit):
-* time: 2 s per MB of file + 1 s, times ``time_factor`` (default 5) before a case is called a hang;
+* time: 2 s per MB of file + 1 s, times ``time_factor`` (default 5) of wall time before a case is
+  called a hang; each case's CPU time is reported against the bound itself (``summary``);
 * memory: the child may grow by 4 x the largest file of its batch + 128 MiB (weights: the
   readers' own cap is 4 x the file + 64 MiB), 8 x + 256 MiB for images, whose decoders
   allocate the declared pixels (up to 64 MiB, or 1024 x the file) before decoding.
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .cases import IMAGE, Case
 
-PASSING = {"loaded", "WeightsError", "ImageError"}
+PASSING = {"loaded", "read", "WeightsError", "ImageError"}
 BATCH = 64
 STARTUP_S = 60  # importing numpy, Pillow and npresnet on a busy machine
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +168,6 @@ def summary(results: list[Result]) -> str:
         lines.append(f"  FAIL {r.case.family}/{r.case.name} ({len(r.case.data)} bytes): {r.outcome} {r.message[:200]}")
     if results:
         worst = max(results, key=lambda r: r.seconds / time_bound(r.case))
-        lines.append(f"slowest against its bound: {worst.case.family}/{worst.case.name}: {worst.seconds:.2f} s "
+        lines.append(f"slowest against its bound: {worst.case.family}/{worst.case.name}: {worst.seconds:.2f} CPU s "
                      f"of {time_bound(worst.case):.2f} s allowed ({len(worst.case.data)} bytes)")
     return "\n".join(lines)

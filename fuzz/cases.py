@@ -28,6 +28,7 @@ class Case:
     data: bytes
     suffix: str
     kind: str  # "weights" or "image"
+    expect: str | None = None  # hostile cases: a regex the refusal must match, or "read" where reading is right
 
 
 WEIGHTS, IMAGE = "weights", "image"
@@ -249,12 +250,13 @@ def _tensor_cases() -> list[tuple[str, bytes, dict[str, bytes]]]:
 def _archive_cases() -> list[tuple[str, bytes, str]]:
     good_pkl = c.p_state_dict({"conv1.weight": c.p_tensor("0", 4, 0, (4,), (1,))})
     four = np.ones(4, np.float32).tobytes()
-    zeros_50mb = b"\0" * (50 << 20)
+    mib = b"\0" * (1 << 20)
     npy_meta = c.npy_of(np.array(json.dumps({"crop_size": 224})))
     return [
-        ("bzip2_member_bomb", c.zip_bytes([{"name": "archive/data.pkl", "data": zeros_50mb, "method": 12, "declared_size": 4}]), ".pth"),
-        ("deflate_member_lies_small", c.zip_bytes([{"name": "archive/data.pkl", "data": zeros_50mb, "method": 8, "declared_size": 4}]), ".pth"),
-        ("deflate_member_bomb", c.zip_bytes([{"name": "archive/data.pkl", "data": zeros_50mb, "method": 8}]), ".pth"),
+        ("bzip2_member_bomb", c.zip_bytes([{"name": "archive/data.pkl", "data": mib, "method": 12, "declared_size": 4}]), ".pth"),
+        ("deflate_member_lies_small", c.zip_bytes([{"name": "archive/data.pkl", "data": mib, "repeat": 100, "method": 8, "declared_size": 4}]), ".pth"),
+        ("deflate_member_bomb", c.zip_bytes([{"name": "archive/data.pkl", "data": mib, "repeat": 100, "method": 8}]), ".pth"),
+        ("deflate_member_bomb_under_cap", c.zip_bytes([{"name": "archive/data.pkl", "data": mib, "repeat": 40, "method": 8}]), ".pth"),
         ("encrypted_member", c.torch_zip(good_pkl, {"0": four}, flags=1), ".pth"),
         ("unknown_method", c.torch_zip(good_pkl, {"0": four}, method=99), ".pth"),
         ("unsupported_version", c.torch_zip(good_pkl, {"0": four}, version=999), ".pth"),
@@ -272,7 +274,8 @@ def _archive_cases() -> list[tuple[str, bytes, str]]:
         ("npz_header_overflow", c.npz_bytes({"a": c.npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (" + "9" * 400 + ",)}", b"")}), ".npz"),
         ("npz_header_deep", c.npz_bytes({"a": c.npy_bytes("[" * 5000 + "]" * 5000, b"")}), ".npz"),
         ("npz_header_py2_long", c.npz_bytes({"a": c.npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1L,)}", b"\0" * 4)}), ".npz"),
-        ("npz_deflate_bomb", c.npz_bytes({"a": c.npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (52428800,)}", zeros_50mb)}, method=8), ".npz"),
+        ("npz_deflate_bomb", c.zip_bytes([{"name": "a.npy", "data": mib, "repeat": 100, "method": 8}]), ".npz"),
+        ("npz_deflate_bomb_lies_small", c.zip_bytes([{"name": "a.npy", "data": mib, "repeat": 100, "method": 8, "declared_size": 1000}]), ".npz"),
         ("npz_v3_header", c.npz_bytes({"a": c.npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1,)}", b"\0" * 4, version=3)}), ".npz"),
         ("npy_renamed_npz", c.npy_of(np.zeros(3, np.float32)), ".npz"),
         ("text_named_npz", b"these are my notes, not weights\n", ".npz"),
@@ -351,20 +354,68 @@ def _image_cases() -> list[tuple[str, bytes, str]]:
     return cases
 
 
+CAP = "past its cap"
+NOT_READ = "not an image in a format npresnet reads"
+BOMB = "decompression bomb"
+# What each hostile case must give: the words of its refusal (a regex), or "read" where the file is
+# legitimate after all (aliases are read once, not copied per alias).
+EXPECT = {
+    "deep_tuple_key": "nesting deeper than 32", "deep_list": "nesting deeper than 32",
+    "shared_tuple_key": "more than 10000000 parts", "shared_tuple_top": "more than 10000000 parts",
+    "shared_tuple_pid": "more than 10000000 parts", "shared_tuple_in_dict": "more than 10000000 parts",
+    "colliding_int_keys": "only str and small int keys", "many_str_keys": "no state dict found|not a PyTorch checkpoint",
+    "memo_index_huge": "memo index 4294967280 beyond", "memo_get_unset": "memo index 5 was never stored",
+    "binbytes8_huge": "bytes of 1099511627776 bytes, but only", "bytearray8_huge": "bytes of 17179869184 bytes",
+    "binunicode8_huge": "str of 8589934592 bytes", "long4_huge": "an integer of 1048576 bytes",
+    "build_items_on_ordereddict": "BUILD on a odict", "build_on_global": "BUILD on a global",
+    "global_os_system": "refused to unpickle global os.system", "ordereddict_with_pairs": "OrderedDict called with arguments",
+    "setitems_on_tensor_args": r"SETITEM\(S\) on a tuple", "inst_opcode": "opcode b'i' is not used",
+    "no_stop": "ends without STOP", "cycle": "or a cycle",
+    "stride0_4gb": CAP, "overlapping_views": CAP, "aliases_of_one_storage": "read", "size_overflow": CAP,
+    "seventy_dims": "malformed (tensor metadata|shape)", "zero_size_huge_dims": "malformed tensor metadata",
+    "storage_dtype_conflict": "used as both float32 and float64",
+    "bzip2_member_bomb": "compression method 12", "deflate_member_lies_small": "Bad CRC-32",
+    "deflate_member_bomb": "claims 104857600 bytes, more than", "deflate_member_bomb_under_cap": "is not used by checkpoints",
+    "encrypted_member": "is encrypted", "unknown_method": "compression method 99",
+    "unsupported_version": "not a readable zip archive", "bad_utf8_name": "not a readable zip archive",
+    "byteorder_bz2": "compression method 12", "byteorder_garbage": "unknown byteorder",
+    "member_count_claim": "60000000 members", "npz_huge_shape": "needs 4398046511104 bytes",
+    "npz_object_dtype": "no objects", "npz_header_unterminated": "not a Python literal",
+    "npz_header_overflow": "needs more than 2\\*\\*64 bytes", "npz_header_deep": "too long or truncated",
+    "npz_header_py2_long": "not a Python literal", "npz_deflate_bomb": "claims 104857600 bytes",
+    "npz_deflate_bomb_lies_small": "unreadable", "npz_v3_header": "read",
+    "npy_renamed_npz": "an .npy array, not an .npz archive", "text_named_npz": "not a valid weights file: not a zip archive",
+    "empty_npz": "not a zip archive", "meta_crop_list": "crop_size must be a positive integer",
+    "meta_crop_huge": "crop_size must be a positive integer", "meta_deep_json": "not valid JSON",
+    "meta_not_object": "must be a JSON object", "meta_classes_ints": "classes must be a list of class names",
+    "meta_not_string": "must be one JSON string", "npz_extra_member": "is not an .npy array",
+    "legacy_storage_claims_huge": "claims 1152921504606846976 float32 elements",
+    "legacy_storage_negative": "claims -5 float32 elements",
+    "dtype_list": "unsupported dtype a list", "zero_size_huge": "malformed shape", "deep_header": "not valid JSON",
+    "metadata_nested": "__metadata__ is not a JSON object of strings", "aliases_one_range": "read",
+    "overlapping_ranges": CAP, "zero_d_conv1": r"conv1.weight has shape \(\), expected 4 positive",
+    "zero_channels": "expected 4 positive dimensions", "header_length_huge": "exceeds the file",
+    "eps_ghostscript": NOT_READ, "eps_named_jpg": NOT_READ, "png_claims_8000x8000": "truncated",
+    "png_claims_16bit_9000x9000": BOMB, "png_bomb_pixels": BOMB, "bmp_huge_negative_height": BOMB,
+    "gif_huge_screen": BOMB, "tiff_garbage_ifd": f"{NOT_READ}|cannot read", "webp_truncated": f"{BOMB}|cannot read|truncated",
+    "avif_corrupt": r"cannot read image \(RuntimeError",
+}
+
+
 def hostile() -> list[Case]:
     """The crafted cases of every class issue 10 lists, each as the format it attacks."""
     cases = []
     for name, pkl in _pickle_cases():
-        cases.append(Case("hostile_pickle", f"{name}_zip", c.torch_zip(pkl, {}), ".pth", WEIGHTS))
-        cases.append(Case("hostile_pickle", f"{name}_legacy", pkl, ".pth", WEIGHTS))
+        cases.append(Case("hostile_pickle", f"{name}_zip", c.torch_zip(pkl, {}), ".pth", WEIGHTS, EXPECT[name]))
+        cases.append(Case("hostile_pickle", f"{name}_legacy", pkl, ".pth", WEIGHTS, EXPECT[name]))
     for name, pkl, storages in _tensor_cases():
-        cases.append(Case("hostile_tensor", f"{name}_zip", c.torch_zip(pkl, storages), ".pth", WEIGHTS))
+        cases.append(Case("hostile_tensor", f"{name}_zip", c.torch_zip(pkl, storages), ".pth", WEIGHTS, EXPECT[name]))
         legacy = {k: (len(v) // 4, v) for k, v in storages.items()}
-        cases.append(Case("hostile_tensor", f"{name}_legacy", c.legacy_pth(pkl, legacy), ".pth", WEIGHTS))
+        cases.append(Case("hostile_tensor", f"{name}_legacy", c.legacy_pth(pkl, legacy), ".pth", WEIGHTS, EXPECT[name]))
     for name, data, suffix in _archive_cases():
-        cases.append(Case("hostile_archive", name, data, suffix, WEIGHTS))
+        cases.append(Case("hostile_archive", name, data, suffix, WEIGHTS, EXPECT[name]))
     for name, data in _safetensors_cases():
-        cases.append(Case("hostile_safetensors", name, data, ".safetensors", WEIGHTS))
+        cases.append(Case("hostile_safetensors", name, data, ".safetensors", WEIGHTS, EXPECT[name]))
     for name, data, suffix in _image_cases():
-        cases.append(Case("hostile_image", name, data, suffix, IMAGE))
+        cases.append(Case("hostile_image", name, data, suffix, IMAGE, EXPECT[name]))
     return cases

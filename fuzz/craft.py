@@ -70,21 +70,26 @@ def p_state_dict(entries: dict[str, bytes]) -> bytes:
 
 def zip_bytes(members: list[dict]) -> bytes:
     """A zip archive. Each member: name (str or bytes), data (uncompressed bytes), and optionally
-    method (0 stored, 8 deflated, 12 bzip2, anything else: data kept as is), flags, declared_size, crc, version."""
+    repeat (the data that many times), method (0 stored, 8 deflated, 12 bzip2, anything else: data kept as is),
+    flags, declared_size, crc, version."""
     out, central = b"", b""
     for m in members:
         name = m["name"].encode() if isinstance(m["name"], str) else m["name"]
-        data = m["data"]
+        data, repeat = m["data"], m.get("repeat", 1)  # data * repeat, never built in memory: bombs stay cheap
         method = m.get("method", 0)
+        crc = 0
+        for _ in range(repeat):
+            crc = zlib.crc32(data, crc)
         if method == 8:
+            # A full flush makes the block self-contained, so that repeating it is a valid stream; then an empty final block.
             packer = zlib.compressobj(9, zlib.DEFLATED, -15)
-            packed = packer.compress(data) + packer.flush()
+            packed = (packer.compress(data) + packer.flush(zlib.Z_FULL_FLUSH)) * repeat + b"\x03\x00"
         elif method == 12:
-            packed = bz2.compress(data)
+            packed = bz2.compress(data * repeat)
         else:
-            packed = data
-        crc = m.get("crc", zlib.crc32(data))
-        size = m.get("declared_size", len(data))
+            packed = data * repeat
+        crc = m.get("crc", crc)
+        size = m.get("declared_size", len(data) * repeat)
         flags, version = m.get("flags", 0), m.get("version", 20)
         fields = struct.pack("<HHHHHIII", version, flags, method, 0, 0x21, crc, len(packed), size)
         offset = len(out)

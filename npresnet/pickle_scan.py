@@ -179,7 +179,8 @@ class Scanner:
 
     def new_container(self, kind: str, items: list[Node]) -> Node:
         node = Node(kind)
-        self.adopt(node, items)
+        if items:
+            self.adopt(node, items)
         self.push(node)
         return node
 

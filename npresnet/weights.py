@@ -38,7 +38,7 @@ META_KEY = "__meta__"
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 NPY_MAGIC = b"\x93NUMPY"
 NPY_MAX_HEADER = 10_000  # NumPy's own limit (format._MAX_HEADER_SIZE)
-NPY_DESCR = re.compile(r"[<>|=][biuf][1248]|[<>|=]U[0-9]{1,7}")  # numbers, and the unicode of __meta__
+NPY_DESCR = re.compile(r"[<>|=](b1|[iu][1248]|f[248]|U[0-9]{1,7})")  # numbers, and the unicode of __meta__
 NPY_MAX_NDIM = 32
 MAX_META_BYTES = 1 << 20
 
@@ -250,15 +250,18 @@ def parse_npy(data: bytes | bytearray, what: str) -> np.ndarray:
         raise WeightsError(f"{what}: malformed shape in the .npy header")
     if type(fortran) is not bool:
         raise WeightsError(f"{what}: fortran_order must be true or false")
-    dtype = np.dtype(descr)
+    try:
+        dtype = np.dtype(descr)
+    except (TypeError, ValueError):
+        raise WeightsError(f"{what}: dtype {descr!r} is not understood") from None
     count = 1
     for n in shape:
         count *= n
     offset = start + header_len
-    if dtype.itemsize == 0 or count * dtype.itemsize != len(data) - offset:
-        raise WeightsError(
-            f"{what}: shape {shape[:8]} of {descr} needs {count * dtype.itemsize} bytes, the member holds {len(data) - offset}"
-        )
+    nbytes = count * dtype.itemsize
+    if dtype.itemsize == 0 or nbytes != len(data) - offset:
+        needs = "more than 2**64" if nbytes > 2**64 else str(nbytes)
+        raise WeightsError(f"{what}: a {len(shape)}-d shape of {descr} needs {needs} bytes, the member holds {len(data) - offset}")
     if count == 0:
         return np.zeros(shape, dtype=dtype)
     flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
