@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 
 
-def load_weights(path: str) -> str:
+def load_weights(path: str) -> tuple[str, str]:
     """"loaded" (a model and its preprocessing), or "read" when the reader accepted the file and a
     later step refused it with a WeightsError (not a ResNet state dict, say)."""
     from npresnet.checkpoint import read_safetensors, read_torch_checkpoint
@@ -36,16 +36,16 @@ def load_weights(path: str) -> str:
         preset = preset_for(SimpleNamespace(meta=meta))  # what classify does with the file's metadata
         preset(np.zeros((8, 8, 3), np.uint8))
         ResNet.from_state_dict(state, backend="numpy", meta=meta, source=path)
-    except WeightsError:
-        return "read"
-    return "loaded"
+    except WeightsError as exc:
+        return "read", str(exc)
+    return "loaded", ""
 
 
-def load_image(path: str) -> str:
+def load_image(path: str) -> tuple[str, str]:
     from npresnet.preprocess import ImageClassification
 
     ImageClassification(crop_size=16, resize_size=16)(path)
-    return "loaded"
+    return "loaded", ""
 
 
 def vm_bytes() -> int:
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
         started = time.process_time()  # CPU time: on a shared machine, wall time measures the neighbours
         outcome, message = "loaded", ""
         try:
-            outcome = (load_weights if case["kind"] == "weights" else load_image)(case["path"])
+            outcome, message = (load_weights if case["kind"] == "weights" else load_image)(case["path"])
         except (WeightsError, ImageError) as exc:
             outcome, message = type(exc).__name__, str(exc)
             if case["path"] not in message:
