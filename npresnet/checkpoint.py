@@ -354,6 +354,7 @@ def _read_legacy_checkpoint(path: Path, source: str, budget: LoadBudget):
     # and find where the storages start, then with the bytes in hand.
     start = pos
     _, pos = _unpickle_from(raw, start, defer_storage, source, budget, tensors=False, keep_position=True)
+    object_end = pos
     keys, pos = _unpickle_from(raw, pos, no_storage, source, budget, keep_position=True)
     if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
         raise WeightsError(f"{source}: malformed storage key list")
@@ -363,25 +364,26 @@ def _read_legacy_checkpoint(path: Path, source: str, budget: LoadBudget):
     data = memoryview(raw)
     for key in keys:
         if pos + 8 > len(raw):
-            raise WeightsError(f"{source}: truncated: storage {key!r} is missing")
+            raise WeightsError(f"{source}: truncated: storage {key[:100]!r} is missing")
         (numel,) = struct.unpack("<q" if byteorder == "<" else ">q", raw[pos : pos + 8])
         pos += 8
         dtype = pending[key].dtype
         nbytes = numel * _numpy_dtype(dtype).itemsize
         if numel < 0 or nbytes > len(raw) - pos:
             raise WeightsError(
-                f"{source}: truncated: storage {key!r} claims {numel} {dtype} elements, "
+                f"{source}: truncated: storage {key[:100]!r} claims {numel} {dtype} elements, "
                 f"but only {len(raw) - pos} bytes remain"
             )
         storages[key] = Storage(key, dtype, data[pos : pos + nbytes], byteorder, source, views)  # no copy
         pos += nbytes
-    return _unpickle_from(raw, start, lambda key, dtype: storages[key], source, budget, scan=False)
+    return _unpickle_from(raw, start, lambda key, dtype: storages[key], source, budget, checked_end=object_end)
 
 
 def _unpickle_from(raw, start: int, load_storage, source: str, budget: LoadBudget, tensors: bool = True,
-                   keep_position: bool = False, scan: bool = True):
-    """The pickle at raw[start:], checked by check_pickle first; with keep_position, (object, where it ended)."""
-    end = check_pickle(raw, start, source, budget, _global_kind(source)) if scan else len(raw)
+                   keep_position: bool = False, checked_end: int | None = None):
+    """The pickle at raw[start:], checked by check_pickle first (unless checked_end says where an
+    earlier check found it to end); with keep_position, (object, where it ended)."""
+    end = check_pickle(raw, start, source, budget, _global_kind(source)) if checked_end is None else checked_end
     unpickler = RestrictedUnpickler(io.BytesIO(memoryview(raw)[start:end]), load_storage, source)
     if not tensors:
         # First pass over a legacy object: storages are empty placeholders, so skip the views.

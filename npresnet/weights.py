@@ -74,11 +74,22 @@ def validate_state_dict(state: Mapping[str, Any], spec: ResNetSpec, source: str 
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit {spec.name} (num_classes={spec.num_classes}, stem={spec.stem}):"]
-        lines += [f"  missing key: {k} (expected shape {expected[k]})" for k in missing]
-        lines += [f"  unexpected key: {k} (shape {tuple(np.shape(state[k]))})" for k in unexpected]
-        lines += [f"  shape mismatch: {k}: expected {e}, got {a}" for k, e, a in mismatched]
+        lines += _at_most([f"  missing key: {k} (expected shape {expected[k]})" for k in missing])
+        lines += _at_most([f"  unexpected key: {k[:200]} (shape {tuple(np.shape(state[k]))})" for k in unexpected[:MAX_LISTED + 1]],
+                          len(unexpected))
+        lines += _at_most([f"  shape mismatch: {k}: expected {e}, got {a}" for k, e, a in mismatched])
         raise WeightsError("\n".join(lines))
     return {k: _as_float_array(k, state[k], source) for k in expected}
+
+
+MAX_LISTED = 50  # problems listed per kind: a hostile file may hold a million unexpected keys
+
+
+def _at_most(lines: list[str], total: int | None = None) -> list[str]:
+    total = len(lines) if total is None else total
+    if total <= MAX_LISTED:
+        return lines
+    return lines[:MAX_LISTED] + [f"  ... and {total - MAX_LISTED} more like these"]
 
 
 def infer_spec_from_state(state: Mapping[str, Any], source: str = "state dict") -> ResNetSpec:
