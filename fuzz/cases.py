@@ -180,6 +180,21 @@ def _mutate_zip_member(data: bytes, rng: random.Random) -> bytes:
     return c.zip_bytes(members)
 
 
+def _fix_png_crcs(data: bytes) -> bytes:
+    """Recompute each chunk's CRC, so that a mutation reaches the decoder instead of the checksum test."""
+    import zlib
+
+    out, at = bytearray(data), 8
+    while at + 12 <= len(out):
+        length = struct.unpack(">I", out[at : at + 4])[0]
+        end = at + 8 + length
+        if end + 4 > len(out):
+            break
+        out[end : end + 4] = struct.pack(">I", zlib.crc32(bytes(out[at + 4 : end])))
+        at = end + 4
+    return bytes(out)
+
+
 def mutate(seed: Case, rng: random.Random, index: int) -> Case:
     data = seed.data
     if seed.family in ("pth_zip", "npz") and rng.random() < 0.7:
@@ -191,6 +206,8 @@ def mutate(seed: Case, rng: random.Random, index: int) -> Case:
         data = mutate_bytes(data, rng, region=64)  # headers and the first chunks
     else:
         data = mutate_bytes(data, rng)
+    if seed.family == "image_png" and rng.random() < 0.8:
+        data = _fix_png_crcs(data)
     return Case(seed.family, f"{seed.name}_mut{index}", data, seed.suffix, seed.kind)
 
 
