@@ -71,7 +71,7 @@ def p_state_dict(entries: dict[str, bytes]) -> bytes:
 def zip_bytes(members: list[dict]) -> bytes:
     """A zip archive. Each member: name (str or bytes), data (uncompressed bytes), and optionally
     repeat (the data that many times), method (0 stored, 8 deflated, 12 bzip2, anything else: data kept as is),
-    flags, declared_size, crc, version."""
+    flags, declared_size, declared_compressed, crc, version."""
     out, central = b"", b""
     for m in members:
         name = m["name"].encode() if isinstance(m["name"], str) else m["name"]
@@ -91,7 +91,8 @@ def zip_bytes(members: list[dict]) -> bytes:
         crc = m.get("crc", crc)
         size = m.get("declared_size", len(data) * repeat)
         flags, version = m.get("flags", 0), m.get("version", 20)
-        fields = struct.pack("<HHHHHIII", version, flags, method, 0, 0x21, crc, len(packed), size)
+        compressed = m.get("declared_compressed", len(packed))
+        fields = struct.pack("<HHHHHIII", version, flags, method, 0, 0x21, crc, compressed, size)
         offset = len(out)
         out += b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name + packed
         central += (b"PK\x01\x02" + struct.pack("<H", version) + fields

@@ -104,6 +104,9 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, budget: LoadBud
         raise WeightsError(
             f"{source}: member {name} uses compression method {info.compress_type}; only stored and deflated are read"
         )
+    if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+        # zipfile reads a stored member in one read of its compressed size: a lie there would size the buffer.
+        raise WeightsError(f"{source}: member {name} is stored, yet its sizes differ ({info.compress_size} and {info.file_size})")
     if info.file_size > budget.limit - budget.used:  # a claim can only make us refuse early, never allocate
         raise WeightsError(
             f"{source}: member {name} claims {info.file_size} bytes, more than the {budget.limit - budget.used} "

@@ -60,7 +60,6 @@ class Node:
         self.keys = set() if kind == "dict" else None  # a small dict's str keys, for BUILD
 
 
-SCALARS = {"none", "bool", "int", "float", "str", "bytes"}
 CONTAINERS = {"tuple", "list", "dict", "odict", "set", "frozenset"}
 
 
@@ -71,6 +70,8 @@ def describe(node: Node) -> str:
 
 
 class Scanner:
+    """One walk over one pickle: the position, the simulated stack and memo, and the bytes described so far."""
+
     def __init__(self, data, pos: int, source: str, budget: LoadBudget, classify_global: Callable[[str, str], str]):
         self.data = data
         self.pos = pos
