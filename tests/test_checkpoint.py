@@ -547,6 +547,7 @@ def test_zip_bomb_is_refused(tmp_path, monkeypatch):
         read_torch_checkpoint(path)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
 def test_torchscript_is_refused_by_name(tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
