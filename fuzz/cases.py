@@ -244,6 +244,8 @@ def _pickle_cases() -> list[tuple[str, bytes]]:
         ("setitems_on_tensor_args", c.PROTO2 + c.EMPTY_TUPLE + c.MARK + c.p_str("a") + c.NONE + c.SETITEMS + c.STOP),
         ("inst_opcode", c.PROTO2 + b"(ios\nsystem\n" + c.STOP),
         ("no_stop", c.PROTO2 + c.EMPTY_DICT),
+        ("parameter_of_an_int", c.PROTO2 + c.p_global("torch._utils", "_rebuild_parameter")
+         + c.p_tuple(c.p_int(1), c.NEWFALSE, c.ORDERED_DICT) + c.REDUCE + c.STOP),
         ("cycle", c.PROTO2 + c.EMPTY_LIST + b"q\x00" + b"h\x00" + c.APPEND + c.STOP),
     ]
 
@@ -388,7 +390,7 @@ EXPECT = {
     "build_items_on_ordereddict": "BUILD on a odict", "build_on_global": "BUILD on a global",
     "global_os_system": "refused to unpickle global os.system", "ordereddict_with_pairs": "OrderedDict called with arguments",
     "setitems_on_tensor_args": r"SETITEM\(S\) on a tuple", "inst_opcode": "opcode b'i' is not used",
-    "no_stop": "ends without STOP", "cycle": "or a cycle",
+    "no_stop": "ends without STOP", "cycle": "or a cycle", "parameter_of_an_int": r"\.pth: a parameter's data is int",
     "stride0_4gb": CAP, "overlapping_views": CAP, "aliases_of_one_storage": "read", "size_overflow": CAP,
     "seventy_dims": "malformed (tensor metadata|shape)", "zero_size_huge_dims": "malformed tensor metadata",
     "storage_dtype_conflict": "used as both float32 and float64",

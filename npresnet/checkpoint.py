@@ -390,7 +390,9 @@ def _unpickle_from(raw, start: int, load_storage, source: str, budget: LoadBudge
         unpickler.find_class = _find_class_without_views(unpickler)
     try:
         found = unpickler.load()
-    except WeightsError:
+    except WeightsError as exc:
+        if not str(exc).startswith(source):  # raised by a rebuild function, which does not know the file
+            raise WeightsError(f"{source}: {exc}") from None
         raise
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
             struct.error, RecursionError, UnicodeDecodeError, OverflowError) as exc:
