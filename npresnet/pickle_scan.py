@@ -29,7 +29,6 @@ PEP 574 (protocol 5 buffers), torch ``_weights_only_unpickler.py`` (the same che
 """
 from __future__ import annotations
 
-import struct
 from typing import Any, Callable
 
 from .archive import LoadBudget
