@@ -9,16 +9,17 @@
 """
 from __future__ import annotations
 
-from .backends import BackendUnavailable, available_backends, get_backend
-from .explain import Explanation, explain, gradcam
+from .backends import available_backends, get_backend
+from .errors import BackendUnavailable, FetchError, ImageError, WeightsError
 from .evaluation import Evaluation, evaluate
-from .hub import FetchError, fetch
+from .explain import Explanation, explain, gradcam
+from .formats import convert
+from .hub import fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .onnx_export import export_onnx
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
-from .preprocess import ImageClassification, ImageError, preprocess, preset_for
+from .preprocess import ImageClassification, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
-from .weights import WeightsError, convert
 
 __version__ = "0.1.0"
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import functional as F
+from .errors import BackendUnavailable  # noqa: F401  (defined in errors.py; imported from here by kernels and users)
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,6 @@ class FoldedConv:
     stride: int
     padding: int
     groups: int
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend asked for cannot run here (its compiler or device is missing)."""
 
 
 class Backend:

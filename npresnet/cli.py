@@ -21,15 +21,15 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .backends import BackendUnavailable
+from .errors import BackendUnavailable, ImageError, WeightsError
 from .explain import explain, image_format, save_image
+from .formats import convert, read_weights
 from .hub import fetch, is_weights_name
 from .manifest import DEFAULT
 from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
-from .preprocess import ImageClassification, ImageError, preset_for
+from .preprocess import IMAGE_FORMATS, ImageClassification, preset_for
 from .specs import ARCHITECTURES, count_macs
-from .weights import WeightsError, convert, read_weights
 
 DEFAULT_ARCH = "resnet50"
 GLOB_CHARACTERS = "*?["
@@ -44,8 +44,8 @@ def error(message: str) -> None:
 
 
 def image_extensions() -> set[str]:
-    """File name extensions PIL can open (.jpg, .png, .webp, ...), lower case."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    """File name extensions of the formats npresnet reads (.jpg, .png, .webp, ...), lower case."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS and fmt in Image.OPEN}
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:

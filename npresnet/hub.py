@@ -27,15 +27,12 @@ import urllib.request
 from pathlib import Path
 
 from .manifest import DEFAULT, WeightsEntry, get_weights_entry, sha256_prefix
-from .weights import WeightsError, convert
+from .errors import FetchError
+from .formats import convert
 
 DEFAULT_HOME = "~/.cache/npresnet"
 CHUNK = 1 << 16
 TIMEOUT_S = 30
-
-
-class FetchError(WeightsError):
-    """A download that failed or did not verify; nothing was written to the cache."""
 
 
 def is_weights_name(weights) -> bool:

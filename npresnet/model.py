@@ -30,7 +30,9 @@ from .specs import (
     parameter_shapes,
     stem_conv,
 )
-from .weights import WeightsError, infer_spec_from_state, read_weights, save_npz, validate_state_dict
+from .errors import WeightsError
+from .formats import read_weights
+from .weights import infer_spec_from_state, save_npz, validate_state_dict
 
 FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
 

@@ -26,20 +26,28 @@ dropped, not composited. Two deliberate departures, both documented here:
   ``ImageClassification(exif_transpose=True)`` (``--exif-transpose`` on the
   command line) rotates it upright first, at the cost of that equality.
 
-Unreadable input raises ``ImageError`` naming the image. Decompression bombs
-(PIL's DecompressionBombWarning as well as its Error) are errors, not warnings.
+Unreadable input raises ``ImageError`` naming the image, whatever Pillow's decoder raised
+(OSError, ValueError, SyntaxError, RuntimeError, struct.error...). Files are opened only as
+one of ``IMAGE_FORMATS``, all decoded in-process (never EPS/PS, which Pillow hands to
+Ghostscript). Decompression bombs are errors, not warnings: PIL's pixel limit
+(DecompressionBombWarning as well as its Error), and any file that would decode to more than
+64 MiB at over ``MAX_DECODED_RATIO`` bytes per byte of file (a header that claims a huge
+image over little data), refused before Pillow allocates the pixels.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,10 +60,16 @@ INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
 }
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageError(ValueError):
-    """An image that cannot be read or preprocessed; the message starts with the image's name."""
+# Formats Pillow decodes in-process with its own code or linked libraries; EPS/PS (Ghostscript) and
+# anything else that runs an external program are left out, as are rarely seen legacy formats.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF")
+# Deflate inflates at most ~1032:1 and a photo's JPEG a few hundred to one; beyond that a file
+# is a header claiming pixels it does not hold.
+MAX_DECODED_RATIO = 1024
+DECODED_SLACK = 64 << 20
+# What Pillow's decoders raise for corrupt data, beside OSError (their messages vary by format).
+DECODER_ERRORS = (OSError, ValueError, TypeError, SyntaxError, RuntimeError, struct.error, EOFError, IndexError,
+                  KeyError, ZeroDivisionError, OverflowError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -153,9 +167,9 @@ def _open(image: Any) -> Image.Image:
             raise IsADirectoryError("is a directory, not an image")
         with open(image, "rb") as f:
             data = f.read()
-        return Image.open(io.BytesIO(data))
+        return _open_bytes(data)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(image)))
+        return _open_bytes(bytes(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(f"an image array must be uint8 (H, W, 3) RGB, not {image.dtype}")
@@ -165,12 +179,25 @@ def _open(image: Any) -> Image.Image:
     raise TypeError(f"expected a path, bytes, a PIL image or a uint8 array, not {type(image).__name__}")
 
 
+def _open_bytes(data: bytes) -> Image.Image:
+    """Identify and check an encoded image (header only: no pixels are decoded yet)."""
+    opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    width, height = opened.size
+    bytes_per_pixel = len(opened.getbands()) * (4 if opened.mode in ("I", "F") else 2 if opened.mode.startswith("I;16") else 1)
+    decoded = width * height * bytes_per_pixel
+    if decoded > DECODED_SLACK and decoded > MAX_DECODED_RATIO * len(data):
+        raise Image.DecompressionBombError(
+            f"{width}x{height} {opened.mode} pixels ({decoded} bytes) from a file of {len(data)} bytes"
+        )
+    return opened
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB, as TorchVision's loader does, except 16-bit data, scaled by >> 8."""
     if image.mode == "RGB":
         return image
     if image.mode in SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.int64)
+        values = np.asarray(image)  # uint16, or int32 for mode I: no wider copy of a large image
         image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # L
     return image.convert("RGB")
 
@@ -196,14 +223,14 @@ def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
         size = len(image) if isinstance(image, (bytes, bytearray)) else _file_size(image)
-        what = "empty file (0 bytes)" if size == 0 else "not an image PIL can read"
+        what = "empty file (0 bytes)" if size == 0 else f"not an image in a format npresnet reads ({', '.join(IMAGE_FORMATS)})"
         raise ImageError(f"{name}: {what}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: refused as a possible decompression bomb ({exc})") from None
-    except (OSError, ValueError, TypeError, SyntaxError, MemoryError) as exc:
-        # PIL reports truncated and corrupt data as OSError or SyntaxError, in words that vary by format.
+    except DECODER_ERRORS as exc:
         what = "truncated image file" if "truncated" in str(exc).lower() else "cannot read image"
-        raise ImageError(f"{name}: {what} ({exc})") from None
+        cause = f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else str(exc)
+        raise ImageError(f"{name}: {what} ({cause[:200]})") from None
 
 
 def _file_size(image: Any) -> int | None:

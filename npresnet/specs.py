@@ -253,6 +253,10 @@ def infer_spec(shapes: dict[str, tuple[int, ...]]) -> ResNetSpec:
     for key in ("conv1.weight", "fc.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight"):
         if key not in shapes:
             raise ValueError(f"cannot infer the architecture: key {key!r} is missing (is this a ResNet state dict?)")
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.conv2.weight", "fc.weight"):
+        want = 2 if key == "fc.weight" else 4
+        if len(shapes[key]) != want or min(shapes[key]) < 1:
+            raise ValueError(f"cannot infer the architecture: {key} has shape {shapes[key]}, expected {want} positive dimensions")
     block = BOTTLENECK if "layer1.0.conv3.weight" in shapes else BASIC
     layers = []
     for stage in range(1, 5):

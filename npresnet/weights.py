@@ -4,36 +4,43 @@ A state dict here is a ``dict[str, np.ndarray]`` under TorchVision's key names
 (``conv1.weight``, ``bn1.running_var``, ``layer2.0.downsample.0.weight``,
 ``fc.bias``, ...), so no renaming table exists anywhere.
 
-PyTorch checkpoints and .safetensors files are read by ``checkpoint.py``
-(no torch, no full unpickling); ``extract_state_dict`` finds the state dict in
-the layouts people have (bare, nested, prefixed), and ``convert`` writes it out.
+PyTorch checkpoints and .safetensors files are read by ``checkpoint.py``; ``formats.py``
+dispatches on the file type, finds the state dict in a checkpoint and converts.
 
 The .npz holds those arrays plus one entry, ``__meta__``, a JSON string
 (architecture, num_classes, stem, and whatever the converter knew: source
-sha256, preprocessing sizes). It is read with ``allow_pickle=False``: loading
-weights never runs code.
+sha256, preprocessing sizes), checked against ``META_SCHEMA`` when written and when read,
+so that nothing malformed reaches preprocessing. ``load_npz`` reads it without numpy's
+loader: each member is read by its real inflated size against the file's budget
+(``archive.py``), and each .npy header is parsed and checked (dtype, shape, size against
+the member's bytes) before any array exists. No pickle: loading weights never runs code.
+
+References: NumPy ``numpy/lib/format.py`` (the .npy format, versions 1.0 to 3.0);
+``np.savez`` (an .npz is a zip of ``<name>.npy`` members).
 """
 from __future__ import annotations
 
-import hashlib
+import ast
 import json
 import os
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .manifest import entry_for_sha256
-from .specs import ResNetSpec, infer_spec, parameter_shapes
+from .archive import LoadBudget, open_zip, read_member
+from .errors import WeightsError
+from .specs import ARCHITECTURES, CIFAR_STEM, IMAGENET_STEM, ResNetSpec, infer_spec, parameter_shapes
 
 META_KEY = "__meta__"
 IGNORED_SUFFIXES = ("num_batches_tracked",)
-
-
-class WeightsError(ValueError):
-    """A weights file or state dict that does not fit; the message names every problem found."""
+NPY_MAGIC = b"\x93NUMPY"
+NPY_MAX_HEADER = 10_000  # NumPy's own limit (format._MAX_HEADER_SIZE)
+NPY_DESCR = re.compile(r"[<>|=](b1|[iu][1248]|f[248]|U[0-9]{1,7})")  # numbers, and the unicode of __meta__
+NPY_MAX_NDIM = 32
+MAX_META_BYTES = 1 << 20
 
 
 def _drop_ignored(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,11 +74,22 @@ def validate_state_dict(state: Mapping[str, Any], spec: ResNetSpec, source: str 
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source} does not fit {spec.name} (num_classes={spec.num_classes}, stem={spec.stem}):"]
-        lines += [f"  missing key: {k} (expected shape {expected[k]})" for k in missing]
-        lines += [f"  unexpected key: {k} (shape {tuple(np.shape(state[k]))})" for k in unexpected]
-        lines += [f"  shape mismatch: {k}: expected {e}, got {a}" for k, e, a in mismatched]
+        lines += _at_most([f"  missing key: {k} (expected shape {expected[k]})" for k in missing])
+        lines += _at_most([f"  unexpected key: {k[:200]} (shape {tuple(np.shape(state[k]))})" for k in unexpected[:MAX_LISTED + 1]],
+                          len(unexpected))
+        lines += _at_most([f"  shape mismatch: {k}: expected {e}, got {a}" for k, e, a in mismatched])
         raise WeightsError("\n".join(lines))
     return {k: _as_float_array(k, state[k], source) for k in expected}
+
+
+MAX_LISTED = 50  # problems listed per kind: a hostile file may hold a million unexpected keys
+
+
+def _at_most(lines: list[str], total: int | None = None) -> list[str]:
+    total = len(lines) if total is None else total
+    if total <= MAX_LISTED:
+        return lines
+    return lines[:MAX_LISTED] + [f"  ... and {total - MAX_LISTED} more like these"]
 
 
 def infer_spec_from_state(state: Mapping[str, Any], source: str = "state dict") -> ResNetSpec:
@@ -79,6 +97,75 @@ def infer_spec_from_state(state: Mapping[str, Any], source: str = "state dict") 
         return infer_spec({k: tuple(np.shape(v)) for k, v in _drop_ignored(state).items()})
     except ValueError as exc:
         raise WeightsError(f"{source}: {exc}") from None
+
+
+# --- metadata ----------------------------------------------------------------------------------
+
+
+def _positive_int(limit: int):
+    return lambda v: type(v) is int and 0 < v <= limit, f"a positive integer up to {limit}"
+
+
+def _one_of(choices):
+    return lambda v: v in choices, "one of " + ", ".join(map(repr, choices))
+
+
+def _string(limit: int = 4096):
+    return lambda v: isinstance(v, str) and len(v) <= limit, f"a string of up to {limit} characters"
+
+
+# What npresnet writes (model.save, convert, fetch, and the fine-tuning and quantising tools), and
+# what preprocessing and the CLI read back. Each: (check, what it must be).
+META_SCHEMA: dict[str, tuple[Any, str]] = {
+    "arch": _one_of((*ARCHITECTURES, "custom")),
+    "num_classes": _positive_int(1 << 20),
+    "stem": _one_of((IMAGENET_STEM, CIFAR_STEM)),
+    "crop_size": _positive_int(4096),
+    "resize_size": _positive_int(4096),
+    "source": _string(),
+    "source_sha256": (lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None, "64 hex digits"),
+    "weights": _string(),
+    "classes": (
+        lambda v: isinstance(v, list) and len(v) <= 1 << 20 and all(isinstance(c, str) and len(c) <= 1024 for c in v),
+        "a list of class names (strings)",
+    ),
+    "dtype": _string(64),
+    "stored_dtype": _string(64),
+    "quantized": (lambda v: type(v) is bool, "true or false"),
+}
+MAX_META_ITEMS = 1 << 20
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Any other key: JSON scalars, and lists or objects of them, at most two levels deep."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 1 << 16
+    if depth >= 2:
+        return False
+    if isinstance(value, list):
+        return len(value) <= MAX_META_ITEMS and all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return len(value) <= 1024 and all(isinstance(k, str) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def validate_meta(meta: Any, source: str) -> dict[str, Any]:
+    """Check weights metadata against META_SCHEMA (unknown keys: plain JSON values); WeightsError naming every bad key."""
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{source}: {META_KEY} must be a JSON object, not a {type(meta).__name__}")
+    problems = []
+    for key, value in meta.items():
+        if key in META_SCHEMA:
+            check, wanted = META_SCHEMA[key]
+            if not check(value):
+                problems.append(f"{key} must be {wanted}, not a {type(value).__name__}")
+        elif not isinstance(key, str) or not _plain(value):
+            problems.append(f"{str(key)[:100]}: a value of type {type(value).__name__} too large or too deeply nested")
+    if problems:
+        raise WeightsError(f"{source}: malformed {META_KEY}: " + "; ".join(problems))
+    return meta
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -106,12 +193,13 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 def save_npz(
     path: str | os.PathLike, state: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None, dtype=None
 ) -> None:
-    """Write `state` and `meta` (JSON-able) to an .npz, atomically.
+    """Write `state` and `meta` (JSON-able, checked against META_SCHEMA) to an .npz, atomically.
 
     dtype (e.g. "float16": half the bytes): store the convolution and fc weights, nearly all the bytes, in it,
     and say so in meta["stored_dtype"]; batch-norm parameters and statistics and the fc bias stay as they are,
     because a float16 running_var overflows above 65504 and a float16 running_mean (steps of 1/2048 relative)
-    shifts the folded bias by mean error x scale; they are a fraction of a percent of the bytes. Loading widens every tensor back to float32 (see _as_float_array), so the model computes in float32.
+    shifts the folded bias by mean error x scale; they are a fraction of a percent of the bytes. Loading widens
+    every tensor back to float32 (see _as_float_array), so the model computes in float32.
     """
     if META_KEY in state:
         raise WeightsError(f"a state dict key may not be {META_KEY!r}")
@@ -124,163 +212,98 @@ def save_npz(
         if overflowed:
             raise WeightsError(f"{', '.join(overflowed)}: values out of {dtype.name}'s range (or not finite)")
         meta["stored_dtype"] = dtype.name
+    validate_meta(meta, f"{os.fspath(path)} (not written)")
     arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
     arrays[META_KEY] = np.array(json.dumps(dict(meta or {}), sort_keys=True))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_npz(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read an .npz written by save_npz (or any .npz of arrays): (state dict, metadata)."""
+def load_npz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read an .npz written by save_npz (or any .npz of numeric arrays): (state dict, metadata).
+
+    Raises WeightsError naming the file for anything that is not a zip of well-formed .npy
+    members, for a load that would allocate more than `max_bytes` (default: 4 x the file size
+    + 64 MiB, or $NPRESNET_MAX_LOAD_BYTES), and for metadata outside META_SCHEMA.
+    """
     path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            state = {k: archive[k] for k in archive.files}
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise WeightsError(f"{path}: not a readable .npz file ({exc})") from None
+    source = str(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(len(NPY_MAGIC))
+    if head[:2] != b"PK":
+        what = "an .npy array, not an .npz archive" if head == NPY_MAGIC else "not a zip archive"
+        raise WeightsError(f"{source}: not a valid weights file: {what} (an .npz is a zip of .npy arrays)")
+    budget = LoadBudget(source, path.stat().st_size, max_bytes)
+    state: dict[str, np.ndarray] = {}
+    with open_zip(path, source) as archive:
+        for info in archive.infolist():
+            name = info.filename
+            if not name.endswith(".npy") or name[:-4] in state:
+                raise WeightsError(f"{source}: member {name[:200]!r} is not an .npy array (or appears twice)")
+            state[name[:-4]] = parse_npy(read_member(archive, info, budget, source), f"{source}: member {name[:200]!r}")
     meta: dict[str, Any] = {}
     if META_KEY in state:
         raw = state.pop(META_KEY)
+        if raw.dtype.kind != "U" or raw.shape != () or raw.dtype.itemsize > 4 * MAX_META_BYTES:
+            raise WeightsError(f"{source}: {META_KEY} must be one JSON string of at most {MAX_META_BYTES} characters")
         try:
             meta = json.loads(str(raw))
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"{path}: {META_KEY} is not valid JSON ({exc})") from None
-        if not isinstance(meta, dict):
-            raise WeightsError(f"{path}: {META_KEY} must be a JSON object")
+        except (ValueError, RecursionError) as exc:
+            raise WeightsError(f"{source}: {META_KEY} is not valid JSON ({type(exc).__name__})") from None
+        validate_meta(meta, source)
     return state, meta
 
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-SAFETENSORS_SUFFIX = ".safetensors"
-# Where training scripts nest the model's state dict inside a checkpoint dict.
-NESTED_STATE_KEYS = ("state_dict", "model", "model_state_dict")
-# Wrappers whose prefix a state dict may carry on every key: DataParallel, detection/SSL backbones, Lightning.
-KEY_PREFIXES = ("module.", "backbone.", "model.")
-
-
-def read_weights(source: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """(state dict, metadata) from a weights file, by its extension.
-
-    .npz: as save_npz wrote it. .pth/.pt/.bin/.ckpt (PyTorch, read without torch
-    or full unpickling) and .safetensors: the state dict found by
-    extract_state_dict; metadata names the source file, its sha256 and, for
-    an official TorchVision file, the preprocessing it wants.
-    """
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return load_npz(path)
-    if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        if not path.exists():
-            raise WeightsError(f"{path}: no such file")
-        raise WeightsError(
-            f"{path}: unsupported weights file type {path.suffix!r} "
-            f"(expected .npz, .safetensors or a PyTorch checkpoint: {', '.join(TORCH_SUFFIXES)})"
-        )
-    # Imported here: checkpoint.py raises this module's WeightsError.
-    from .checkpoint import read_safetensors, read_torch_checkpoint
-
-    if suffix == SAFETENSORS_SUFFIX:
-        contents, _ = read_safetensors(path)
+def parse_npy(data: bytes | bytearray, what: str) -> np.ndarray:
+    """The array in one .npy member's bytes, its header checked before the array is made."""
+    if data[:6] != NPY_MAGIC or len(data) < 10 or data[6] not in (1, 2, 3) or data[7] != 0:
+        raise WeightsError(f"{what}: not an .npy array (bad magic or version)")
+    if data[6] == 1:
+        header_len, start = int.from_bytes(data[8:10], "little"), 10
     else:
-        contents = read_torch_checkpoint(path)
-    state = extract_state_dict(contents, str(path))
-    sha256 = file_sha256(path)
-    meta: dict[str, Any] = {"source": path.name, "source_sha256": sha256}
-    entry = entry_for_sha256(sha256, infer_spec_from_state(state, str(path)).name)
-    if entry is not None:
-        meta.update(weights=f"{entry.arch}.{entry.name}", **entry.preprocessing)
-    return state, meta
+        header_len, start = int.from_bytes(data[8:12], "little"), 12
+    if header_len > min(NPY_MAX_HEADER, len(data) - start):
+        raise WeightsError(f"{what}: .npy header of {header_len} bytes is too long or truncated")
+    try:
+        text = bytes(data[start : start + header_len]).decode("utf-8" if data[6] == 3 else "latin1")
+        header = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, UnicodeDecodeError):
+        raise WeightsError(f"{what}: the .npy header is not a Python literal") from None
+    if not isinstance(header, dict) or set(header) != {"descr", "fortran_order", "shape"}:
+        raise WeightsError(f"{what}: the .npy header must hold exactly descr, fortran_order and shape")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not isinstance(descr, str) or not NPY_DESCR.fullmatch(descr):
+        raise WeightsError(f"{what}: dtype {str(descr)[:40]!r} is not a plain number or string type (no objects)")
+    if not (isinstance(shape, tuple) and len(shape) <= NPY_MAX_NDIM and all(type(n) is int and n >= 0 for n in shape)):
+        raise WeightsError(f"{what}: malformed shape in the .npy header")
+    if type(fortran) is not bool:
+        raise WeightsError(f"{what}: fortran_order must be true or false")
+    try:
+        dtype = np.dtype(descr)
+    except (TypeError, ValueError):
+        raise WeightsError(f"{what}: dtype {descr!r} is not understood") from None
+    count = 1
+    for n in shape:
+        count *= n
+    offset = start + header_len
+    nbytes = count * dtype.itemsize
+    if dtype.itemsize == 0 or nbytes != len(data) - offset:
+        needs = "more than 2**64" if nbytes > 2**64 else str(nbytes)
+        raise WeightsError(f"{what}: a {len(shape)}-d shape of {descr} needs {needs} bytes, the member holds {len(data) - offset}")
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    if not flat.flags.writeable:  # a stored member comes back as bytes: copy, so that arrays are writable as np.load's are
+        flat = flat.copy()
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
-def extract_state_dict(contents: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
-    """The ResNet state dict inside a checkpoint's contents, under TorchVision's key names.
+def __getattr__(name: str):
+    # Dispatch by file type and convert moved to formats.py (which imports this module); the old
+    # imports (`from npresnet.weights import convert, read_weights`) still work, resolved lazily.
+    if name in ("read_weights", "convert", "extract_state_dict", "file_sha256", "TORCH_SUFFIXES", "SAFETENSORS_SUFFIX"):
+        from . import formats
 
-    Accepts a bare state dict or one nested under "state_dict", "model" or
-    "model_state_dict" (other entries, such as an optimizer or an epoch, are
-    ignored); strips "module.", "backbone." or "model." only when every key
-    carries it. Raises WeightsError describing what was found otherwise.
-    """
-    if _is_tensor_dict(contents):
-        state = dict(contents)
-    elif isinstance(contents, Mapping):
-        found = [k for k in NESTED_STATE_KEYS if _is_tensor_dict(contents.get(k))]
-        if len(found) > 1:
-            raise WeightsError(f"{source}: ambiguous: state dicts under both {found[0]!r} and {found[1]!r}")
-        if not found:
-            raise WeightsError(
-                f"{source}: no state dict found: a dict with entries {_describe_entries(contents)}; expected tensors "
-                f"under TorchVision's key names, at the top level or under {' or '.join(map(repr, NESTED_STATE_KEYS))}"
-            )
-        state = dict(contents[found[0]])
-    else:
-        raise WeightsError(f"{source}: no state dict found: the file holds a {type(contents).__name__}, not a dict of tensors")
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in KEY_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                stripped = True
-    if "conv1.weight" not in state:
-        sample = ", ".join(list(state)[:4])
-        raise WeightsError(
-            f"{source}: not a ResNet state dict: no key conv1.weight among {len(state)} tensors ({sample}, ...); "
-            f"a prefix is stripped only when every key carries it ({', '.join(KEY_PREFIXES)})"
-        )
-    return state
-
-
-def _is_tensor_dict(value: Any) -> bool:
-    return (
-        isinstance(value, Mapping)
-        and len(value) > 0
-        and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in value.items())
-    )
-
-
-def _describe_entries(contents: Mapping) -> str:
-    items = [f"{k!r} ({type(v).__name__})" for k, v in list(contents.items())[:8]]
-    more = f", ... ({len(contents)} in all)" if len(contents) > 8 else ""
-    return "{" + ", ".join(items) + more + "}"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def convert(
-    src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, Any] | None = None, dtype=None
-) -> dict[str, Any]:
-    """Convert a weights file (.pth, .safetensors, .npz) to .npz, .pth/.pt or .safetensors (by dst's suffix); return its metadata.
-
-    The .npz holds the validated state dict under TorchVision's key names and
-    __meta__: arch, num_classes, stem, the source's name and sha256, and for an
-    official TorchVision file its weights name, crop_size and resize_size.
-    `meta` adds or overrides facts the file cannot tell (e.g. crop_size). The write is atomic.
-    dtype="float16" stores the weights of an .npz in half the bytes (see save_npz).
-    .pth and .safetensors are for torch (``writers.py``): TorchVision's state dict,
-    num_batches_tracked included (the source's, else 0); .safetensors keeps the metadata too.
-    """
-    # Imported here: writers.py uses this module's WeightsError and atomic_write.
-    from .writers import NPZ_SUFFIX, check_suffix, write_weights
-
-    if dtype is not None and check_suffix(dst) != NPZ_SUFFIX:
-        raise WeightsError(f"{dst}: a stored dtype (--dtype) is only for .npz files")
-    check_suffix(dst)
-    state, found = read_weights(src)
-    spec = infer_spec_from_state(state, str(src))
-    num_batches_tracked = {k: v for k, v in state.items() if k.endswith(IGNORED_SUFFIXES)}
-    state = validate_state_dict(state, spec, str(src))
-    meta = {**found, **(meta or {}), "arch": spec.name, "num_classes": spec.num_classes, "stem": spec.stem}
-    meta.pop("stored_dtype", None)  # the source's own; save_npz records what this file stores
-    write_weights(dst, state, spec, meta, num_batches_tracked, dtype=dtype)
-    if dtype is not None:
-        meta["stored_dtype"] = np.dtype(dtype).name
-    return meta
-    return meta
+        return getattr(formats, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from .specs import ResNetSpec, parameter_shapes
-from .weights import IGNORED_SUFFIXES, WeightsError, atomic_write, save_npz
+from .errors import WeightsError
+from .weights import IGNORED_SUFFIXES, atomic_write, save_npz
 
 ARCHIVE_NAME = "archive"  # the folder torch.save uses inside the zip for a file object
 STORAGE_ALIGNMENT = 64  # torch.utils.serialization.config.save.storage_alignment's default

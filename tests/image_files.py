@@ -4,7 +4,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, features
 
 REPO = Path(__file__).resolve().parents[1]
 # CI keeps ../shared beside the clone; a worktree keeps it two levels up. tests/data/ always holds one photo.
@@ -19,6 +19,9 @@ def photos() -> list[Path]:
     """The sample photographs: the shared set where present, else the small copy in tests/data."""
     folder = SHARED_IMAGES or LOCAL_IMAGES
     return sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n(run by Ghostscript) print quit\n%%EOF\n"
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -47,7 +50,12 @@ def write_bad_files(folder: Path) -> dict[str, str]:
         "notes.png": (b"these are not pixels\n", "not an image"),
         "bomb.png": (png_header_only(20_000, 20_000), "decompression bomb"),
         "bomb_warning.png": (png_header_only(10_000, 10_000), "decompression bomb"),
+        "postscript.jpg": (EPS, "not an image in a format npresnet reads"),  # Pillow would hand EPS to Ghostscript
+        "claims_8000x9000.png": (png_header_only(8000, 9000), "decompression bomb"),  # 72 MB of pixels from 45 bytes
     }
+    if features.check("avif"):  # a corrupt AVIF makes Pillow's decoder raise RuntimeError
+        avif = encode(Image.new("RGB", (16, 16), (5, 5, 5)), "AVIF")
+        files["corrupt.avif"] = (avif[:-40] + b"\0" * 40, "cannot read image")
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
     return {name: words for name, (_, words) in files.items()}

@@ -245,6 +245,7 @@ def test_reader_values_are_exact(tmp_path):
             want = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
             assert got[k].shape == want.shape and got[k].dtype == want.dtype, k
             np.testing.assert_array_equal(got[k], want, err_msg=k)
+        assert got["row"] is got["same_as_row"]  # one view of one storage: read once, not copied per alias
 
 
 # --- refusals ----------------------------------------------------------------------------
@@ -537,9 +538,47 @@ def test_build_cannot_alter_the_allowlist(tmp_path, state, allowed):
     assert (repr(ALLOWED_GLOBALS[allowed]), getattr(ALLOWED_GLOBALS[allowed], "__dict__", None)) == before
 
 
-def test_zip_bomb_is_refused(tmp_path):
+def test_zip_bomb_is_refused(tmp_path, monkeypatch):
     path = tmp_path / "bomb.pth"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("archive/data.pkl", b"\0" * (20 << 20))
-    with pytest.raises(WeightsError, match=r"bomb.pth: member archive/data.pkl claims 20971520 bytes"):
+    monkeypatch.setenv("NPRESNET_MAX_LOAD_BYTES", str(1 << 20))  # the default cap (4 x 20 KB + 64 MiB) would read it
+    with pytest.raises(WeightsError, match=r"bomb.pth: member archive/data.pkl claims 20971520 bytes, more than"):
         read_torch_checkpoint(path)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_torchscript_is_refused_by_name(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(WeightsError, match=r"scripted.pt: a TorchScript archive \(torch.jit.save\), not a state dict"):
+        npresnet.load(path)
+
+
+def test_allocation_cap_and_its_override(tmp_path, monkeypatch):
+    """A legitimate file over the cap is refused naming the cap and how to raise it; the override reads it."""
+    path = tmp_path / "small.pth"
+    torch.save({"conv1.weight": torch.ones(64, 64)}, path)  # 16 KiB of tensor data
+    assert read_torch_checkpoint(path)["conv1.weight"].shape == (64, 64)
+    with pytest.raises(WeightsError, match=r"small.pth: .* past its cap of 20000 bytes.*NPRESNET_MAX_LOAD_BYTES"):
+        read_torch_checkpoint(path, max_bytes=20_000)
+    monkeypatch.setenv("NPRESNET_MAX_LOAD_BYTES", "20000")
+    with pytest.raises(WeightsError, match="past its cap of 20000 bytes"):
+        read_torch_checkpoint(path)
+    monkeypatch.setenv("NPRESNET_MAX_LOAD_BYTES", str(1 << 30))
+    assert read_torch_checkpoint(path)["conv1.weight"].sum() == 64 * 64
+
+
+def test_weights_file_type_read_from_its_content(tmp_path):
+    """A checkpoint under a suffix that says nothing is recognised by its first bytes; a text file is refused."""
+    from npresnet.formats import read_weights
+
+    sd = oracle_model(TINY).state_dict()
+    for legacy in (False, True):
+        path = tmp_path / f"model_{legacy}.weights"
+        torch.save(sd, path, _use_new_zipfile_serialization=not legacy)
+        state, meta = read_weights(path)
+        np.testing.assert_array_equal(state["fc.bias"], sd["fc.bias"].numpy())
+    (tmp_path / "notes.weights").write_text("hello")
+    with pytest.raises(WeightsError, match="notes.weights: not a valid weights file"):
+        read_weights(tmp_path / "notes.weights")

@@ -3,9 +3,9 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, features
 
-from image_files import encode, photos, png_header_only
+from image_files import EPS, encode, photos, png_header_only
 from npresnet.preprocess import IMAGENET_MEAN, IMAGENET_STD, ImageClassification, ImageError, load_image, preprocess, preset_for
 
 
@@ -268,3 +268,24 @@ def test_a_one_pixel_image_is_an_image():
     want = (1.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     np.testing.assert_allclose(got[:, 0, 0], want, rtol=1e-6)
     assert np.ptp(got, axis=(1, 2)).max() == 0
+
+
+def test_postscript_never_reaches_ghostscript(tmp_path):
+    """Pillow identifies EPS (and would run Ghostscript to decode it); npresnet opens only its allowlisted formats."""
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(EPS)
+    assert Image.open(path).format == "EPS"  # the control: unrestricted Pillow takes it
+    with pytest.raises(ImageError, match=r"photo.jpg: not an image in a format npresnet reads \(JPEG, PNG"):
+        preprocess([path])
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="Pillow without AVIF (Pillow's wheels since 11.3 have it)")
+def test_decoder_runtime_errors_are_image_errors(tmp_path):
+    """A corrupt AVIF makes Pillow's decoder raise RuntimeError; that, too, is an ImageError naming the file."""
+    avif = encode(Image.new("RGB", (16, 16)), "AVIF")
+    path = tmp_path / "corrupt.avif"
+    path.write_bytes(avif[:-40] + b"\0" * 40)
+    with pytest.raises(RuntimeError):
+        Image.open(path).load()  # the control
+    with pytest.raises(ImageError, match=r"corrupt.avif: cannot read image \(RuntimeError"):
+        preprocess([path])

@@ -117,7 +117,7 @@ def test_one_bad_photo_does_not_stop_the_others(client, model):
     response = upload(client, [("notes.png", b"not pixels"), ("red.jpg", JPEG)])
     assert response.status_code == 200
     bad, good = response.json["results"]
-    assert bad == {"file": "notes.png", "error": "notes.png: not an image PIL can read"}
+    assert bad == {"file": "notes.png", "error": "notes.png: not an image in a format npresnet reads (JPEG, PNG, WEBP, GIF, BMP, TIFF, PPM, AVIF)"}
     assert good["top"] == as_json(npresnet.classify(JPEG, model, topk=3)[0])
 
 

@@ -106,3 +106,40 @@ def test_float64_weights_stay_float64():
     state = random_state_dict(get_spec("resnet18", num_classes=4), dtype=np.float64)
     model = npresnet.resnet18(state)
     assert model.state_dict()["conv1.weight"].dtype == np.float64
+
+
+def test_text_file_named_npz_is_not_a_valid_weights_file(tmp_path):
+    path = tmp_path / "notes.npz"
+    path.write_text("my notes")
+    with pytest.raises(WeightsError, match=r"notes.npz: not a valid weights file: not a zip archive") as info:
+        npresnet.load(path)
+    assert "pickle" not in str(info.value)  # numpy's own loader suggests allow_pickle here
+
+
+def test_metadata_schema(tmp_path):
+    """What npresnet and its tools write loads back; a malformed value is refused at save and at load."""
+    state = {"conv1.weight": np.ones((2, 3), np.float32)}
+    meta = {"arch": "resnet18", "num_classes": 2, "stem": "cifar", "crop_size": 32, "resize_size": 36,
+            "classes": ["cat", "dog"], "dtype": "float16", "stored_dtype": "float16", "quantized": True,
+            "source_sha256": "0" * 64, "learning_rate": 0.01, "history": [0.5, 0.25], "note": None}
+    save_npz(tmp_path / "ok.npz", state, meta)
+    got, got_meta = load_npz(tmp_path / "ok.npz")
+    # stored_dtype says what the file holds, so save_npz writes it only with its own dtype= (tests/test_float16.py).
+    assert got_meta == {k: v for k, v in meta.items() if k != "stored_dtype"}
+    got["conv1.weight"][0, 0] = 5  # writable, as np.load's arrays are
+    for bad in ({"crop_size": "224"}, {"crop_size": 0}, {"classes": [1, 2]}, {"arch": "resnet19"}, {"quantized": 1},
+                {"extra": [[[1]]]}):
+        with pytest.raises(WeightsError, match=rf"bad.npz \(not written\): malformed __meta__: {next(iter(bad))}"):
+            save_npz(tmp_path / "bad.npz", state, bad)
+        assert not (tmp_path / "bad.npz").exists()
+    np.savez(tmp_path / "foreign.npz", a=np.zeros(1), __meta__=np.array('{"resize_size": [1]}'))
+    with pytest.raises(WeightsError, match=r"foreign.npz: malformed __meta__: resize_size must be a positive integer"):
+        npresnet.load(tmp_path / "foreign.npz")
+
+
+def test_old_imports_still_work():
+    from npresnet.formats import convert, read_weights
+    from npresnet.weights import convert as old_convert, read_weights as old_read_weights
+
+    assert (old_convert, old_read_weights) == (convert, read_weights)
+    assert npresnet.convert is convert

@@ -1,0 +1,33 @@
+"""``python -m fuzz --cases 5000 --seed 1``: the long fuzz run over every format; exits 1 on any failure."""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+
+from . import run_cases, summary
+from .cases import hostile, mutate, seeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__)
+    parser.add_argument("--cases", type=int, default=5000, help="mutated files to try, spread over the seeds (default 5000)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the mutations (default 1)")
+    parser.add_argument("--time-factor", type=float, default=5.0,
+                        help="a case is a hang after this many times its bound of 2 s/MB + 1 s (default 5)")
+    parser.add_argument("--no-hostile", action="store_true", help="skip the crafted hostile files")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+    pool = seeds()
+    cases = list(pool) + ([] if args.no_hostile else hostile())
+    cases += [mutate(pool[i % len(pool)], rng, i) for i in range(args.cases)]
+    results = run_cases(cases, args.time_factor)
+    print(summary(results))
+    print(f"seed {args.seed}, {len(pool)} seed files, {time.monotonic() - started:.0f} s")
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
