@@ -95,7 +95,7 @@ def test_a_photo_through_the_page(weights, tmp_path, browser):
         assert "Not an image" in page.locator(".result").first.locator(".status").text_content()
         page.set_input_files("#file", files=[{"name": "fake.png", "mimeType": "image/png", "buffer": b"not pixels"}])
         page.locator(".result").first.locator(".status.error").wait_for()
-        assert page.locator(".result").first.locator(".status").text_content() .startswith("fake.png: not an image in a format npresnet reads")
+        assert page.locator(".result").first.locator(".status").text_content().startswith("fake.png: not an image in a format npresnet reads")
 
         # Dropped on the page (a drop event carrying the file, as a browser makes it) rather than chosen.
         dropped = LOCAL_IMAGES / "rocket_small.jpg"
