@@ -229,12 +229,13 @@ class TrainTransform:
     stem "imagenet": RandomResizedCrop(size) -> RandomHorizontalFlip -> ToTensor -> Normalize
     (``references/classification/presets.py``, ``ClassificationPresetTrain`` without auto-augment).
     stem "cifar": images not already size x size are first resized (shorter side) and center
-    cropped to it; then RandomCrop(size, padding) -> RandomHorizontalFlip -> ToTensor -> Normalize.
+    cropped to it; then RandomCrop(size, padding) -> RandomHorizontalFlip -> ToTensor -> Normalize
+    (TorchVision's CIFAR recipe pads 4 at 32x32; the default padding keeps that share at other sizes).
     """
 
     size: int = 224
     stem: str = IMAGENET_STEM
-    padding: int = 4
+    padding: int | None = None  # RandomCrop's, for stem "cifar": default size // 8, TorchVision's 4 at 32x32
     hflip_prob: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -259,7 +260,8 @@ class TrainTransform:
             if image.size != (self.size, self.size):
                 preset = self.eval_preset
                 image = Image.fromarray(preset.resize_and_crop(image))
-            image = RandomCrop(self.size, self.padding)(image, rng)
+            padding = self.padding if self.padding is not None else max(1, self.size // 8)
+            image = RandomCrop(self.size, padding)(image, rng)
         else:
             image = RandomResizedCrop(self.size)(image, rng)
         return RandomHorizontalFlip(self.hflip_prob)(image, rng)
