@@ -27,7 +27,8 @@ from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
 from .preprocess import ImageClassification, ImageError, preset_for
 from .specs import ARCHITECTURES, CIFAR_STEM, count_macs
-from .training import EpochResult, StepInfo, TrainConfig, TrainingInterrupted, fit, resume_model
+from .datasets import train_val_folders
+from .training import EpochResult, StepInfo, TrainConfig, TrainingInterrupted, fit, output_paths, resume_model
 from .weights import WeightsError, convert, read_weights
 
 DEFAULT_ARCH = "resnet50"
@@ -343,6 +344,8 @@ class TrainReport:
 
 
 def cmd_train(args) -> int:
+    output_paths(args.output)  # the user's mistakes first, before any weights are loaded
+    folders = train_val_folders(args.data)
     if args.resume is not None:
         model = resume_model(args.resume, backend=args.backend, threads=args.threads)
     elif args.weights is None:
@@ -361,11 +364,11 @@ def cmd_train(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, momentum=args.momentum,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, freeze=args.freeze,
         backbone_lr=args.backbone_lr, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        image_size=image_size, seed=args.seed,
+        image_size=image_size, hflip=not args.no_hflip, seed=args.seed,
     )
     report = TrainReport()
     try:
-        result = fit(model, args.data, config, args.output, resume=args.resume, reporter=report, workers=args.workers)
+        result = fit(model, folders, config, args.output, resume=args.resume, reporter=report, workers=args.workers)
     except TrainingInterrupted as stopped:
         report.close()
         print(
@@ -488,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="learning rate over the run, stepped every batch: cosine (default), step (x0.1 at 1/3 and 2/3), none")
     train.add_argument("--warmup-epochs", type=int, default=0, metavar="N", help="linear warm-up first (default 0)")
     train.add_argument("--image-size", type=positive_int, metavar="PX", help="training crop (default 224; 32 for the cifar stem)")
+    train.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (for text, digits, ...)")
     train.add_argument("--seed", type=int, default=0, help="every random draw follows from it (default 0)")
     train.add_argument("--resume", metavar="CKPT", help="continue the run that wrote this OUT.ckpt.npz (same settings)")
     train.add_argument("--backend", default="auto", help="numpy, numba, cuda or auto (default)")

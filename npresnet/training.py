@@ -76,6 +76,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: int = 0
     image_size: int = 224
+    hflip: bool = True  # RandomHorizontalFlip; off where mirroring changes the class (text, digits)
     seed: int = 0
 
     def __post_init__(self):
@@ -402,7 +403,7 @@ def weights_meta(model: ResNet, classes: tuple[str, ...], transform: TrainTransf
 
 def fit(
     model: ResNet,
-    data: str | os.PathLike,
+    data: str | os.PathLike | tuple[ImageFolder, ImageFolder],
     config: TrainConfig,
     output: str | os.PathLike,
     *,
@@ -411,6 +412,8 @@ def fit(
     workers: int | None = None,
 ) -> FitResult:
     """Train `model` on DATA/train, validating on DATA/val every epoch; write OUT.npz, OUT.best.npz, OUT.ckpt.npz.
+
+    data: the DATA folder, or its (train, val) ImageFolders as train_val_folders returns them.
 
     A new head (seeded by config.seed) replaces fc when the data's class count differs from
     num_classes. With `resume`, the checkpoint's weights, optimizer, schedule and position replace
@@ -422,7 +425,7 @@ def fit(
 
     reporter = reporter or SilentReporter()
     last_path, best_path, checkpoint_path = output_paths(output)
-    train_folder, val_folder = train_val_folders(data)
+    train_folder, val_folder = data if isinstance(data, tuple) else train_val_folders(data)
     classes = train_folder.classes
     checkpoint = Checkpoint.load(resume) if resume is not None else None
     if checkpoint is not None:
@@ -441,7 +444,7 @@ def fit(
     model.freeze(config.freeze)
     model.train()
 
-    transform = TrainTransform(size=config.image_size, stem=model.spec.stem)
+    transform = TrainTransform(size=config.image_size, stem=model.spec.stem, hflip_prob=0.5 if config.hflip else 0.0)
     train_loader = BatchLoader(train_folder, transform, config.batch_size, shuffle=True, seed=config.seed, workers=workers)
     val_loader = BatchLoader(val_folder, transform.eval_preset, config.batch_size, shuffle=False, workers=workers)
     steps_per_epoch = len(train_loader)
