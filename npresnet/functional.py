@@ -4,12 +4,19 @@ This module is the specification every compiled kernel is tested against,
 and it is itself tested against ``torch.nn.functional``. Each op keeps the
 dtype of its input (float32 stays float32, float64 stays float64).
 
+Each op used in training has its gradient right after it (``conv2d_backward``,
+``batch_norm_train`` / ``batch_norm_backward``, ``relu_backward``, ...), with the
+forward's names: given the gradient of the loss with respect to an op's output,
+it returns the gradients with respect to the op's inputs and parameters. These
+are tested against torch autograd (``tests/test_grad.py``).
+
 Shape letters, used in every docstring and shape comment:
     N batch, C input channels, H x W input size,
     K output channels, R x S kernel size, P x Q output size, G groups.
 
-References: PyTorch's ``torch.nn.functional`` for semantics; CS231n's
-``layers.py`` for the im2col formulation of convolution.
+References: PyTorch's ``torch.nn.functional`` for semantics (and ATen's CPU
+kernels for batch norm's running-statistic update and max pooling's tie rule);
+CS231n's ``layers.py`` for the im2col formulation of convolution and its backward.
 """
 from __future__ import annotations
 
@@ -203,6 +210,8 @@ def batch_norm_train(
     """
     shape = (1, -1, 1, 1)
     M = x.shape[0] * x.shape[2] * x.shape[3]
+    if M < 2:
+        raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got input {x.shape} (as in torch)")
     mean = x.sum(axis=(0, 2, 3), dtype=np.float64) / M  # (C,)
     x_hat = x - mean.astype(x.dtype).reshape(shape)  # (N, C, H, W), centred
     var = np.square(x_hat).sum(axis=(0, 2, 3), dtype=np.float64) / M  # (C,), biased
@@ -213,7 +222,7 @@ def batch_norm_train(
     if running_mean is not None:
         running_mean[...] = (1 - momentum) * running_mean + momentum * mean
     if running_var is not None:
-        unbiased = var * M / max(M - 1, 1)
+        unbiased = var * M / (M - 1)
         running_var[...] = (1 - momentum) * running_var + momentum * unbiased
     return out, (x_hat, inv_std, True)
 
