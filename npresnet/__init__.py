@@ -6,12 +6,25 @@
     maps = model.features(x)                             # stem, layer1..layer4, pool
     npresnet.classify(["cat.jpg"], model, topk=5)        # per image: [Prediction(index, label, probability)]
     npresnet.embed(["cat.jpg"], model)                   # (1, 2048) pooled features
+    model.replace_head(10).train()                       # fine-tuning: see value_and_grad, SGD, AdamW
 """
 from __future__ import annotations
 
+from .autograd import value_and_grad
 from .backends import BackendUnavailable, available_backends, get_backend
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
+from .optim import (
+    SGD,
+    AdamW,
+    CosineAnnealingLR,
+    LinearLR,
+    LinearWarmup,
+    SequentialLR,
+    StepLR,
+    param_groups,
+    warmup_cosine,
+)
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
@@ -59,6 +72,16 @@ __all__ = [
     "ResNet",
     "ResNetSpec",
     "WeightsError",
+    "SGD",
+    "AdamW",
+    "CosineAnnealingLR",
+    "LinearLR",
+    "LinearWarmup",
+    "SequentialLR",
+    "StepLR",
+    "param_groups",
+    "value_and_grad",
+    "warmup_cosine",
     "available_backends",
     "build",
     "classify",
