@@ -36,8 +36,11 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
+from . import functional as F
+from .autograd import value_and_grad
 from .datasets import BatchLoader, ImageFolder, TrainTransform, train_val_folders
 from .model import ResNet
+from .optim import SGD, AdamW, LinearWarmup, Optimizer, SequentialLR, StepLR, param_groups, warmup_cosine
 from .weights import META_KEY, WeightsError, atomic_write, infer_spec_from_state, load_npz, save_npz
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -289,42 +292,31 @@ class Checkpoint:
 # --- optimizer and schedule --------------------------------------------------------------------------------------
 
 
-def make_optimizer(model: ResNet, config: TrainConfig):
-    import npresnet
-
-    groups = npresnet.param_groups(model, config.lr, backbone_lr=config.backbone_lr)
+def make_optimizer(model: ResNet, config: TrainConfig) -> Optimizer:
+    groups = param_groups(model, config.lr, backbone_lr=config.backbone_lr)
     if config.optimizer == "sgd":
-        return npresnet.SGD(groups, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    return npresnet.AdamW(groups, config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
+        return SGD(groups, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return AdamW(groups, config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay)
 
 
-def make_schedule(optimizer, config: TrainConfig, steps_per_epoch: int):
+def make_schedule(optimizer: Optimizer, config: TrainConfig, steps_per_epoch: int):
     """The learning-rate schedule, stepped once per training step; None for a constant rate."""
-    import npresnet
-
     total = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
     if config.schedule == "cosine":
-        main = npresnet.CosineAnnealingLR(optimizer, T_max=total - warmup)
-    elif config.schedule == "step":
+        return warmup_cosine(optimizer, warmup, total)
+    if config.schedule == "step":
         # Decay by 10 at a third and two thirds of the run (TorchVision's recipe: every 30 of 90 epochs).
-        main = npresnet.StepLR(optimizer, step_size=max(1, config.epochs // 3) * steps_per_epoch, gamma=0.1)
-    else:
-        main = None
-    if warmup == 0:
-        return main
-    return npresnet.LinearWarmup(optimizer, warmup_steps=warmup, then=main)
+        step_size = max(1, (total - warmup) // 3)
+        if warmup == 0:
+            return StepLR(optimizer, step_size=step_size, gamma=0.1)
+        return SequentialLR(
+            optimizer, [LinearWarmup(optimizer, warmup), StepLR(optimizer, step_size=step_size, gamma=0.1)], [warmup]
+        )
+    return LinearWarmup(optimizer, warmup) if warmup else None
 
 
 # --- evaluation --------------------------------------------------------------------------------------------------
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-sample cross-entropy (no smoothing) of (N, C) logits, in float64: logsumexp(z) - z[label]."""
-    z = np.asarray(logits, dtype=np.float64)
-    top = z.max(axis=1, keepdims=True)
-    log_sum = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]  # (N,)
-    return log_sum - z[np.arange(len(labels)), labels]
 
 
 def top_k_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -346,7 +338,7 @@ def evaluate(model: ResNet, loader: BatchLoader, reporter: Reporter, epoch: int 
             if not len(batch.labels):
                 continue
             logits = model(batch.images)  # (B, num_classes)
-            loss_sum += float(cross_entropy(logits, batch.labels).sum())
+            loss_sum += F.cross_entropy(logits, batch.labels)[0] * len(batch.labels)
             top1 += top_k_correct(logits, batch.labels, 1)
             top5 += top_k_correct(logits, batch.labels, 5)
             count += len(batch.labels)
@@ -421,8 +413,6 @@ def fit(
     Raises TrainingDiverged on a NaN or infinite loss (the last checkpoint is kept), and
     TrainingInterrupted after Ctrl-C, once a checkpoint of the current step is written.
     """
-    import npresnet
-
     reporter = reporter or SilentReporter()
     last_path, best_path, checkpoint_path = output_paths(output)
     train_folder, val_folder = data if isinstance(data, tuple) else train_val_folders(data)
@@ -479,6 +469,7 @@ def fit(
         )
 
     reported: set[str] = set()
+    lonely_noted = False
 
     def report_bad(errors: list[tuple[str, str]]) -> None:
         for path, message in errors:
@@ -496,9 +487,14 @@ def fit(
                 started = time.perf_counter() - sums["seconds"]
                 for number, batch in train_loader.epoch(epoch, first):
                     report_bad(batch.errors)
-                    if len(batch.labels):
+                    if len(batch.labels) == 1 and not lonely_noted:
+                        # torch refuses it too: batch statistics of one image at 1x1 (layer4 of a small input).
+                        lonely_noted = True
+                        reporter.note("a batch of one image is skipped (batch norm in training mode needs two; "
+                                      "a batch size that does not leave one image over avoids it)")
+                    if len(batch.labels) > 1:
                         lr = optimizer.param_groups[0]["lr"]
-                        loss, grads, logits = npresnet.value_and_grad(
+                        loss, grads, logits = value_and_grad(
                             model, batch.images, batch.labels, label_smoothing=config.label_smoothing, return_logits=True
                         )
                         if not math.isfinite(loss):

@@ -87,7 +87,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_files(tmp_path, monkeypatch):
     data = write_data(tmp_path / "data")
-    real = npresnet.value_and_grad
+    real = training.value_and_grad
     calls = []
     poison_at = [4]  # epoch 2, step 2
 
@@ -96,7 +96,7 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_files(tmp_path
         loss, grads, logits = real(model, x, labels, **options)
         return (float("nan") if len(calls) == poison_at[0] else loss), grads, logits
 
-    monkeypatch.setattr(npresnet, "value_and_grad", poisoned)  # the loss only: the loop is what is tested
+    monkeypatch.setattr(training, "value_and_grad", poisoned)  # the loss only: the loop is what is tested
     out = tmp_path / "out.npz"
     before = {}
 

@@ -16,7 +16,6 @@ from npresnet.training import (
     EpochResult,
     StepInfo,
     TrainConfig,
-    cross_entropy,
     output_paths,
     pack_tree,
     top_k_correct,
@@ -112,15 +111,14 @@ def test_output_paths():
         output_paths("runs/pets.pth")
 
 
-def test_validation_metrics_equal_torch():
+def test_top_k_correct_equals_torch_topk():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((50, 7)) * 4
     labels = rng.integers(0, 7, 50)
-    want = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="none")
-    np.testing.assert_allclose(cross_entropy(logits, labels), want.numpy(), rtol=1e-12, atol=1e-12)
     for k in (1, 5, 9):
         top = torch.from_numpy(logits).topk(min(k, 7), dim=1).indices.numpy()
-        assert top_k_correct(logits, labels, k) == int((top == labels[:, None]).any(axis=1).sum())
+        want = int((top == labels[:, None]).any(axis=1).sum())
+        assert top_k_correct(logits, labels, k) == want and 0 < want <= 50
 
 
 def test_classify_names_the_classes_a_trained_file_carries(tmp_path):
