@@ -351,7 +351,8 @@ def cmd_train(args) -> int:
     elif args.weights is None:
         arch = args.arch or "resnet18"
         print(f"npresnet: no --weights given: training {arch} from random parameters", file=sys.stderr)
-        model = build(arch, stem=args.stem, backend=args.backend, threads=args.threads)
+        classes = len(folders[0].classes)
+        model = build(arch, num_classes=classes, stem=args.stem, backend=args.backend, threads=args.threads)
     elif is_weights_name(args.weights):
         model = build(args.arch or DEFAULT_ARCH, args.weights, stem=args.stem, backend=args.backend, threads=args.threads)
     elif args.arch is None:

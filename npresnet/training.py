@@ -402,16 +402,22 @@ def fit(
     resume: str | os.PathLike | None = None,
     reporter: Reporter | None = None,
     workers: int | None = None,
+    transform: TrainTransform | None = None,
 ) -> FitResult:
     """Train `model` on DATA/train, validating on DATA/val every epoch; write OUT.npz, OUT.best.npz, OUT.ckpt.npz.
 
     data: the DATA folder, or its (train, val) ImageFolders as train_val_folders returns them.
+    transform: the training augmentation (default: TrainTransform for the model's stem at
+    config.image_size, flipping when config.hflip); validation uses its eval_preset. A transform
+    given here is not part of the checkpoint: pass the same one again to resume.
+    workers: threads decoding and augmenting images ahead of the training step.
 
     A new head (seeded by config.seed) replaces fc when the data's class count differs from
     num_classes. With `resume`, the checkpoint's weights, optimizer, schedule and position replace
     the model's and the run continues; its settings, classes and image count must match.
     Raises TrainingDiverged on a NaN or infinite loss (the last checkpoint is kept), and
     TrainingInterrupted after Ctrl-C, once a checkpoint of the current step is written.
+    A training batch left with a single image is skipped (batch norm's batch statistics need two).
     """
     reporter = reporter or SilentReporter()
     last_path, best_path, checkpoint_path = output_paths(output)
@@ -434,7 +440,8 @@ def fit(
     model.freeze(config.freeze)
     model.train()
 
-    transform = TrainTransform(size=config.image_size, stem=model.spec.stem, hflip_prob=0.5 if config.hflip else 0.0)
+    if transform is None:
+        transform = TrainTransform(size=config.image_size, stem=model.spec.stem, hflip_prob=0.5 if config.hflip else 0.0)
     train_loader = BatchLoader(train_folder, transform, config.batch_size, shuffle=True, seed=config.seed, workers=workers)
     val_loader = BatchLoader(val_folder, transform.eval_preset, config.batch_size, shuffle=False, workers=workers)
     steps_per_epoch = len(train_loader)
@@ -493,7 +500,7 @@ def fit(
                         reporter.note("a batch of one image is skipped (batch norm in training mode needs two; "
                                       "a batch size that does not leave one image over avoids it)")
                     if len(batch.labels) > 1:
-                        lr = optimizer.param_groups[0]["lr"]
+                        lr = optimizer.param_groups[-1]["lr"]  # fc's: --lr
                         loss, grads, logits = value_and_grad(
                             model, batch.images, batch.labels, label_smoothing=config.label_smoothing, return_logits=True
                         )
@@ -516,7 +523,7 @@ def fit(
                         StepInfo(
                             epoch, config.epochs, number + 1, steps_per_epoch, int(sums["images"]), len(train_folder),
                             sums["loss"] / images, sums["correct"] / images,
-                            sums["images"] / max(sums["seconds"], 1e-9), optimizer.param_groups[0]["lr"],
+                            sums["images"] / max(sums["seconds"], 1e-9), optimizer.param_groups[-1]["lr"],
                         )
                     )
                     if stop.requested and number + 1 < steps_per_epoch:
