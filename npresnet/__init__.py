@@ -28,6 +28,7 @@ from .optim import (
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
+from .training import TrainConfig, fit
 from .weights import WeightsError, convert
 
 __version__ = "0.1.0"
@@ -74,6 +75,8 @@ __all__ = [
     "WeightsError",
     "SGD",
     "AdamW",
+    "TrainConfig",
+    "fit",
     "CosineAnnealingLR",
     "LinearLR",
     "LinearWarmup",
