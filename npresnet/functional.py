@@ -55,20 +55,20 @@ def im2col(x: np.ndarray, R: int, S: int, stride: int, padding: int) -> np.ndarr
 
 
 def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
-    """The im2col patches of x laid out for one matrix product per image and group.
+    """The im2col patches of every image side by side, for one matrix product per group.
 
-    x: (N, C, H, W) -> (N, G, C/G*R*S, P*Q), contiguous (a copy, except for an
-    unstrided 1x1 convolution, whose input already is its patch matrix).
+    x: (N, C, H, W) -> (G, C/G*R*S, N*P*Q), contiguous: row (c, r, s) of group g, column
+    (n, p, q) is x_padded[n, g*C/G + c, p*stride + r, q*stride + s].
     """
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     if R == 1 and S == 1 and padding == 0:
         # A 1x1 convolution reads each pixel once: the (strided) input is already the patch matrix.
-        patches = x[:, :, ::stride, ::stride] if stride > 1 else x
+        patches = x[:, :, ::stride, ::stride]  # (N, C, P, Q)
         P, Q = patches.shape[2:]
-        return np.ascontiguousarray(patches).reshape(N, groups, C // groups, P * Q)
+        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3)).reshape(groups, C // groups, N * P * Q)
     cols = im2col(x, R, S, stride, padding)  # (N, C, R, S, P, Q)
     P, Q = cols.shape[4:]
-    return np.ascontiguousarray(cols).reshape(N, groups, C // groups * R * S, P * Q)
+    return np.ascontiguousarray(cols.transpose(1, 2, 3, 0, 4, 5)).reshape(groups, C // groups * R * S, N * P * Q)
 
 
 def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.ndarray:
@@ -89,6 +89,11 @@ def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.nd
     return out
 
 
+# conv2d and conv2d_backward take a few images at a time: one chunk's patch matrix stays
+# near 2**23 elements (32 MB in float32), whatever the batch size.
+CONV_CHUNK_ELEMENTS = 1 << 23
+
+
 def conv2d(
     x: np.ndarray,
     weight: np.ndarray,
@@ -102,8 +107,9 @@ def conv2d(
     x: (N, C, H, W); weight: (K, C/G, R, S); bias: (K,) or None.
     Returns (N, K, P, Q) with P = floor((H + 2*padding - R) / stride) + 1, Q likewise.
 
-    One matrix product per image and group: weight (G, K/G, C/G*R*S) times the
-    patch matrix (N, G, C/G*R*S, P*Q).
+    One matrix product per group: weight (G, K/G, C/G*R*S) times the patch matrix
+    (G, C/G*R*S, N*P*Q) of all images side by side (a few images at a time, so that
+    one chunk's patch matrix stays near CONV_CHUNK_ELEMENTS).
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
@@ -117,17 +123,22 @@ def conv2d(
     if P < 1 or Q < 1:
         raise ValueError(f"conv2d: input {H}x{W} is too small for a {R}x{S} kernel with padding {padding}")
     G = groups
-    cols = patch_matrix(x, R, S, stride, padding, G)  # (N, G, C/G*R*S, P*Q)
     w = weight.reshape(G, K // G, C_per_group * R * S)
-    out = np.matmul(w, cols)  # (N, G, K/G, P*Q)
-    out = out.reshape(N, K, P, Q)
+    chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
+    if chunk >= N:
+        cols = patch_matrix(x, R, S, stride, padding, G)  # (G, C/G*R*S, N*P*Q)
+        out = np.ascontiguousarray(np.matmul(w, cols).reshape(K, N, P, Q).transpose(1, 0, 2, 3))  # (N, K, P, Q)
+    else:
+        out = np.empty((N, K, P, Q), dtype=np.result_type(x, weight))
+        for n0 in range(0, N, chunk):
+            n1 = min(N, n0 + chunk)
+            cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
+            out[n0:n1] = np.matmul(w, cols).reshape(K, n1 - n0, P, Q).transpose(1, 0, 2, 3)
     if bias is not None:
         out += bias.reshape(1, K, 1, 1)
     return out
 
 
-# Images per chunk in conv2d_backward: keeps one chunk's patch matrix near 2**23 elements (32 MB in float32).
-CONV_BACKWARD_CHUNK_ELEMENTS = 1 << 23
 
 
 def conv2d_backward(
@@ -145,31 +156,30 @@ def conv2d_backward(
     x: (N, C, H, W); weight: (K, C/G, R, S).
     Returns (grad_x (N, C, H, W) or None when input_grad is False, grad_weight (K, C/G, R, S)).
 
-    The forward is out[n, g] = w[g] @ cols[n, g] (patch_matrix), so
-    grad_w[g] = sum_n grad_out[n, g] @ cols[n, g]^T and grad_cols[n, g] = w[g]^T @ grad_out[n, g],
-    which col2im adds back onto the pixels each column was read from. Images go in
-    chunks so that only one chunk's patch matrix exists at a time.
+    The forward is out[g] = w[g] @ cols[g] with the patches of all images side by side
+    (cols: (G, C/G*R*S, N*P*Q)), so grad_w[g] = grad_out[g] @ cols[g]^T, one matrix product
+    over every image and position at once, and grad_cols[g] = w[g]^T @ grad_out[g], which
+    col2im adds back onto the pixels each column was read from. Images go in chunks so that
+    only one chunk's patch matrix exists at a time.
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
     G = groups
     P, Q = grad_out.shape[2:]
-    go = grad_out.reshape(N, G, K // G, P * Q)
     w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
     grad_w = np.zeros((G, K // G, C_per_group * R * S), dtype=x.dtype)
-    product = np.empty_like(grad_w)
     grad_x = np.empty_like(x) if input_grad else None
-    chunk = max(1, CONV_BACKWARD_CHUNK_ELEMENTS // (C * R * S * P * Q))
+    chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
-        cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (n, G, C/G*R*S, P*Q)
-        for i in range(n1 - n0):
-            np.matmul(go[n0 + i], cols[i].transpose(0, 2, 1), out=product)  # (G, K/G, C/G*R*S)
-            grad_w += product
+        n = n1 - n0
+        go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
+        cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
+        grad_w += np.matmul(go, cols.transpose(0, 2, 1))  # (G, K/G, C/G*R*S)
         del cols
         if input_grad:
-            grad_cols = np.matmul(w_t, go[n0:n1])  # (n, G, C/G*R*S, P*Q)
-            grad_x[n0:n1] = col2im(grad_cols.reshape(n1 - n0, C, R, S, P, Q), H, W, stride, padding)
+            grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
+            grad_x[n0:n1] = col2im(grad_cols.transpose(3, 0, 1, 2, 4, 5), H, W, stride, padding)
     return grad_x, grad_w.reshape(weight.shape)
 
 
