@@ -21,13 +21,13 @@ from PIL import Image
 
 from . import __version__
 from .backends import BackendUnavailable
+from .datasets import train_val_folders
 from .hub import fetch, is_weights_name
 from .manifest import DEFAULT
 from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
 from .preprocess import ImageClassification, ImageError, preset_for
 from .specs import ARCHITECTURES, CIFAR_STEM, count_macs
-from .datasets import train_val_folders
 from .training import EpochResult, StepInfo, TrainConfig, TrainingInterrupted, fit, output_paths, resume_model
 from .weights import WeightsError, convert, read_weights
 
@@ -394,6 +394,7 @@ examples:
   npresnet classify --weights resnet50.npz cat.jpg    the 5 most likely ImageNet classes of a photo
   npresnet classify --weights resnet50.npz photos/ --json > answers.jsonl
   npresnet embed --weights resnet50.npz "photos/**/*.jpg" -o vectors.npz
+  npresnet train pets/ --arch resnet18 --weights IMAGENET1K_V1 --freeze layer2 -o pets.npz
 
 A weights file holds the trained parameters; without one the network is random and
 its answers mean nothing. Images are read with Pillow (JPEG, PNG, WebP, TIFF, ...)
