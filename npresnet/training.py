@@ -326,15 +326,16 @@ def top_k_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
     return int((top == labels[:, None]).any(axis=1).sum())
 
 
-def evaluate(model: ResNet, loader: BatchLoader, reporter: Reporter, epoch: int = 0) -> tuple[float, float, float]:
-    """(mean loss, top-1, top-5) over the loader's folder, in eval mode."""
+def evaluate(model: ResNet, loader: BatchLoader, reporter: Reporter | None = None) -> tuple[float, float, float]:
+    """(mean loss, top-1, top-5) over the loader's folder, in eval mode; unreadable images go to reporter.bad_image."""
     was_training = model.training
     model.eval()
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
     try:
-        for _, batch in loader.epoch(epoch):
+        for _, batch in loader.epoch(0):
             for path, message in batch.errors:
-                reporter.bad_image(path, message)
+                if reporter is not None:
+                    reporter.bad_image(path, message)
             if not len(batch.labels):
                 continue
             logits = model(batch.images)  # (B, num_classes)
@@ -475,14 +476,19 @@ def fit(
             history=[h.as_dict() for h in history],
         )
 
-    reported: set[str] = set()
-    lonely_noted = False
+    class ReportOnce:
+        """A bad file is bad every epoch: say so once."""
 
-    def report_bad(errors: list[tuple[str, str]]) -> None:
-        for path, message in errors:
-            if path not in reported:  # a bad file is bad every epoch: say so once
-                reported.add(path)
+        def __init__(self):
+            self.reported: set[str] = set()
+
+        def bad_image(self, path: str, message: str) -> None:
+            if path not in self.reported:
+                self.reported.add(path)
                 reporter.bad_image(path, message)
+
+    once = ReportOnce()
+    lonely_noted = False
 
     try:
         with _StopRequest(reporter) as stop:
@@ -493,7 +499,8 @@ def fit(
                 first = start_step if epoch == start_epoch else 0
                 started = time.perf_counter() - sums["seconds"]
                 for number, batch in train_loader.epoch(epoch, first):
-                    report_bad(batch.errors)
+                    for path, message in batch.errors:
+                        once.bad_image(path, message)
                     if len(batch.labels) == 1 and not lonely_noted:
                         # torch refuses it too: batch statistics of one image at 1x1 (layer4 of a small input).
                         lonely_noted = True
@@ -529,7 +536,7 @@ def fit(
                     if stop.requested and number + 1 < steps_per_epoch:
                         snapshot(epoch, number + 1, sums).save(checkpoint_path)
                         raise TrainingInterrupted(checkpoint_path, epoch, number + 1)
-                val_loss, top1, top5 = evaluate(model, val_loader, reporter)
+                val_loss, top1, top5 = evaluate(model, val_loader, once)
                 images = max(sums["images"], 1)
                 is_best = top1 > best_top1
                 result = EpochResult(

@@ -133,14 +133,16 @@ def run(*args):
 def test_train_command_writes_weights_that_classify_reads_with_their_class_names(tmp_path):
     data = write_data(tmp_path / "data")
     (data / "train" / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (data / "val" / "ant" / "empty.png").write_bytes(b"")
     start = tmp_path / "start.npz"
     npresnet.save(npresnet.build("resnet18", stem="cifar", num_classes=3, backend="numpy"), start)
     out = tmp_path / "runs" / "pets.npz"
     result = run("train", data, "--weights", start, "--epochs", 2, "--batch-size", 6, "--image-size", 8,
                  "--freeze", "layer2", "--backbone-lr", 0.01, "--lr", 0.05, "--optimizer", "adamw", "-o", out)
     assert result.returncode == 0, result.stderr
-    skipped = [line for line in result.stderr.splitlines() if "broken.jpg" in line]
-    assert len(skipped) == 1 and skipped[0].startswith("npresnet: warning:")  # named once, not every epoch
+    for name in ("broken.jpg", "empty.png"):
+        skipped = [line for line in result.stderr.splitlines() if name in line]
+        assert len(skipped) == 1 and skipped[0].startswith("npresnet: warning:")  # named once, not every epoch
     assert "new head" not in result.stderr  # the start weights already have 3 classes
     lines = result.stdout.splitlines()
     assert lines[0].startswith("epoch 1: train loss") and "val loss" in lines[0] and "top-5 100.0%" in lines[0]
