@@ -6,9 +6,11 @@
     maps = model.features(x)                             # stem, layer1..layer4, pool
     npresnet.classify(["cat.jpg"], model, topk=5)        # per image: [Prediction(index, label, probability)]
     npresnet.embed(["cat.jpg"], model)                   # (1, 2048) pooled features
+    model.replace_head(10).train()                       # fine-tuning: see value_and_grad, SGD, AdamW
 """
 from __future__ import annotations
 
+from .autograd import value_and_grad
 from .backends import available_backends, get_backend
 from .errors import BackendUnavailable, FetchError, ImageError, WeightsError
 from .evaluation import Evaluation, evaluate
@@ -17,9 +19,21 @@ from .formats import convert
 from .hub import fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .onnx_export import export_onnx
+from .optim import (
+    SGD,
+    AdamW,
+    CosineAnnealingLR,
+    LinearLR,
+    LinearWarmup,
+    SequentialLR,
+    StepLR,
+    param_groups,
+    warmup_cosine,
+)
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, preprocess, preset_for
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
+from .training import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -65,6 +79,18 @@ __all__ = [
     "ResNet",
     "ResNetSpec",
     "WeightsError",
+    "SGD",
+    "AdamW",
+    "TrainConfig",
+    "fit",
+    "CosineAnnealingLR",
+    "LinearLR",
+    "LinearWarmup",
+    "SequentialLR",
+    "StepLR",
+    "param_groups",
+    "value_and_grad",
+    "warmup_cosine",
     "available_backends",
     "build",
     "classify",

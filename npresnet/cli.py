@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .datasets import train_val_folders
 from .errors import BackendUnavailable, ImageError, WeightsError
 from .explain import explain, image_format, save_image
 from .formats import convert, read_weights
@@ -29,7 +31,8 @@ from .manifest import DEFAULT
 from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
 from .preprocess import IMAGE_FORMATS, ImageClassification, preset_for
-from .specs import ARCHITECTURES, count_macs
+from .specs import ARCHITECTURES, CIFAR_STEM, count_macs
+from .training import EpochResult, StepInfo, TrainConfig, TrainingInterrupted, fit, output_paths, resume_model
 
 DEFAULT_ARCH = "resnet50"
 GLOB_CHARACTERS = "*?["
@@ -77,21 +80,26 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
 
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal and there is more than one image."""
+    """A one-line progress bar on stderr, drawn only when stderr is a terminal and there is more than one item.
 
-    def __init__(self, total: int, stream=None, width: int = 30):
+    `prefix` goes before the bar (e.g. "epoch 2/5 "), `status` after the count (e.g. "  loss 0.41").
+    """
+
+    def __init__(self, total: int, stream=None, width: int = 30, unit: str = "images", prefix: str = ""):
         self.stream = stream or sys.stderr
         self.total = total
         self.done = 0
         self.width = width
+        self.unit = unit
+        self.prefix = prefix
         self.enabled = total > 1 and self.stream.isatty()
 
-    def advance(self, count: int = 1) -> None:
+    def advance(self, count: int = 1, status: str = "") -> None:
         self.done += count
         if self.enabled:
-            filled = self.width * self.done // self.total
+            filled = self.width * min(self.done, self.total) // self.total
             bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {self.done}/{self.total} images")
+            self.stream.write(f"\r{self.prefix}[{bar}] {self.done}/{self.total} {self.unit}{status}")
             self.stream.flush()
 
     def clear(self) -> None:
@@ -292,6 +300,95 @@ def cmd_info(args) -> int:
     return 0
 
 
+class TrainReport:
+    """What `npresnet train` shows: a bar per epoch on a terminal (a plain line a minute when piped),
+    a line per epoch on stdout, notes and skipped images on stderr. fit's Reporter."""
+
+    PLAIN_INTERVAL_S = 60.0
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.progress = Progress(0, self.stream)
+        self.last_plain = time.monotonic()
+
+    def note(self, message: str) -> None:
+        self.progress.message(f"npresnet: {message}")
+
+    def bad_image(self, path: str, message: str) -> None:
+        self.progress.message(f"npresnet: warning: skipped (and will skip) {message}")
+
+    def step(self, info: StepInfo) -> None:
+        status = (
+            f"  loss {info.loss:.4f}  acc {info.accuracy:.1%}  {info.images_per_second:.1f} images/s  lr {info.lr:.3g}"
+        )
+        prefix = f"epoch {info.epoch + 1}/{info.epochs} "
+        if self.progress.prefix != prefix:
+            self.progress.close()
+            self.progress = Progress(info.steps, self.stream, unit="steps", prefix=prefix)
+            self.progress.done = info.step - 1  # a resumed epoch starts part way
+        self.progress.advance(1, status)
+        if not self.progress.enabled and time.monotonic() - self.last_plain >= self.PLAIN_INTERVAL_S:
+            self.last_plain = time.monotonic()
+            print(f"{prefix}step {info.step}/{info.steps}{status}", file=self.stream, flush=True)
+
+    def epoch(self, result: EpochResult) -> None:
+        self.progress.close()
+        self.progress = Progress(0, self.stream)
+        print(
+            f"epoch {result.epoch + 1}: train loss {result.train_loss:.4f} acc {result.train_accuracy:.1%} "
+            f"({result.train_images} images, {result.images_per_second:.1f}/s, {result.seconds:.1f} s)  "
+            f"val loss {result.val_loss:.4f} top-1 {result.val_top1:.1%} top-5 {result.val_top5:.1%}"
+            + ("  (best so far)" if result.best else ""),
+            flush=True,
+        )
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def cmd_train(args) -> int:
+    output_paths(args.output)  # the user's mistakes first, before any weights are loaded
+    folders = train_val_folders(args.data)
+    if args.resume is not None:
+        model = resume_model(args.resume, backend=args.backend, threads=args.threads)
+    elif args.weights is None:
+        arch = args.arch or "resnet18"
+        print(f"npresnet: no --weights given: training {arch} from random parameters", file=sys.stderr)
+        classes = len(folders[0].classes)
+        model = build(arch, num_classes=classes, stem=args.stem, backend=args.backend, threads=args.threads)
+    elif is_weights_name(args.weights):
+        model = build(args.arch or DEFAULT_ARCH, args.weights, stem=args.stem, backend=args.backend, threads=args.threads)
+    elif args.arch is None:
+        model = load(args.weights, backend=args.backend, threads=args.threads)
+    else:
+        model = build(args.arch, args.weights, stem=args.stem, backend=args.backend, threads=args.threads)
+    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "sgd" else 0.001)
+    image_size = args.image_size or (32 if model.spec.stem == CIFAR_STEM else 224)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=lr, optimizer=args.optimizer, momentum=args.momentum,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, freeze=args.freeze,
+        backbone_lr=args.backbone_lr, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        image_size=image_size, hflip=not args.no_hflip, seed=args.seed,
+    )
+    report = TrainReport()
+    try:
+        result = fit(model, folders, config, args.output, resume=args.resume, reporter=report, workers=args.workers)
+    except TrainingInterrupted as stopped:
+        report.close()
+        print(
+            f"npresnet: interrupted at epoch {stopped.epoch + 1}, step {stopped.step}: checkpoint written to "
+            f"{stopped.checkpoint}; run the same command with --resume {stopped.checkpoint} to continue",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        report.close()
+    best = max(result.history, key=lambda h: h.val_top1)
+    print(f"wrote {result.output} (last epoch), {result.best} (epoch {best.epoch + 1}, val top-1 {best.val_top1:.1%}), "
+          f"{result.checkpoint} (resumable)")
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------------------------
 
 EXAMPLES = """\
@@ -300,6 +397,7 @@ examples:
   npresnet classify --weights resnet50.npz cat.jpg    the 5 most likely ImageNet classes of a photo
   npresnet classify --weights resnet50.npz photos/ --json > answers.jsonl
   npresnet embed --weights resnet50.npz "photos/**/*.jpg" -o vectors.npz
+  npresnet train pets/ --arch resnet18 --weights IMAGENET1K_V1 --freeze layer2 -o pets.npz
 
 A weights file holds the trained parameters; without one the network is random and
 its answers mean nothing. Images are read with Pillow (JPEG, PNG, WebP, TIFF, ...)
@@ -614,6 +712,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(serve_)
     serve_.set_defaults(run=cmd_serve)
+    train = commands.add_parser(
+        "train",
+        help="fine-tune on your own images: DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg",
+        description="Fine-tune (or train) a ResNet on an ImageFolder tree, validating every epoch. Writes OUT.npz "
+        "(last weights, with your class names), OUT.best.npz (best validation top-1) and OUT.ckpt.npz (resumable: "
+        "Ctrl-C writes it too; continue with --resume).",
+    )
+    train.add_argument("data", metavar="DATA", help="a folder holding train/<class>/ and val/<class>/ image folders")
+    train.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="the weights file to write")
+    train.add_argument("--arch", choices=list(ARCHITECTURES), metavar="ARCH", help="architecture (default: from --weights, else resnet18)")
+    train.add_argument("--weights", metavar="WEIGHTS", help="weights to start from (a file, or DEFAULT / IMAGENET1K_V1 / IMAGENET1K_V2); without it, random")
+    train.add_argument("--stem", choices=["imagenet", "cifar"], help="cifar: 3x3 stride-1 conv1 and no max pool, for small images (without --weights)")
+    train.add_argument("--epochs", type=positive_int, default=10, metavar="N", help="default 10")
+    train.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="default 32")
+    train.add_argument("--lr", type=float, metavar="LR", help="learning rate of fc (default 0.01 for sgd, 0.001 for adamw)")
+    train.add_argument("--backbone-lr", type=float, metavar="LR", help="learning rate below fc (default: --lr)")
+    train.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, AdamW beta1 (default 0.9)")
+    train.add_argument("--weight-decay", type=float, default=0.0, metavar="WD", help="default 0")
+    train.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS", help="default 0")
+    train.add_argument("--freeze", choices=["stem", "layer1", "layer2", "layer3", "layer4"], metavar="STAGE",
+                       help="keep the stem through STAGE (stem, layer1..layer4) as they are; their batch norms stay in eval mode")
+    train.add_argument("--schedule", choices=["cosine", "step", "none"], default="cosine",
+                       help="learning rate over the run, stepped every batch: cosine (default), step (x0.1 at 1/3 and 2/3), none")
+    train.add_argument("--warmup-epochs", type=int, default=0, metavar="N", help="linear warm-up first (default 0)")
+    train.add_argument("--image-size", type=positive_int, metavar="PX", help="training crop (default 224; 32 for the cifar stem)")
+    train.add_argument("--no-hflip", action="store_true", help="no random horizontal flips (for text, digits, ...)")
+    train.add_argument("--seed", type=int, default=0, help="every random draw follows from it (default 0)")
+    train.add_argument("--resume", metavar="CKPT", help="continue the run that wrote this OUT.ckpt.npz (same settings)")
+    train.add_argument("--backend", default="auto", help="numpy, numba, cuda or auto (default)")
+    train.add_argument("--threads", type=int, metavar="N", help="CPU threads for the compiled backends")
+    train.add_argument("--workers", type=positive_int, metavar="N", help="threads decoding images ahead of training (default: up to 4)")
+    train.set_defaults(run=cmd_train)
     return parser
 
 

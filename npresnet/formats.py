@@ -22,7 +22,7 @@ from .archive import open_zip
 from .checkpoint import read_safetensors, read_torch_checkpoint
 from .errors import WeightsError
 from .manifest import entry_for_sha256
-from .weights import IGNORED_SUFFIXES, infer_spec_from_state, load_npz, save_npz, validate_state_dict
+from .weights import IGNORED_SUFFIXES, infer_spec_from_state, load_npz, validate_state_dict
 from .writers import check_suffix, write_weights
 
 NPZ_SUFFIX = ".npz"

@@ -4,12 +4,19 @@ This module is the specification every compiled kernel is tested against,
 and it is itself tested against ``torch.nn.functional``. Each op keeps the
 dtype of its input (float32 stays float32, float64 stays float64).
 
+Each op used in training has its gradient right after it (``conv2d_backward``,
+``batch_norm_train`` / ``batch_norm_backward``, ``relu_backward``, ...), with the
+forward's names: given the gradient of the loss with respect to an op's output,
+it returns the gradients with respect to the op's inputs and parameters. These
+are tested against torch autograd (``tests/test_grad.py``).
+
 Shape letters, used in every docstring and shape comment:
     N batch, C input channels, H x W input size,
     K output channels, R x S kernel size, P x Q output size, G groups.
 
-References: PyTorch's ``torch.nn.functional`` for semantics; CS231n's
-``layers.py`` for the im2col formulation of convolution.
+References: PyTorch's ``torch.nn.functional`` for semantics (and ATen's CPU
+kernels for batch norm's running-statistic update and max pooling's tie rule);
+CS231n's ``layers.py`` for the im2col formulation of convolution and its backward.
 """
 from __future__ import annotations
 
@@ -47,6 +54,46 @@ def im2col(x: np.ndarray, R: int, S: int, stride: int, padding: int) -> np.ndarr
     )
 
 
+def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
+    """The im2col patches of every image side by side, for one matrix product per group.
+
+    x: (N, C, H, W) -> (G, C/G*R*S, N*P*Q), contiguous: row (c, r, s) of group g, column
+    (n, p, q) is x_padded[n, g*C/G + c, p*stride + r, q*stride + s].
+    """
+    N, C = x.shape[:2]
+    if R == 1 and S == 1 and padding == 0:
+        # A 1x1 convolution reads each pixel once: the (strided) input is already the patch matrix.
+        patches = x[:, :, ::stride, ::stride]  # (N, C, P, Q)
+        P, Q = patches.shape[2:]
+        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3)).reshape(groups, C // groups, N * P * Q)
+    cols = im2col(x, R, S, stride, padding)  # (N, C, R, S, P, Q)
+    P, Q = cols.shape[4:]
+    return np.ascontiguousarray(cols.transpose(1, 2, 3, 0, 4, 5)).reshape(groups, C // groups * R * S, N * P * Q)
+
+
+def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.ndarray:
+    """The adjoint of im2col: add every patch column back onto the input position it was read from.
+
+    cols: (N, C, R, S, P, Q) -> (N, C, H, W). One strided addition per kernel offset
+    (r, s): within one offset, distinct output positions read distinct input pixels.
+    """
+    N, C, R, S, P, Q = cols.shape
+    if R == 1 and S == 1 and padding == 0 and stride == 1:
+        return np.ascontiguousarray(cols.reshape(N, C, H, W))
+    out = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
+    for r in range(R):
+        for s in range(S):
+            out[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride] += cols[:, :, r, s]
+    if padding:
+        out = np.ascontiguousarray(out[:, :, padding : padding + H, padding : padding + W])
+    return out
+
+
+# conv2d and conv2d_backward take a few images at a time: one chunk's patch matrix stays
+# near 2**23 elements (32 MB in float32), whatever the batch size.
+CONV_CHUNK_ELEMENTS = 1 << 23
+
+
 def conv2d(
     x: np.ndarray,
     weight: np.ndarray,
@@ -60,8 +107,9 @@ def conv2d(
     x: (N, C, H, W); weight: (K, C/G, R, S); bias: (K,) or None.
     Returns (N, K, P, Q) with P = floor((H + 2*padding - R) / stride) + 1, Q likewise.
 
-    One matrix product per image and group: weight (G, K/G, C/G*R*S) times the
-    patch matrix (N, G, C/G*R*S, P*Q).
+    One matrix product per group: weight (G, K/G, C/G*R*S) times the patch matrix
+    (G, C/G*R*S, N*P*Q) of all images side by side (a few images at a time, so that
+    one chunk's patch matrix stays near CONV_CHUNK_ELEMENTS).
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
@@ -75,18 +123,64 @@ def conv2d(
     if P < 1 or Q < 1:
         raise ValueError(f"conv2d: input {H}x{W} is too small for a {R}x{S} kernel with padding {padding}")
     G = groups
-    if R == 1 and S == 1 and padding == 0:
-        # A 1x1 convolution reads each pixel once: the (strided) input is already the patch matrix.
-        patches = x[:, :, ::stride, ::stride] if stride > 1 else x
-        cols = np.ascontiguousarray(patches).reshape(N, G, C_per_group, P * Q)
-    else:
-        cols = im2col(x, R, S, stride, padding).reshape(N, G, C_per_group * R * S, P * Q)
     w = weight.reshape(G, K // G, C_per_group * R * S)
-    out = np.matmul(w, cols)  # (N, G, K/G, P*Q)
-    out = out.reshape(N, K, P, Q)
+    chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
+    if chunk >= N:
+        cols = patch_matrix(x, R, S, stride, padding, G)  # (G, C/G*R*S, N*P*Q)
+        out = np.ascontiguousarray(np.matmul(w, cols).reshape(K, N, P, Q).transpose(1, 0, 2, 3))  # (N, K, P, Q)
+    else:
+        out = np.empty((N, K, P, Q), dtype=np.result_type(x, weight))
+        for n0 in range(0, N, chunk):
+            n1 = min(N, n0 + chunk)
+            cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
+            out[n0:n1] = np.matmul(w, cols).reshape(K, n1 - n0, P, Q).transpose(1, 0, 2, 3)
     if bias is not None:
         out += bias.reshape(1, K, 1, 1)
     return out
+
+
+
+
+def conv2d_backward(
+    grad_out: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    input_grad: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Gradients of conv2d (no bias) with respect to its input and its weight.
+
+    grad_out: (N, K, P, Q), the gradient of the loss with respect to conv2d(x, weight);
+    x: (N, C, H, W); weight: (K, C/G, R, S).
+    Returns (grad_x (N, C, H, W) or None when input_grad is False, grad_weight (K, C/G, R, S)).
+
+    The forward is out[g] = w[g] @ cols[g] with the patches of all images side by side
+    (cols: (G, C/G*R*S, N*P*Q)), so grad_w[g] = grad_out[g] @ cols[g]^T, one matrix product
+    over every image and position at once, and grad_cols[g] = w[g]^T @ grad_out[g], which
+    col2im adds back onto the pixels each column was read from. Images go in chunks so that
+    only one chunk's patch matrix exists at a time.
+    """
+    N, C, H, W = x.shape
+    K, C_per_group, R, S = weight.shape
+    G = groups
+    P, Q = grad_out.shape[2:]
+    w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
+    grad_w = np.zeros((G, K // G, C_per_group * R * S), dtype=x.dtype)
+    grad_x = np.empty_like(x) if input_grad else None
+    chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        n = n1 - n0
+        go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
+        cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
+        grad_w += np.matmul(go, cols.transpose(0, 2, 1))  # (G, K/G, C/G*R*S)
+        del cols
+        if input_grad:
+            grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
+            grad_x[n0:n1] = col2im(grad_cols.transpose(3, 0, 1, 2, 4, 5), H, W, stride, padding)
+    return grad_x, grad_w.reshape(weight.shape)
 
 
 def batch_norm(
@@ -104,6 +198,93 @@ def batch_norm(
     shape = (1, -1, 1, 1)
     inv_std = 1.0 / np.sqrt(running_var + eps)
     return (x - running_mean.reshape(shape)) * (inv_std * weight).reshape(shape) + bias.reshape(shape)
+
+
+def batch_norm_train(
+    x: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    momentum: float = 0.1,
+    eps: float = BN_EPS,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, bool]]:
+    """Batch norm in training mode, as ``torch.nn.functional.batch_norm(training=True)``.
+
+    x: (N, C, H, W); the parameters: (C,). Normalises with the batch's own mean and
+    biased variance over (N, H, W), then updates running_mean and running_var in place
+    (when given): running = (1 - momentum) * running + momentum * batch statistic, with
+    the unbiased variance (times M / (M - 1), M = N*H*W), as torch does.
+    Returns (out (N, C, H, W), saved) where saved = (x_hat, inv_std, True) is what
+    batch_norm_backward needs. Statistics are summed in float64.
+    """
+    shape = (1, -1, 1, 1)
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    if M < 2:
+        raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got input {x.shape} (as in torch)")
+    mean = x.sum(axis=(0, 2, 3), dtype=np.float64) / M  # (C,)
+    x_hat = x - mean.astype(x.dtype).reshape(shape)  # (N, C, H, W), centred
+    var = np.square(x_hat).sum(axis=(0, 2, 3), dtype=np.float64) / M  # (C,), biased
+    inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+    x_hat *= inv_std.reshape(shape)
+    out = x_hat * weight.astype(x.dtype).reshape(shape)
+    out += bias.astype(x.dtype).reshape(shape)
+    if running_mean is not None:
+        running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+    if running_var is not None:
+        unbiased = var * M / (M - 1)
+        running_var[...] = (1 - momentum) * running_var + momentum * unbiased
+    return out, (x_hat, inv_std, True)
+
+
+def batch_norm_eval(
+    x: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    eps: float = BN_EPS,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, bool]]:
+    """Batch norm in inference mode (as ``batch_norm``), keeping what its backward needs.
+
+    x: (N, C, H, W) -> (out (N, C, H, W), saved = (x_hat, inv_std, False)).
+    """
+    shape = (1, -1, 1, 1)
+    inv_std = (1.0 / np.sqrt(running_var.astype(np.float64) + eps)).astype(x.dtype)
+    x_hat = x - running_mean.astype(x.dtype).reshape(shape)
+    x_hat *= inv_std.reshape(shape)
+    out = x_hat * weight.astype(x.dtype).reshape(shape)
+    out += bias.astype(x.dtype).reshape(shape)
+    return out, (x_hat, inv_std, False)
+
+
+def batch_norm_backward(
+    grad_out: np.ndarray, saved: tuple[np.ndarray, np.ndarray, bool], weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of batch_norm_train or batch_norm_eval: (grad_x, grad_weight, grad_bias).
+
+    grad_out: (N, C, H, W); saved: the forward's (x_hat, inv_std, training); weight: (C,).
+    With out = x_hat * weight + bias: grad_bias = sum(grad_out), grad_weight = sum(grad_out * x_hat)
+    over (N, H, W). In inference mode x_hat is affine in x: grad_x = grad_out * weight * inv_std.
+    In training mode the batch mean and variance depend on x too, which subtracts the
+    gradient's projection on the constant and on x_hat:
+    grad_x = weight * inv_std * (grad_out - mean(grad_out) - x_hat * mean(grad_out * x_hat)).
+    """
+    x_hat, inv_std, training = saved
+    shape = (1, -1, 1, 1)
+    dtype = grad_out.dtype
+    M = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
+    grad_bias = grad_out.sum(axis=(0, 2, 3), dtype=np.float64)  # (C,)
+    grad_weight = np.einsum("nchw,nchw->c", grad_out, x_hat, dtype=np.float64)  # (C,)
+    scale = (weight.astype(np.float64) * inv_std).astype(dtype).reshape(shape)
+    if training:
+        grad_x = x_hat * (-grad_weight / M).astype(dtype).reshape(shape)
+        grad_x += grad_out
+        grad_x -= (grad_bias / M).astype(dtype).reshape(shape)
+        grad_x *= scale
+    else:
+        grad_x = grad_out * scale
+    return grad_x, grad_weight.astype(dtype), grad_bias.astype(dtype)
 
 
 def fold_batch_norm(
@@ -132,6 +313,16 @@ def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return np.maximum(x, 0, out=out)
 
 
+def relu_backward(grad_out: np.ndarray, out: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Gradient of relu given its output: grad_out where out > 0, else 0 (torch's threshold_backward).
+
+    grad_out, out: same shape. inplace=True overwrites grad_out.
+    """
+    grad = grad_out if inplace else grad_out.copy()
+    np.copyto(grad, 0, where=~(out > 0))
+    return grad
+
+
 def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> np.ndarray:
     """Max pooling, as ``torch.nn.functional.max_pool2d`` (floor mode).
 
@@ -154,6 +345,41 @@ def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: in
     return out
 
 
+def max_pool2d_backward(
+    grad_out: np.ndarray, x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1
+) -> np.ndarray:
+    """Gradient of max_pool2d: each output's gradient goes to the one input torch picks.
+
+    grad_out: (N, C, P, Q); x: the forward's input (N, C, H, W). Returns (N, C, H, W).
+    torch scans a window row by row, skipping padding, and moves to an element only
+    if it is greater than the current maximum (or NaN): among tied maxima the first
+    in scan order wins, and so it does here.
+    """
+    N, C, H, W = x.shape
+    P, Q = grad_out.shape[2:]
+    k = kernel_size
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
+    rows = np.arange(P) * stride - padding  # first input row of each window
+    cols = np.arange(Q) * stride - padding
+    best = np.full((N, C, P, Q), -np.inf, dtype=x.dtype)
+    best_offset = np.full((N, C, P, Q), -1, dtype=np.int16)  # r * k + s of the chosen element; -1: none yet
+    for r in range(k):
+        for s in range(k):
+            window = padded[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride]
+            inside = ((rows + r >= 0) & (rows + r < H))[:, None] & ((cols + s >= 0) & (cols + s < W))[None, :]  # (P, Q)
+            # Any valid element is taken over "none yet" (torch starts at the window's first valid element).
+            take = ((window > best) | np.isnan(window) | (best_offset < 0)) & inside
+            np.copyto(best, window, where=take)
+            best_offset[take] = r * k + s
+    grad_padded = np.zeros(padded.shape, dtype=grad_out.dtype)
+    for r in range(k):
+        for s in range(k):
+            grad_padded[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride] += np.where(
+                best_offset == r * k + s, grad_out, 0
+            )
+    return np.ascontiguousarray(grad_padded[:, :, padding : padding + H, padding : padding + W])
+
+
 def adaptive_avg_pool2d(x: np.ndarray, output_size: int | tuple[int, int] = 1) -> np.ndarray:
     """Adaptive average pooling, as ``torch.nn.functional.adaptive_avg_pool2d``.
 
@@ -173,6 +399,24 @@ def adaptive_avg_pool2d(x: np.ndarray, output_size: int | tuple[int, int] = 1) -
     return out
 
 
+def adaptive_avg_pool2d_backward(grad_out: np.ndarray, input_shape: tuple[int, int, int, int]) -> np.ndarray:
+    """Gradient of adaptive_avg_pool2d: each output's gradient spread evenly over the cells it averaged.
+
+    grad_out: (N, C, P, Q); input_shape: (N, C, H, W). Returns (N, C, H, W).
+    """
+    N, C, H, W = input_shape
+    P, Q = grad_out.shape[2:]
+    if (P, Q) == (1, 1):
+        return np.broadcast_to(grad_out / (H * W), (N, C, H, W)).copy()
+    grad = np.zeros((N, C, H, W), dtype=grad_out.dtype)
+    for i in range(P):
+        h0, h1 = (i * H) // P, math.ceil((i + 1) * H / P)
+        for j in range(Q):
+            w0, w1 = (j * W) // Q, math.ceil((j + 1) * W / Q)
+            grad[:, :, h0:h1, w0:w1] += (grad_out[:, :, i, j] / ((h1 - h0) * (w1 - w0)))[:, :, None, None]
+    return grad
+
+
 def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """x @ weight.T + bias, as ``torch.nn.functional.linear``.
 
@@ -182,3 +426,40 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) ->
     if bias is not None:
         out += bias
     return out
+
+
+def linear_backward(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of linear: (grad_x (N, C), grad_weight (K, C), grad_bias (K,)).
+
+    grad_out: (N, K); x: (N, C); weight: (K, C).
+    """
+    return grad_out @ weight, grad_out.T @ x, grad_out.sum(axis=0)
+
+
+def cross_entropy(
+    logits: np.ndarray, labels: np.ndarray, label_smoothing: float = 0.0
+) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy and its gradient, as ``torch.nn.functional.cross_entropy`` (mean reduction).
+
+    logits: (N, K); labels: (N,) class indices. With label smoothing eps, each sample's
+    loss is (1 - eps) * -log p[label] + eps * mean over classes of -log p, torch's definition
+    (the target is (1 - eps) * one_hot + eps / K). Returns (loss as a float, grad_logits (N, K)):
+    grad = (softmax(logits) - target) / N. Computed in float64, the gradient returned in
+    the logits' dtype.
+    """
+    N, K = logits.shape
+    labels = np.asarray(labels)
+    if labels.shape != (N,) or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be {N} integer class indices, got shape {labels.shape} dtype {labels.dtype}")
+    if N and (labels.min() < 0 or labels.max() >= K):
+        raise ValueError(f"labels must lie in [0, {K}), got values from {labels.min()} to {labels.max()}")
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # (N, K)
+    target = np.full((N, K), label_smoothing / K)
+    target[np.arange(N), labels] += 1.0 - label_smoothing
+    loss = float(-(target * log_p).sum() / N)
+    grad = (np.exp(log_p) - target) / N
+    return loss, grad.astype(logits.dtype)

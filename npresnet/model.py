@@ -4,7 +4,13 @@ The network's structure comes from a ``ResNetSpec`` (``specs.py``); its
 parameters are a state dict under TorchVision's key names (``weights.py``).
 At first use in a dtype, every conv + batch norm pair is folded into one
 convolution with a bias and handed to the backend to prepare; the forward
-pass then calls only the backend's ops (``backends.py``).
+pass then calls only the backend's ops (``backends.py``). Anything that changes
+parameters or running statistics in place (an optimizer step, a training-mode
+pass) calls ``invalidate`` so that the next forward folds them afresh.
+
+Training (``autograd.py``) runs its own unfolded forward and backward over the
+same specs; the model holds the training state torch's modules hold: the mode
+(``train``/``eval``), the frozen stages and each batch norm's num_batches_tracked.
 
 Reference: TorchVision ``models/resnet.py`` (``BasicBlock``, ``Bottleneck``,
 ``ResNet._forward_impl``), whose outputs these match.
@@ -22,12 +28,16 @@ from .backends import Backend, FoldedConv, get_backend
 from .hub import fetch, is_weights_name
 from .specs import (
     IMAGENET_STEM,
+    STAGES,
     ConvSpec,
     ResNetSpec,
+    all_convs,
     block_convs,
     count_params,
     get_spec,
+    is_parameter,
     parameter_shapes,
+    stage_of,
     stem_conv,
 )
 from .errors import WeightsError
@@ -103,10 +113,19 @@ class ResNet:
         self.spec = spec
         if state_dict is None:
             state_dict = random_state_dict(spec)
-        self._state = validate_state_dict(state_dict, spec, source)
+        # Own, writeable copies: training updates them in place, and the caller's arrays must not change.
+        self._state = {k: np.array(v) for k, v in validate_state_dict(state_dict, spec, source).items()}
+        # bn prefix -> batches seen in training mode (torch's num_batches_tracked), kept from the weights if present.
+        self._num_batches_tracked = {c.bn: 0 for c in all_convs(spec)}
+        for bn in self._num_batches_tracked:
+            count = state_dict.get(f"{bn}.num_batches_tracked")
+            if count is not None and np.size(count) == 1:
+                self._num_batches_tracked[bn] = int(np.asarray(count).reshape(()))
         self.meta = dict(meta or {})
         self.backend = get_backend(backend, threads)
         self._prepared: dict[np.dtype, PreparedNet] = {}
+        self.training = False
+        self._frozen: str | None = None
 
     # --- construction -------------------------------------------------------------------
 
@@ -133,8 +152,82 @@ class ResNet:
         return count_params(self.spec)
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """A copy of the parameters under TorchVision's key names (unfolded)."""
-        return {k: v.copy() for k, v in self._state.items()}
+        """A copy of the parameters under TorchVision's key names (unfolded), in torch's order,
+        with each batch norm's num_batches_tracked (an int64 scalar) as torch saves it."""
+        state = {}
+        for k, v in self._state.items():
+            state[k] = v.copy()
+            if k.endswith(".running_var"):
+                bn = k[: -len(".running_var")]
+                state[f"{bn}.num_batches_tracked"] = np.array(self._num_batches_tracked[bn], dtype=np.int64)
+        return state
+
+    def parameters(self, trainable: bool = True) -> dict[str, np.ndarray]:
+        """The learnable parameters by name (torch's named_parameters), the live arrays, not copies.
+
+        trainable=True leaves out the frozen stages. Whoever changes them in place calls invalidate().
+        """
+        return {
+            k: v
+            for k, v in self._state.items()
+            if is_parameter(k) and not (trainable and self.is_frozen(stage_of(k)))
+        }
+
+    def invalidate(self) -> None:
+        """Forget the folded, prepared copies: parameters or running statistics changed in place."""
+        self._prepared.clear()
+
+    # --- training state ------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> "ResNet":
+        """Training mode: batch norm normalises with batch statistics and updates its running ones
+        (in npresnet.value_and_grad); frozen stages stay in inference mode. Returns the model."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "ResNet":
+        """Inference mode (the default): batch norm uses its running statistics. Returns the model."""
+        return self.train(False)
+
+    @property
+    def frozen(self) -> str | None:
+        """The last frozen stage ("stem", "layer1".."layer4"), or None when everything trains."""
+        return self._frozen
+
+    def freeze(self, stage: str | None) -> "ResNet":
+        """Freeze the network from the stem up to and including `stage`; None unfreezes everything.
+
+        Frozen stages get no gradient (none is computed below the first trainable stage) and
+        their batch norms stay in inference mode, running statistics untouched, even after
+        train(), as torch does with requires_grad=False and those modules in eval(). Returns the model.
+        """
+        if stage is not None and stage not in STAGES:
+            raise ValueError(f"cannot freeze {stage!r}: the stages are None, {', '.join(map(repr, STAGES))}")
+        self._frozen = stage
+        return self
+
+    def is_frozen(self, stage: str) -> bool:
+        """Whether `stage` ("stem", "layer1".."layer4", "fc") is frozen."""
+        if self._frozen is None or stage == "fc":
+            return False
+        return STAGES.index(stage) <= STAGES.index(self._frozen)
+
+    def replace_head(self, num_classes: int, seed: int = 0) -> "ResNet":
+        """A new fc for `num_classes` classes, initialised as TorchVision's nn.Linear:
+        weight and bias uniform in +-1/sqrt(in_features) (kaiming_uniform with a=sqrt(5)).
+        Seeded (NumPy's default_rng(seed)); in the dtype of the old head. Returns the model."""
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes must be positive, not {num_classes}")
+        num_classes = int(num_classes)
+        rng = np.random.default_rng(seed)
+        fan_in = self.spec.num_features
+        bound = 1.0 / np.sqrt(fan_in)
+        dtype = self._state["fc.weight"].dtype
+        self._state["fc.weight"] = rng.uniform(-bound, bound, size=(num_classes, fan_in)).astype(dtype)
+        self._state["fc.bias"] = rng.uniform(-bound, bound, size=num_classes).astype(dtype)
+        self.spec = self.spec.replace(num_classes=num_classes)
+        self.invalidate()
+        return self
 
     def __repr__(self) -> str:
         return (
@@ -178,6 +271,19 @@ class ResNet:
             features["pool"] = ops.to_numpy(pooled)
             return features
         return ops.to_numpy(ops.linear(pooled, net.fc))  # (N, num_classes)
+
+    def _forward_frozen(self, x: np.ndarray, stage: str) -> np.ndarray:
+        """The inference-mode forward pass from the input through `stage` (a frozen prefix), on this
+        model's backend with batch norms folded: nothing of it is needed for a backward pass."""
+        ops = self.backend
+        net = self._prepare(x.dtype)
+        h = ops.conv(ops.from_numpy(x), net.stem, relu=True)  # (N, 64, H/2, W/2)
+        if net.max_pool:
+            h = ops.max_pool(h)  # (N, 64, H/4, W/4)
+        for blocks in net.stages[: STAGES.index(stage)]:
+            for block in blocks:
+                h = residual_block(h, block, ops)
+        return ops.to_numpy(h)
 
     def _check_input(self, x) -> np.ndarray:
         if not isinstance(x, np.ndarray):

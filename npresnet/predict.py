@@ -8,7 +8,8 @@
 
 Images go through the preset the model's weights want (``preprocess.preset_for``).
 The 1000 ImageNet class names ship in ``npresnet/data/imagenet_classes.txt``, in
-index order; a model with its own head takes its own labels file, one name a line.
+index order; a model with its own head takes its own labels file, one name a line,
+or carries its names in its weights' metadata (``meta["classes"]``, as ``npresnet train`` writes).
 Embeddings are ``model.features(x)["pool"]``, the globally pooled input to fc; the
 .npz written by ``save_embeddings`` holds only plain arrays (no pickle to load it).
 """
@@ -57,10 +58,14 @@ def load_labels(path: str | os.PathLike | None = None) -> list[str]:
 
 
 def labels_for(model: Any, labels: str | os.PathLike | Sequence[str] | None = None) -> list[str]:
-    """The names of the model's classes: `labels` (a file or a list), else ImageNet's for a 1000-class head,
-    else the class indices as strings. Raises ValueError when the count does not match num_classes."""
+    """The names of the model's classes: `labels` (a file or a list), else the names its weights carry
+    (meta["classes"], written by npresnet train), else ImageNet's for a 1000-class head, else the class
+    indices as strings. Raises ValueError when the count does not match num_classes."""
     num_classes = model.num_classes
-    if labels is None:
+    carried = (getattr(model, "meta", None) or {}).get("classes")
+    if labels is None and isinstance(carried, list) and len(carried) == num_classes:
+        names, source = [str(name) for name in carried], "the weights' class names"
+    elif labels is None:
         if num_classes != 1000:
             return [str(i) for i in range(num_classes)]
         names, source = load_labels(), "the ImageNet labels"

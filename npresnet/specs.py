@@ -150,6 +150,23 @@ def all_convs(spec: ResNetSpec) -> list[ConvSpec]:
 
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+# The stages a network is frozen by, input first: model.freeze("layer2") freezes stem, layer1 and layer2.
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+def stage_of(key: str) -> str:
+    """The stage a state-dict key belongs to: "stem" (conv1, bn1), "layer1".."layer4", or "fc"."""
+    head = key.split(".", 1)[0]
+    if head in ("conv1", "bn1"):
+        return "stem"
+    if head in STAGES or head == "fc":
+        return head
+    raise ValueError(f"{key!r} is not a ResNet state-dict key")
+
+
+def is_parameter(key: str) -> bool:
+    """True for learnable parameters (conv, batch-norm and fc weights and biases), False for running statistics."""
+    return not key.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
 
 def parameter_shapes(spec: ResNetSpec) -> dict[str, tuple[int, ...]]:

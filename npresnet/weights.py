@@ -218,12 +218,16 @@ def save_npz(
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_npz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def load_npz(
+    path: str | os.PathLike, max_bytes: int | None = None, weights_meta: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read an .npz written by save_npz (or any .npz of numeric arrays): (state dict, metadata).
 
     Raises WeightsError naming the file for anything that is not a zip of well-formed .npy
     members, for a load that would allocate more than `max_bytes` (default: 4 x the file size
     + 64 MiB, or $NPRESNET_MAX_LOAD_BYTES), and for metadata outside META_SCHEMA.
+    weights_meta=False skips META_SCHEMA, for files whose metadata is not a weights file's
+    (a training checkpoint checks its own).
     """
     path = Path(path)
     source = str(path)
@@ -251,7 +255,8 @@ def load_npz(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[dic
             meta = json.loads(str(raw))
         except (ValueError, RecursionError) as exc:
             raise WeightsError(f"{source}: {META_KEY} is not valid JSON ({type(exc).__name__})") from None
-        validate_meta(meta, source)
+        if weights_meta:
+            validate_meta(meta, source)
     return state, meta
 
 

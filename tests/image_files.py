@@ -59,3 +59,37 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
     return {name: words for name, (_, words) in files.items()}
+
+
+def write_digits_folder(root: Path, size: int = 16, val_every: int = 5) -> Path:
+    """scikit-learn's handwritten digits (1797 8x8 grayscale scans, values 0..16) as an ImageFolder tree:
+    root/train/<digit>/NNNN.png and root/val/<digit>/NNNN.png (every val_every-th image), upscaled to
+    size x size RGB with nearest-neighbour (the pixels stay square). Returns root."""
+    images, targets = load_digits()
+    for index, (image, label) in enumerate(zip(images, targets)):
+        folder = root / ("val" if index % val_every == 0 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (image * (255 / 16)).round().astype("uint8")  # (8, 8)
+        Image.fromarray(pixels).resize((size, size), Image.Resampling.NEAREST).convert("RGB").save(folder / f"{index:04d}.png")
+    return root
+
+
+def load_digits():
+    """(images (1797, 8, 8) float, labels (1797,) int) as sklearn.datasets.load_digits gives them.
+
+    Read straight from the file scikit-learn ships (digits.csv.gz: 64 pixels and the label per row):
+    importing sklearn.datasets takes seconds, the file a fraction of one.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits as sklearn_load_digits
+
+        digits = sklearn_load_digits()
+        return digits.images, digits.target
+    rows = np.loadtxt(path, delimiter=",")  # (1797, 65)
+    return rows[:, :64].reshape(-1, 8, 8), rows[:, 64].astype(np.int64)

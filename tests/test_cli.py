@@ -180,7 +180,8 @@ def test_info_weights_file(weights):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "architecture: resnet18" in out and "num_classes: 10" in out
-    assert "tensors: 102 (float32)" in out  # resnet18: 20 conv weights, 20 batch norms x 4, fc weight and bias
+    # resnet18: 20 conv weights, 20 batch norms x 4 (+ num_batches_tracked, int64), fc weight and bias
+    assert "tensors: 122 (float32, int64)" in out
     assert f"file: {weights}" in out and "arch: resnet18" in out
 
 

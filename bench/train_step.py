@@ -1,0 +1,180 @@
+"""The training-step benchmark: one SGD step of resnet18, npresnet beside torch eager.
+
+    python bench/train_step.py                       # batch 32 at 112x112 and 224x224, 2 threads
+    python bench/train_step.py --sizes 112 --repeats 2
+
+One step is the forward pass in training mode (batch statistics), the backward pass to every
+parameter, and an SGD update (momentum 0.9, weight decay 1e-4): npresnet.value_and_grad +
+npresnet.SGD.step against torch's forward, loss.backward() and torch.optim.SGD.step, on the same
+random float32 batch. Each (runner, size) runs in its own fresh process, so that its peak resident
+memory (ru_maxrss) belongs to that runner alone; the process builds the model, runs `--warmup`
+steps, then times `--repeats` steps and reports the median wall and CPU seconds. Threads are
+pinned through the environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and torch.set_num_threads.
+The npresnet runner uses the NumPy backend (the training pass runs on the NumPy reference ops).
+
+Results: bench/results/train_step.json and train_step.md. Timings never decide a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _npresnet_step(arch: str, threads: int):
+    import npresnet
+
+    model = npresnet.build(arch, backend="numpy", threads=threads).train()
+    opt = npresnet.SGD(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step(x, labels):
+        loss, grads = npresnet.value_and_grad(model, x, labels)
+        opt.step(grads)
+        return loss
+
+    return step
+
+
+def _torch_step(arch: str, threads: int):
+    import torch
+    import torch.nn.functional as TF
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from torch_resnet import torch_resnet
+
+    from npresnet.specs import get_spec
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch_resnet(get_spec(arch)).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+    def step(x, labels):
+        opt.zero_grad(set_to_none=True)
+        loss = TF.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(labels))
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def worker(runner: str, arch: str, batch: int, size: int, threads: int, warmup: int, repeats: int) -> dict:
+    import numpy as np
+
+    step = _torch_step(arch, threads) if runner == "torch" else _npresnet_step(arch, threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, 1000, batch)
+    for _ in range(warmup):
+        step(x, labels)
+    times, cpu_times = [], []
+    for _ in range(repeats):
+        start, cpu = time.perf_counter(), time.process_time()
+        loss = step(x, labels)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu)
+    assert np.isfinite(loss)
+    return {
+        "runner": runner,
+        "arch": arch,
+        "batch": batch,
+        "size": size,
+        "s_per_step": statistics.median(times),
+        "cpu_s_per_step": statistics.median(cpu_times),
+        "times": times,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NPRESNET_NUM_THREADS"):
+        env[var] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        f"Machine: {meta['machine']}, {meta['cpus']} CPUs, Python {meta['python']}; {meta['threads']} threads; "
+        f"resnet18 training step (forward in train mode, backward, SGD momentum) on float32; median of "
+        f"{meta['repeats']} after {meta['warmup']} warm-up step(s); each row its own process; "
+        f"load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after; {meta['when']}.",
+        "",
+        "| size | batch | runner | s/step | images/s | ratio to torch | CPU s/step | peak RSS MB | RSS ratio to torch |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        torch_row = next((t for t in results if t["runner"] == "torch" and t["size"] == r["size"]), None)
+        ratio = f"{r['s_per_step'] / torch_row['s_per_step']:.2f}" if torch_row else "-"
+        rss_ratio = f"{r['peak_rss_mb'] / torch_row['peak_rss_mb']:.2f}" if torch_row else "-"
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['runner']} | {r['s_per_step']:.2f} | {r['batch'] / r['s_per_step']:.1f} | "
+            f"{ratio} | {r['cpu_s_per_step']:.2f} | {r['peak_rss_mb']:.0f} | {rss_ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[112, 224])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--runners", nargs="*", default=["numpy", "torch"], choices=["numpy", "torch"])
+    parser.add_argument("--name", default="train_step")
+    parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "SIZE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        runner, size = args.worker
+        print(json.dumps(worker(runner, "resnet18", args.batch, int(size), args.threads, args.warmup, args.repeats)))
+        return 0
+    meta = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "load_before": os.getloadavg()[0],
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    results = []
+    for size in args.sizes:
+        for runner in args.runners:
+            cmd = [sys.executable, __file__, "--worker", runner, str(size), "--batch", str(args.batch),
+                   "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+            proc = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr)
+                return 1
+            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), flush=True)
+    meta["load_after"] = os.getloadavg()[0]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    table = markdown(results, meta)
+    (RESULTS / f"{args.name}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

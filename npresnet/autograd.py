@@ -1,0 +1,189 @@
+"""The training pass: the loss of a batch and its gradient for every trainable parameter.
+
+``value_and_grad(model, x, labels)`` runs the network forward without folding batch
+norm (batch statistics in training mode, running ones in inference mode), keeping
+only what each op's backward needs, then walks the same blocks in reverse, calling
+the gradients that sit beside each forward op in ``functional.py``. The network's
+structure comes from the same specs the forward pass uses (``block_convs``,
+``stem_conv``); nothing of the architecture is repeated here.
+
+What is kept per convolution + batch norm: the convolution's input (which is the
+previous ReLU's output, so it also serves as that ReLU's mask) and the normalised
+x_hat; everything else is freed as soon as the next op has read it, and each
+block's saved arrays are dropped once its backward has run.
+
+Frozen stages (``model.freeze``) run first, as the ordinary inference forward on the
+model's own backend: no gradient is computed below the first trainable stage.
+
+Reference: PyTorch autograd on TorchVision's ``models/resnet.py`` in train() and
+eval() mode, which the tests compare with, gradient by gradient.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import functional as F
+from .model import ResNet
+from .specs import IMAGENET_STEM, STAGES, BlockSpec, ConvSpec, block_convs, stem_conv
+
+BN_MOMENTUM = 0.1  # torch.nn.BatchNorm2d's default
+
+
+class _Pass:
+    """One training pass over a model: its parameters in the input's dtype, the batch-norm mode,
+    and the gradients gathered on the way back."""
+
+    def __init__(self, model: ResNet, dtype: np.dtype):
+        self.model = model
+        self.dtype = dtype
+        self.state = model._state
+        self.grads: dict[str, np.ndarray] = {}
+
+    def param(self, key: str) -> np.ndarray:
+        return self.state[key].astype(self.dtype, copy=False)
+
+    def conv_bn(self, x: np.ndarray, c: ConvSpec) -> tuple[np.ndarray, Any]:
+        """batch_norm(conv2d(x)) -> (out (N, K, P, Q), saved for conv_bn_backward)."""
+        s, bn = self.state, c.bn
+        z = F.conv2d(x, self.param(f"{c.conv}.weight"), stride=c.stride, padding=c.padding, groups=c.groups)
+        if self.model.training:
+            out, bn_saved = F.batch_norm_train(
+                z, s[f"{bn}.running_mean"], s[f"{bn}.running_var"], s[f"{bn}.weight"], s[f"{bn}.bias"], BN_MOMENTUM
+            )
+            self.model._num_batches_tracked[bn] += 1
+        else:
+            out, bn_saved = F.batch_norm_eval(z, s[f"{bn}.running_mean"], s[f"{bn}.running_var"], s[f"{bn}.weight"], s[f"{bn}.bias"])
+        return out, (x, bn_saved)
+
+    def conv_bn_backward(self, grad_out: np.ndarray, c: ConvSpec, saved, input_grad: bool = True) -> np.ndarray | None:
+        """Gradient with respect to conv_bn's input; the parameters' gradients go to self.grads."""
+        x, bn_saved = saved
+        grad_z, self.grads[f"{c.bn}.weight"], self.grads[f"{c.bn}.bias"] = F.batch_norm_backward(
+            grad_out, bn_saved, self.param(f"{c.bn}.weight")
+        )
+        del bn_saved, saved
+        grad_x, self.grads[f"{c.conv}.weight"] = F.conv2d_backward(
+            grad_z, x, self.param(f"{c.conv}.weight"), c.stride, c.padding, c.groups, input_grad=input_grad
+        )
+        return grad_x
+
+    def block(self, x: np.ndarray, b: BlockSpec) -> tuple[np.ndarray, dict[str, Any]]:
+        """One residual block, as model.residual_block but unfolded: relu(convs(x) + identity)."""
+        convs = block_convs(b)
+        roles = [r for r in ("conv1", "conv2", "conv3") if r in convs]
+        saved: dict[str, Any] = {}
+        h = x
+        for role in roles[:-1]:
+            h, saved[role] = self.conv_bn(h, convs[role])
+            F.relu(h, out=h)  # (N, width, P, Q): the next conv's input, kept as its ReLU mask
+        out, saved[roles[-1]] = self.conv_bn(h, convs[roles[-1]])
+        if "downsample" in convs:
+            identity, saved["downsample"] = self.conv_bn(x, convs["downsample"])
+            out += identity
+            del identity
+        else:
+            out += x
+        F.relu(out, out=out)  # (N, outplanes, P, Q)
+        return out, saved
+
+    def block_backward(
+        self, grad_out: np.ndarray, out: np.ndarray, b: BlockSpec, saved: dict[str, Any], input_grad: bool
+    ) -> np.ndarray | None:
+        """Gradient with respect to the block's input x, given the gradient at its output `out`.
+
+        Consumes `saved`. input_grad=False (the first trainable block) skips the input's gradient.
+        """
+        convs = block_convs(b)
+        roles = [r for r in ("conv1", "conv2", "conv3") if r in convs]
+        grad = F.relu_backward(grad_out, out, inplace=True)  # reaches both the last conv and the identity
+        grad_h = grad
+        for i in reversed(range(len(roles))):
+            role = roles[i]
+            conv_input = saved[role][0]  # for i > 0: the output of the ReLU after roles[i - 1]
+            grad_h = self.conv_bn_backward(grad_h, convs[role], saved.pop(role), input_grad=i > 0 or input_grad)
+            if i > 0:
+                F.relu_backward(grad_h, conv_input, inplace=True)
+            del conv_input
+        if not input_grad:
+            if "downsample" in convs:
+                self.conv_bn_backward(grad, convs["downsample"], saved.pop("downsample"), input_grad=False)
+            return None
+        if "downsample" in convs:
+            grad_h += self.conv_bn_backward(grad, convs["downsample"], saved.pop("downsample"))
+        else:
+            grad_h += grad
+        return grad_h  # (N, inplanes, H, W)
+
+
+def value_and_grad(
+    model: ResNet,
+    x: np.ndarray,
+    labels: np.ndarray,
+    label_smoothing: float = 0.0,
+    return_logits: bool = False,
+):
+    """The mean cross-entropy of `model` on (x, labels) and its gradient for every trainable parameter.
+
+    x: (N, 3, H, W) float32 or float64; labels: (N,) integer class indices.
+    Returns (loss, grads), or (loss, grads, logits) with return_logits=True: loss a Python float
+    (torch's cross_entropy, mean reduction, label_smoothing as torch defines it); grads
+    {TorchVision key name: array} for each parameter of the trainable stages (conv and batch-norm
+    weights and biases, fc), in x's dtype; logits (N, num_classes) of this same forward pass.
+
+    In training mode (model.train()) batch norm uses batch statistics and updates its running
+    statistics and num_batches_tracked, as torch's forward does; in inference mode it uses the
+    running statistics and changes nothing. Frozen stages run in inference mode either way.
+    """
+    x = model._check_input(x)
+    dtype = x.dtype
+    labels = np.asarray(labels)
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},), one per image, got {labels.shape}")
+    spec = model.spec
+    frozen = model.frozen
+    first_trainable = 0 if frozen is None else STAGES.index(frozen) + 1  # index into STAGES; 5: only fc
+    run = _Pass(model, dtype)
+
+    # Forward, keeping what the backward needs.
+    if first_trainable == 0:
+        stem = stem_conv(spec)
+        stem_out, stem_saved = run.conv_bn(x, stem)
+        F.relu(stem_out, out=stem_out)  # (N, 64, H/2, W/2)
+        h = F.max_pool2d(stem_out) if spec.stem == IMAGENET_STEM else stem_out  # (N, 64, H/4, W/4)
+    else:
+        h = model._forward_frozen(x, frozen)
+    trained_blocks = [b for b in spec.blocks() if STAGES.index(b.prefix.split(".")[0]) >= first_trainable]
+    tape = []  # (block spec, block input, saved)
+    for b in trained_blocks:
+        out, saved = run.block(h, b)
+        tape.append((b, h, saved))
+        h = out
+    if model.training and first_trainable < len(STAGES):
+        model.invalidate()  # running statistics changed
+    pooled = F.adaptive_avg_pool2d(h, 1).reshape(h.shape[0], h.shape[1])  # (N, num_features)
+    logits = F.linear(pooled, run.param("fc.weight"), run.param("fc.bias"))  # (N, num_classes)
+    loss, grad_logits = F.cross_entropy(logits, labels, label_smoothing)
+
+    # Backward.
+    grad_pooled, run.grads["fc.weight"], run.grads["fc.bias"] = F.linear_backward(grad_logits, pooled, run.param("fc.weight"))
+    if tape:
+        grad_h = F.adaptive_avg_pool2d_backward(grad_pooled.reshape(*grad_pooled.shape, 1, 1), h.shape)
+        out = h
+        while tape:
+            b, block_input, saved = tape.pop()
+            input_grad = bool(tape) or first_trainable == 0
+            grad_h = run.block_backward(grad_h, out, b, saved, input_grad)
+            out = block_input
+            del saved, block_input
+        if first_trainable == 0:
+            if spec.stem == IMAGENET_STEM:
+                grad_h = F.max_pool2d_backward(grad_h, stem_out)
+            F.relu_backward(grad_h, stem_out, inplace=True)
+            del stem_out, out
+            run.conv_bn_backward(grad_h, stem, stem_saved, input_grad=False)
+    grads = {k: run.grads[k].astype(dtype, copy=False) for k in model.parameters(trainable=True)}
+    if return_logits:
+        return loss, grads, logits
+    return loss, grads
