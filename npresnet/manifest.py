@@ -96,3 +96,11 @@ def entry_for_sha256(sha256: str, arch: str | None = None) -> WeightsEntry | Non
         if prefix and sha256.startswith(prefix) and (arch is None or e.arch == arch):
             return e
     return None
+
+
+def entry_named(file_name: str) -> WeightsEntry | None:
+    """The official entry whose file is called `file_name` (e.g. "resnet50-11ad3fa6.pth"), if any."""
+    for e in official_weights():
+        if e.file_name == file_name:
+            return e
+    return None

@@ -208,8 +208,7 @@ class ResNet:
 
             stages: list[list[dict[str, Any]]] = [[] for _ in self.spec.layers]
             for b in self.spec.blocks():
-                stage = int(b.prefix[len("layer")]) - 1
-                stages[stage].append({role: fold(c) for role, c in block_convs(b).items()})
+                stages[b.stage - 1].append({role: fold(c) for role, c in block_convs(b).items()})
             self._prepared[dtype] = PreparedNet(
                 stem=fold(stem_conv(self.spec)),
                 max_pool=self.spec.stem == IMAGENET_STEM,

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -29,9 +28,8 @@ from .weights import atomic_write
 IMAGENET_CLASSES = "imagenet_classes.txt"
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One of an image's top-k classes."""
+class Prediction(NamedTuple):
+    """One of an image's top-k classes; a tuple, so `index, label, probability = prediction` works too."""
 
     index: int
     label: str

@@ -26,6 +26,11 @@ dropped, not composited. Two deliberate departures, both documented here:
   ``ImageClassification(exif_transpose=True)`` (``--exif-transpose`` on the
   command line) rotates it upright first, at the cost of that equality.
 
+Models fine-tuned with a plain ``Resize((height, width))`` (common in third-party checkpoints)
+saw whole images squashed to that size, without the crop: ``squash_size=(height, width)``
+(``--resize HEIGHTxWIDTH`` on the command line) replaces steps 1 and 2 by that resize, PIL's
+bilinear filter on the whole image, as TorchVision's ``Resize`` does on a PIL image.
+
 Unreadable input raises ``ImageError`` naming the image. Decompression bombs
 (PIL's DecompressionBombWarning as well as its Error) are errors, not warnings.
 """
@@ -64,6 +69,8 @@ class ImageClassification:
 
     ResNet weights want crop_size=224 with resize_size=256 (IMAGENET1K_V1) or
     232 (IMAGENET1K_V2); ``preset_for(model)`` reads them from the model's metadata.
+    squash_size=(height, width) resizes the whole image to exactly that instead (no crop; the
+    aspect ratio is not kept), as TorchVision's ``Resize((height, width))``.
     """
 
     crop_size: int = DEFAULT_CROP_SIZE
@@ -72,10 +79,21 @@ class ImageClassification:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     exif_transpose: bool = False
+    squash_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.crop_size < 1 or self.resize_size < 1:
             raise ValueError(f"crop_size and resize_size must be positive, not {self.crop_size}, {self.resize_size}")
+        if self.squash_size is not None:
+            size = tuple(self.squash_size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"squash_size must be (height, width), both positive, not {self.squash_size!r}")
+            object.__setattr__(self, "squash_size", (int(size[0]), int(size[1])))
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the arrays this preset makes."""
+        return self.squash_size or (self.crop_size, self.crop_size)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -95,7 +113,10 @@ class ImageClassification:
         return left, top, left + crop, top + crop
 
     def resize_and_crop(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> the (crop, crop, 3) uint8 array the network will see."""
+        """An RGB PIL image -> the (crop, crop, 3) uint8 array the network will see ((height, width, 3) squashed)."""
+        if self.squash_size is not None:
+            height, width = self.squash_size
+            return np.asarray(image.resize((width, height), INTERPOLATIONS[self.interpolation]), dtype=np.uint8)
         width, height = self.resized_size(*image.size)
         if width * height > Image.MAX_IMAGE_PIXELS:
             # A long thin strip would grow past PIL's own decompression-bomb limit.
@@ -114,7 +135,7 @@ class ImageClassification:
         return (x - mean) / std
 
     def __call__(self, image: Any) -> np.ndarray:
-        """One image (path, bytes, PIL image or uint8 array) -> (3, crop_size, crop_size) float32."""
+        """One image (path, bytes, PIL image or uint8 array) -> (3, crop_size, crop_size) float32 (or 3 x squash_size)."""
         name = describe(image)
         rgb = load_image(image, exif_transpose=self.exif_transpose)
         try:
@@ -230,5 +251,5 @@ def preprocess(images: Iterable[Any], preset: ImageClassification | None = None)
     preset = preset or ImageClassification()
     arrays = [preset(image) for image in images]
     if not arrays:
-        return np.zeros((0, 3, preset.crop_size, preset.crop_size), dtype=np.float32)
+        return np.zeros((0, 3, *preset.output_size), dtype=np.float32)
     return np.stack(arrays)  # (N, 3, crop, crop)

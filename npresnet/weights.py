@@ -25,7 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .manifest import entry_for_sha256
+from .files import new_file_mode
+from .manifest import entry_for_sha256, entry_named
 from .specs import ResNetSpec, infer_spec, parameter_shapes
 
 META_KEY = "__meta__"
@@ -90,6 +91,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 is for scratch files, not for what the user asked for
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -172,6 +174,12 @@ def read_weights(source: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
     sha256 = file_sha256(path)
     meta: dict[str, Any] = {"source": path.name, "source_sha256": sha256}
     entry = entry_for_sha256(sha256, infer_spec_from_state(state, str(path)).name)
+    named = entry_named(path.name)
+    if named is not None and entry != named:  # else it would silently lose the preprocessing its name promises
+        raise WeightsError(
+            f"{path}: named like TorchVision's {named.arch} {named.name} file, but its sha256 is {sha256}, not "
+            f"{named.sha256_prefix}...: a corrupt or incomplete download (download it again), or another file (rename it)"
+        )
     if entry is not None:
         meta.update(weights=f"{entry.arch}.{entry.name}", **entry.preprocessing)
     return state, meta

@@ -43,10 +43,7 @@ def spec_params(arch):
 
 
 def reference_conv(x, conv: FoldedConv, relu, residual):
-    out = F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, groups=conv.groups)
-    if residual is not None:
-        out = out + residual
-    return F.relu(out) if relu else out
+    return F.conv2d_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.groups, residual, relu)
 
 
 # (N, C, H, W, K, kernel, stride, padding, groups)
@@ -281,7 +278,7 @@ def test_kernel_cache_goes_under_npresnet_home(cpu, tmp_path):
 
 def test_blas_thread_count_is_restored_after_a_conv(cpu):
     """The backend runs BLAS single-threaded inside a conv and leaves the user's setting as it found it."""
-    get_threads = cpu._openblas[1] if cpu._openblas else (lambda: None)  # None: NumPy without OpenBLAS
+    get_threads = cpu._openblas()[1] if cpu._openblas() else (lambda: None)  # None: NumPy without OpenBLAS
     before = get_threads()
     backend = cpu.NumbaBackend(threads=2)
     prepared = backend.prepare_conv(FoldedConv(np.ones((4, 4, 1, 1)), np.zeros(4), 1, 0, 1))
