@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
 from .hub import FetchError, fetch
+from .manifest import WEIGHTS, WeightsEntry
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
@@ -30,7 +31,8 @@ def _builder(arch: str):
     builder.__doc__ = (
         f"{arch}: {spec.block} blocks {spec.layers}, groups={spec.groups}, width_per_group={spec.width_per_group}.\n\n"
         "weights: a weights file (.npz, .pth, .safetensors), a state dict (TorchVision key names), or official\n"
-        "weights by name ('DEFAULT', 'IMAGENET1K_V1', ...: downloaded and cached); None for fresh parameters.\n"
+        f"weights ({WEIGHTS[arch].type_name}.DEFAULT, or by name: 'DEFAULT', 'IMAGENET1K_V1', ...: downloaded\n"
+        "and cached); None for fresh parameters.\n"
         "num_classes: head size; defaults to the weights' own, else 1000.\n"
         "Options: stem ('imagenet' or 'cifar'), backend ('auto', 'numpy', 'numba', 'cuda'), threads."
     )
@@ -48,6 +50,18 @@ resnext101_64x4d = _builder("resnext101_64x4d")
 wide_resnet50_2 = _builder("wide_resnet50_2")
 wide_resnet101_2 = _builder("wide_resnet101_2")
 
+# The official weights, as TorchVision names them: ResNet50_Weights.IMAGENET1K_V2, .DEFAULT, .transforms().
+ResNet18_Weights = WEIGHTS["resnet18"]
+ResNet34_Weights = WEIGHTS["resnet34"]
+ResNet50_Weights = WEIGHTS["resnet50"]
+ResNet101_Weights = WEIGHTS["resnet101"]
+ResNet152_Weights = WEIGHTS["resnet152"]
+ResNeXt50_32X4D_Weights = WEIGHTS["resnext50_32x4d"]
+ResNeXt101_32X8D_Weights = WEIGHTS["resnext101_32x8d"]
+ResNeXt101_64X4D_Weights = WEIGHTS["resnext101_64x4d"]
+Wide_ResNet50_2_Weights = WEIGHTS["wide_resnet50_2"]
+Wide_ResNet101_2_Weights = WEIGHTS["wide_resnet101_2"]
+
 __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
@@ -58,7 +72,18 @@ __all__ = [
     "Prediction",
     "ResNet",
     "ResNetSpec",
+    "WeightsEntry",
     "WeightsError",
+    "ResNet18_Weights",
+    "ResNet34_Weights",
+    "ResNet50_Weights",
+    "ResNet101_Weights",
+    "ResNet152_Weights",
+    "ResNeXt50_32X4D_Weights",
+    "ResNeXt101_32X8D_Weights",
+    "ResNeXt101_64X4D_Weights",
+    "Wide_ResNet50_2_Weights",
+    "Wide_ResNet101_2_Weights",
     "available_backends",
     "build",
     "classify",

@@ -20,6 +20,7 @@ import numpy as np
 from . import functional as F
 from .backends import Backend, FoldedConv, get_backend
 from .hub import fetch, is_weights_name
+from .manifest import WeightsEntry
 from .specs import (
     IMAGENET_STEM,
     ConvSpec,
@@ -241,8 +242,9 @@ def build(
     backend: str | Backend = "auto",
     threads: int | None = None,
 ) -> ResNet:
-    """A model of architecture `arch`, with `weights` (a file path, a state dict, or an official
-    weights name such as "IMAGENET1K_V2" or "DEFAULT", fetched and cached) or fresh ones.
+    """A model of architecture `arch`, with `weights` (a file path, a state dict, or official weights:
+    ResNet50_Weights.IMAGENET1K_V2 or a name such as "IMAGENET1K_V2" or "DEFAULT", fetched and cached)
+    or fresh ones.
 
     num_classes defaults to the weights' head size (from fc.weight), else 1000.
     """
@@ -256,7 +258,11 @@ def build(
         if isinstance(weights, Mapping):
             state = dict(weights)
         else:
-            if is_weights_name(weights):
+            if isinstance(weights, WeightsEntry):  # npresnet.ResNet50_Weights.IMAGENET1K_V2
+                if weights.arch != spec.name:
+                    raise WeightsError(f"{weights} are weights for {weights.arch}, not {spec.name}")
+                weights = fetch(weights.arch, weights.name)
+            elif is_weights_name(weights):
                 weights = fetch(spec.name, weights)
             source = str(weights)
             state, meta = read_weights(weights)

@@ -31,6 +31,9 @@ saw whole images squashed to that size, without the crop: ``squash_size=(height,
 (``--resize HEIGHTxWIDTH`` on the command line) replaces steps 1 and 2 by that resize, PIL's
 bilinear filter on the whole image, as TorchVision's ``Resize`` does on a PIL image.
 
+Pillow is imported when an image is first read, not with npresnet: the model, the weights
+and already preprocessed arrays need only NumPy.
+
 Unreadable input raises ``ImageError`` naming the image. Decompression bombs
 (PIL's DecompressionBombWarning as well as its Error) are errors, not warnings.
 """
@@ -39,28 +42,42 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_SIZE = 224
 DEFAULT_RESIZE_SIZE = 256
 
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # PIL's resampling filters of these names
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageError(ValueError):
     """An image that cannot be read or preprocessed; the message starts with the image's name."""
+
+
+def pil():
+    """PIL's Image module, imported on first use so that the rest of npresnet runs without Pillow."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError(f"reading images needs Pillow ({exc}): pip install pillow") from exc
+    return Image
+
+
+def is_pil_image(value: Any) -> bool:
+    """Whether `value` is a PIL image; PIL is not imported for this (no PIL image exists before it is)."""
+    Image = sys.modules.get("PIL.Image")
+    return Image is not None and isinstance(value, Image.Image)
 
 
 @dataclass(frozen=True)
@@ -112,16 +129,18 @@ class ImageClassification:
         left = int(round((width - crop) / 2.0))
         return left, top, left + crop, top + crop
 
-    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
+    def resize_and_crop(self, image: "Image.Image") -> np.ndarray:
         """An RGB PIL image -> the (crop, crop, 3) uint8 array the network will see ((height, width, 3) squashed)."""
+        Image = pil()
+        resample = getattr(Image.Resampling, self.interpolation.upper())
         if self.squash_size is not None:
             height, width = self.squash_size
-            return np.asarray(image.resize((width, height), INTERPOLATIONS[self.interpolation]), dtype=np.uint8)
+            return np.asarray(image.resize((width, height), resample), dtype=np.uint8)
         width, height = self.resized_size(*image.size)
         if width * height > Image.MAX_IMAGE_PIXELS:
             # A long thin strip would grow past PIL's own decompression-bomb limit.
             raise ValueError(f"resizing {image.size[0]}x{image.size[1]} to {width}x{height} is too large")
-        image = image.resize((width, height), INTERPOLATIONS[self.interpolation])
+        image = image.resize((width, height), resample)
         pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
         pixels = _pad_to(pixels, self.crop_size)
         left, top, right, bottom = self.crop_box(pixels.shape[1], pixels.shape[0])
@@ -159,14 +178,15 @@ def describe(image: Any) -> str:
         return os.fspath(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return f"<{len(image)} bytes>"
-    if isinstance(image, Image.Image):
+    if is_pil_image(image):
         return f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
     if isinstance(image, np.ndarray):
         return f"<array {image.dtype} {image.shape}>"
     return f"<{type(image).__name__}>"
 
 
-def _open(image: Any) -> Image.Image:
+def _open(image: Any) -> "Image.Image":
+    Image = pil()
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
@@ -186,23 +206,26 @@ def _open(image: Any) -> Image.Image:
     raise TypeError(f"expected a path, bytes, a PIL image or a uint8 array, not {type(image).__name__}")
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: "Image.Image") -> "Image.Image":
     """Any PIL mode -> RGB, as TorchVision's loader does, except 16-bit data, scaled by >> 8."""
     if image.mode == "RGB":
         return image
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image).astype(np.int64)
-        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # L
+        image = pil().fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # L
     return image.convert("RGB")
 
 
-def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
+def load_image(image: Any, exif_transpose: bool = False) -> "Image.Image":
     """A path, bytes, PIL image or uint8 array -> a fully decoded RGB PIL image.
 
     Raises ImageError naming the image for anything unreadable: a missing file,
     a zero-byte or truncated file, a format PIL cannot identify, a decompression bomb.
     """
     name = describe(image)
+    Image = pil()
+    from PIL import ImageOps, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
