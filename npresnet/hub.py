@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .manifest import DEFAULT, WeightsEntry, entry_for_sha256, get_weights_entry, official_weights, sha256_prefix
+from .manifest import DEFAULT, WeightsEntry, get_weights_entry, sha256_prefix, weights_names
 from .progress import BYTES, Progress
 from .weights import WeightsError, convert, file_sha256
 
@@ -122,23 +122,21 @@ def _cache_from_file(arch: str, name: str | None, path: str | os.PathLike) -> Pa
         sha256 = file_sha256(path)
     except FileNotFoundError:
         raise FetchError(f"{os.fspath(path)}: no such file") from None
-    if name is None:
-        entry = entry_for_sha256(sha256, arch)
-        if entry is None:
-            known = ", ".join(e.file_name for e in official_weights() if e.arch == arch)
-            raise FetchError(
-                f"{os.fspath(path)}: not one of TorchVision's {arch} files ({known}): its sha256 is {sha256}, "
-                "so it is a corrupt or incomplete download, or another file"
-            )
-    else:
-        entry = get_weights_entry(arch, name)
-        if not sha256.startswith(entry.sha256_prefix or ""):
+    candidates = [get_weights_entry(arch, n) for n in ([name] if name else weights_names(arch))]
+    matching = [e for e in candidates if e.sha256_prefix and sha256.startswith(e.sha256_prefix)]
+    if not matching:
+        if name:
+            entry = candidates[0]
             raise FetchError(
                 f"{os.fspath(path)}: sha256 mismatch: expected {entry.sha256_prefix}... ({entry.file_name}), "
                 f"got {sha256}: a corrupt or incomplete download, or another file"
             )
-    _convert_into_cache(entry, path, os.fspath(path))
-    return cached_path(entry)
+        raise FetchError(
+            f"{os.fspath(path)}: not one of TorchVision's {arch} files ({', '.join(e.file_name for e in candidates)}): "
+            f"its sha256 is {sha256}, so it is a corrupt or incomplete download, or another file"
+        )
+    _convert_into_cache(matching[0], path, os.fspath(path))
+    return cached_path(matching[0])
 
 
 def download(

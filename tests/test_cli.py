@@ -1,7 +1,9 @@
 """The `npresnet` command run as a user runs it: a subprocess, on good photos and on every kind of bad input."""
 import io
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -10,7 +12,8 @@ import pytest
 
 import npresnet
 from image_files import encode, photos, write_bad_files
-from npresnet.cli import Progress
+from npresnet.cli import main
+from npresnet.progress import BYTES, MIB, Progress
 from PIL import Image
 
 NUM_CLASSES = 10  # a small head keeps the weights file small; the body is a full resnet18
@@ -128,12 +131,11 @@ def test_folder_mixing_good_and_bad_files(weights, tmp_path):
     assert len(rows) == len(expected) + len(goods) + 1
 
 
-def test_weights_for_another_architecture(weights):
-    result = run("classify", "--arch", "resnet34", "--weights", weights, photos()[0])
-    assert result.returncode == 1
-    assert error_lines(result.stderr) == [
-        f"npresnet: error: {weights} holds weights for resnet18, not resnet34; "
-        "use npresnet.load() to build the architecture the weights were made for"
+def test_weights_for_another_architecture(weights, capsys):
+    assert main(["classify", "--arch", "resnet34", "--weights", str(weights), str(photos()[0])]) == 1
+    assert error_lines(capsys.readouterr().err) == [
+        f"npresnet: error: {weights} holds weights for resnet18, not resnet34: leave out --arch, "
+        "which a weights file does not need (the architecture is read from it)"
     ]
 
 
@@ -190,8 +192,11 @@ def test_version_help_and_usage_errors():
     for word in ("classify", "embed", "info", "examples:", "random"):
         assert word in help_text
     assert "--topk" in run("classify", "--help").stdout
-    bad = run("classify", "--topk", "0", "x.jpg")
-    assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+    for option in ("--topk", "--threads", "--batch-size"):
+        bad = run("classify", option, "0", "x.jpg")
+        assert bad.returncode == 2 and f"argument {option}: must be at least 1" in bad.stderr, bad.stderr
+    bad = run("classify", "--resize", "224", "x.jpg")
+    assert bad.returncode == 2 and "expected HEIGHTxWIDTH" in bad.stderr
     assert run().returncode == 2
 
 
@@ -213,7 +218,7 @@ class Terminal(io.StringIO):
 def test_progress_bar_only_on_a_terminal():
     tty, pipe = Terminal(), io.StringIO()
     for stream in (tty, pipe):
-        progress = Progress(4, stream)
+        progress = Progress(4, stream=stream)
         progress.advance(2)
         progress.message("npresnet: error: x.jpg: empty file (0 bytes)")
         progress.advance(2)
@@ -221,6 +226,83 @@ def test_progress_bar_only_on_a_terminal():
     assert "\r[###############...............] 2/4 images" in tty.getvalue()
     assert "4/4 images" in tty.getvalue()
     assert pipe.getvalue() == "npresnet: error: x.jpg: empty file (0 bytes)\n"
+    one = Terminal()
+    Progress(1, stream=one).advance()  # a bar for a single image says nothing
+    assert one.getvalue() == ""
+
+
+def test_the_same_bar_counts_bytes_for_downloads():
+    tty = Terminal()
+    bar = Progress(4 * MIB, BYTES, label="resnet18-f37072fd.pth", stream=tty)
+    bar.update(MIB)
+    assert tty.getvalue() == "\rresnet18-f37072fd.pth [#######.......................]  25% 1.0 MiB"
+    unknown = Terminal()
+    Progress(None, BYTES, label="x.pth", stream=unknown).update(3 * MIB)
+    assert unknown.getvalue() == "\rx.pth 3.0 MiB"
+
+
+def test_broken_pipe_exits_quietly(weights, tmp_path):
+    """`npresnet classify ... | head -1`: the reader leaves; no "Broken pipe" error, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has gone: the first write fails, as after head -1 exits
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "npresnet", "classify", "--weights", str(weights), str(photos()[0])],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == "" and result.returncode == 141, (result.returncode, result.stderr)
+    shell = subprocess.run(
+        f"{sys.executable} -m npresnet classify --weights {weights} --batch-size 1 {' '.join(map(str, photos()[:2]))} | head -1",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert shell.stdout == f"{photos()[0]}\n" and shell.stderr == "", shell.stderr
+
+
+def test_json_reports_missing_inputs_too(weights, tmp_path, capsys):
+    good = photos()[0]
+    missing = tmp_path / "nope.jpg"
+    assert main(["classify", "--weights", str(weights), "--json", str(missing), str(good)]) == 1
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert rows[0] == {"file": str(missing), "error": f"{missing}: no such file or directory"}
+    assert rows[1]["file"] == str(good) and len(rows[1]["top"]) == 5
+    assert error_lines(captured.err) == [f"npresnet: error: {missing}: no such file or directory"]
+
+
+def test_topk_above_the_class_count_says_it_was_clamped(weights, capsys):
+    assert main(["classify", "--weights", str(weights), "--json", "--topk", "50", str(photos()[0])]) == 0
+    captured = capsys.readouterr()
+    assert len(json.loads(captured.out)["top"]) == NUM_CLASSES
+    assert captured.err == f"npresnet: warning: --topk 50 is more than the model's {NUM_CLASSES} classes: showing {NUM_CLASSES}\n"
+
+
+def test_resize_squashes_as_the_python_api_does(weights, capsys):
+    image = photos()[0]
+    assert main(["classify", "--weights", str(weights), "--json", "--topk", "3", "--resize", "48x64", str(image)]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    model = npresnet.load(weights, backend="numpy")
+    squashed = npresnet.ImageClassification(squash_size=(48, 64))
+    want = npresnet.classify(image, model, topk=3, preset=squashed)[0]
+    cropped = npresnet.classify(image, model, topk=3)[0]
+    assert [t["index"] for t in top] == [p.index for p in want]
+    np.testing.assert_allclose([t["probability"] for t in top], [p.probability for p in want], rtol=1e-6)
+    assert [p.probability for p in want] != [p.probability for p in cropped]  # the option changed the input
+
+
+def test_written_files_get_the_usual_permissions(weights, tmp_path, capsys):
+    """save, convert and embed write through a private temporary file; the result follows the umask, not 0600."""
+    previous = os.umask(0o027)
+    try:
+        npresnet.save(npresnet.build("resnet18", num_classes=2, backend="numpy"), tmp_path / "saved.npz")
+        assert main(["convert", str(tmp_path / "saved.npz"), str(tmp_path / "converted.npz")]) == 0
+        assert main(["embed", "--weights", str(weights), "-o", str(tmp_path / "vectors.npz"), str(photos()[0])]) == 0
+    finally:
+        os.umask(previous)
+    assert "wrote 1 embedding of width 512" in capsys.readouterr().out
+    for name in ("saved.npz", "converted.npz", "vectors.npz"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
 
 
 def test_auto_backend_is_numpy_for_short_runs_only():
