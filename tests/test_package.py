@@ -52,6 +52,28 @@ def test_asking_for_numba_without_it_is_a_clear_error():
     assert "pip install 'npresnet[numba]'" in result.stdout
 
 
+def test_core_runs_without_pillow():
+    """Only the image functions need Pillow: the model, the weights and preprocessed arrays run without it."""
+    result = run_python(
+        """
+        sys.modules["PIL"] = None  # import PIL now fails, as where Pillow is not installed
+        import numpy as np
+        import npresnet
+        model = npresnet.resnet18(num_classes=3)
+        x = np.zeros((1, 3, 32, 32), dtype=np.float32)
+        top = npresnet.classify(x, model, topk=2)[0]
+        assert len(top) == 2 and npresnet.embed(x, model).shape == (1, 512)
+        assert npresnet.ResNet50_Weights.DEFAULT.transforms().resize_size == 232
+        try:
+            npresnet.preprocess(["photo.jpg"])
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reading images needs Pillow" in result.stdout and "pip install pillow" in result.stdout
+
+
 def test_cli_version():
     result = subprocess.run([sys.executable, "-m", "npresnet", "--version"], capture_output=True, text=True)
     assert result.returncode == 0
