@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 import npresnet  # noqa: E402
 from helpers import assert_close  # noqa: E402
-from npresnet.specs import ARCHITECTURES, CIFAR_STEM, get_spec  # noqa: E402
+from npresnet.specs import ARCHITECTURES, BASIC, BOTTLENECK, CIFAR_STEM, ResNetSpec, get_spec  # noqa: E402
 from torch_resnet import numpy_state_dict, randomise, torch_resnet  # noqa: E402
 
 # TorchVision's parameter counts, from its weights documentation (not from this code).
@@ -82,6 +82,29 @@ def test_large_input_matches_torch(dtype_id):
 @pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
 def test_cifar_stem_matches_torch(arch, dtype_id):
     compare(arch, (2, 3, 32, 32), dtype_id, num_classes=10, stem=CIFAR_STEM)
+
+
+# Small networks are specs too: stage widths other than TorchVision's 64..512, each block kind.
+SMALL_SPECS = {
+    "basic": ResNetSpec("custom", BASIC, (1, 2, 1, 1), num_classes=5, planes=(8, 16, 24, 32)),
+    "grouped_bottleneck": ResNetSpec(
+        "custom", BOTTLENECK, (2, 1, 1, 1), groups=4, width_per_group=32, num_classes=5, planes=(4, 8, 8, 16)
+    ),
+}
+
+
+@pytest.mark.parametrize("spec_id", list(SMALL_SPECS))
+def test_small_specs_match_torch_and_are_inferred_from_their_weights(spec_id):
+    spec = SMALL_SPECS[spec_id]
+    tmodel = randomise(torch_resnet(spec), seed=3).double()
+    state = numpy_state_dict(tmodel)
+    model = npresnet.ResNet.from_state_dict(state, backend="numpy")
+    assert model.spec == spec  # planes, groups and widths read back from the shapes
+    x = np.random.default_rng(4).standard_normal((2, 3, 29, 35))
+    with torch.no_grad():
+        want = tmodel(torch.from_numpy(x)).numpy()
+    assert_close(model(x), want)
+    assert model.num_params == sum(p.numel() for p in tmodel.parameters())
 
 
 @pytest.mark.parametrize("num_classes", [1, 10, 37])
