@@ -6,10 +6,10 @@ already for the CPU backend, so both run in a fresh interpreter.
 import functools
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+
+from helpers import run_python
 
 pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
 
@@ -17,11 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python(code_or_args, simulator: bool):
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if simulator:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_python(code_or_args, env={"NUMBA_ENABLE_CUDASIM": "1" if simulator else None}, cwd=ROOT, timeout=900)
 
 
 def test_cuda_kernels_pass_under_the_simulator():

@@ -1,7 +1,8 @@
 """The package runs with only numpy and pillow: torch and numba are never needed to import or run it."""
 import subprocess
-import sys
 import textwrap
+
+from helpers import run_python
 
 BLOCK_IMPORTS = textwrap.dedent(
     """
@@ -16,12 +17,13 @@ BLOCK_IMPORTS = textwrap.dedent(
 )
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_IMPORTS + textwrap.dedent(code)], capture_output=True, text=True)
+def run_blocked(code: str) -> subprocess.CompletedProcess:
+    """Run code where importing torch, numba or torchvision fails, as on a machine without them."""
+    return run_python(BLOCK_IMPORTS + textwrap.dedent(code))
 
 
 def test_import_and_forward_without_torch_or_numba():
-    result = run_python(
+    result = run_blocked(
         """
         import numpy as np
         import npresnet
@@ -38,7 +40,7 @@ def test_import_and_forward_without_torch_or_numba():
 
 
 def test_asking_for_numba_without_it_is_a_clear_error():
-    result = run_python(
+    result = run_blocked(
         """
         import npresnet
         try:
@@ -54,7 +56,7 @@ def test_asking_for_numba_without_it_is_a_clear_error():
 
 def test_core_runs_without_pillow():
     """Only the image functions need Pillow: the model, the weights and preprocessed arrays run without it."""
-    result = run_python(
+    result = run_blocked(
         """
         sys.modules["PIL"] = None  # import PIL now fails, as where Pillow is not installed
         import numpy as np
@@ -75,7 +77,7 @@ def test_core_runs_without_pillow():
 
 
 def test_cli_version():
-    result = subprocess.run([sys.executable, "-m", "npresnet", "--version"], capture_output=True, text=True)
+    result = run_python(["-m", "npresnet", "--version"])
     assert result.returncode == 0
     import npresnet
 
