@@ -26,8 +26,8 @@ GPU is visible and the simulator is off.
 Tests: ``python -m pytest tests/cuda`` on a machine with an NVIDIA GPU, or
 ``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda`` anywhere (numba's CUDA simulator, one
 Python thread per CUDA thread, so tiny shapes); the main suite runs the latter through
-``tests/test_cuda.py``, which also compiles every kernel to PTX where the CUDA toolkit's NVVM is
-installed (no GPU needed) and checks that the float32 kernels do no float64 arithmetic.
+``tests/test_cuda.py``, which also compiles every kernel to PTX where NVIDIA's compiler works
+(no GPU needed) and checks that the float32 kernels do no float64 arithmetic.
 
 References: NVIDIA CUTLASS "Implicit GEMM Convolution" (docs/implicit_gemm_convolution.md);
 numba's ``cuda/tests/doc_examples/test_matmul.py`` (naive, then shared-memory tiles);

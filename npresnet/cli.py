@@ -142,7 +142,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         default="auto",
         help=f"numpy, numba, cuda, or auto (default): the fastest here; NumPy for runs of up to "
-        f"{SHORT_RUN_IMAGES} images, where Numba's ~1 s start-up outweighs its speed",
+        f"{SHORT_RUN_IMAGES} images, where Numba's start-up outweighs its speed",
     )
     group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the compiled backends")
     group.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
@@ -178,9 +178,9 @@ def positive_int(text: str) -> int:
 def backend_for(requested: str, num_images: int) -> str:
     """The backend a command uses: `auto` means NumPy for short runs.
 
-    Starting Numba (import, loading cached kernels) costs about 1 s in a fresh process, more than it
-    saves on a few images (bench/: resnet18 and resnet50 break even at about 25-40 images), so a short
-    run is fastest on NumPy; a long one gets what backends.get_backend("auto") picks.
+    Starting Numba (import, loading cached kernels) costs more in a fresh process than it saves on a
+    few images (bench/results/notes.md), so a short run is fastest on NumPy; a long one gets what
+    backends.get_backend("auto") picks.
     """
     if requested == "auto" and num_images <= SHORT_RUN_IMAGES:
         return "numpy"

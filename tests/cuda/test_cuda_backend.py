@@ -212,8 +212,7 @@ def test_one_copy_in_and_one_copy_out_per_forward(monkeypatch):
     assert copies == {"to_device": 1, "to_host": 1}
 
 
-# Measured once by hand under the simulator, on a shared 2-core machine, at 1x3x16x16 float32:
-# resnet18 in about 380 s and resnext50_32x4d in about 730 s, both within 1.1e-6 of the NumPy backend.
+# Minutes each under the simulator (bench/results/notes.md): on a GPU only.
 @pytest.mark.skipif(SIMULATOR, reason="full-width networks take 6 to 12 minutes each under the simulator")
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
