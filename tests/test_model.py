@@ -89,6 +89,7 @@ def test_every_architecture_matches_torch(arch, dtype_id, backend):
     compare(arch, (2, 3, 64, 64), dtype_id, backend=backend)
 
 
+@pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize(
     "shape",
     [(1, 3, 224, 224), (3, 3, 97, 131), (2, 3, 32, 32), (1, 3, 1, 1), (1, 3, 33, 17)],
