@@ -102,7 +102,7 @@ def test_input_sizes_match_torch(arch, shape, dtype_id):
 
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
 def test_large_input_matches_torch(dtype_id):
-    compare("resnet18", (1, 3, 800, 800), dtype_id)
+    compare("resnet18", (1, 3, 512, 512), dtype_id)  # past 224 and 448; 800 proved no more at 2.4x the cost
 
 
 @pytest.mark.parametrize("dtype_id", list(DTYPES))

@@ -173,7 +173,7 @@ def tiny_state(spec, dtype, seed=7):
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize(
     "spec_id, shape",
-    [("basic", (2, 3, 19, 16)), ("grouped_bottleneck", (1, 3, 13, 10)), ("grouped_bottleneck", (1, 3, 1, 1))],
+    [("basic", (2, 3, 19, 16)), ("grouped_bottleneck", (1, 3, 1, 1))],
     ids=lambda v: v if isinstance(v, str) else "N{}_{}x{}".format(v[0], *v[2:]),
 )
 def test_tiny_network_matches_numpy_backend(spec_id, shape, dtype_id):
