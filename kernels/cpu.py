@@ -5,9 +5,9 @@ ImportError where numba is missing, so ``backend="auto"`` falls back to NumPy.
 Importing it changes nothing else in the process. Creating the first ``NumbaBackend``
 does, once (``_process_setup``): it sets numba's threading layer to "workqueue" (unless
 $NUMBA_THREADING_LAYER says otherwise; numba's OpenMP layer spins at its barriers, which
-stalls whole forward passes when the cores are shared: bench/results/notes.md), compiles
-the kernels below or loads them from the kernel cache, and finds the OpenBLAS that NumPy
-loaded, to run it single-threaded inside each convolution.
+stalls whole forward passes when the cores are shared: bench/results/notes.md), hands the
+kernels below to numba (each is compiled, or loaded from the kernel cache, at its first call),
+and finds the OpenBLAS that NumPy loaded, to run it single-threaded inside each convolution.
 
 Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
     winograd  3x3, stride 1, padding 1, groups 1: Winograd F(m x m, 3x3), m = 4 or 2
@@ -611,7 +611,8 @@ def _single_threaded_blas():
 
 @functools.lru_cache(maxsize=None)
 def _process_setup() -> SimpleNamespace:
-    """The kernels, compiled or loaded from the cache, once per process, when the first backend is made.
+    """The kernels as numba dispatchers (compiled or loaded from the cache at first call), once per process,
+    when the first backend is made.
 
     Also the process-wide settings the backend needs, made here and not at import: numba's threading
     layer ("workqueue", which sleeps where OpenMP's spins, unless $NUMBA_THREADING_LAYER is set; it takes
