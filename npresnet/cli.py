@@ -233,7 +233,8 @@ def cmd_classify(args) -> int:
     except ValueError as exc:  # a labels file that is missing or names another number of classes
         raise CommandError(str(exc)) from None
     if args.topk > model.num_classes:
-        warning(f"--topk {args.topk} is more than the model's {plural(model.num_classes, 'class', 'classes')}: showing {model.num_classes}")
+        classes = plural(model.num_classes, "class", "classes")
+        warning(f"--topk {args.topk} is more than the model's {classes}: showing {model.num_classes}")
         args.topk = model.num_classes
     progress = Progress(len(paths))
     errors = ImageErrors(progress, already=len(problems), json_lines=args.json)
