@@ -26,8 +26,8 @@ GPU is visible and the simulator is off.
 Tests: ``python -m pytest tests/cuda`` on a machine with an NVIDIA GPU, or
 ``NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/cuda`` anywhere (numba's CUDA simulator, one
 Python thread per CUDA thread, so tiny shapes); the main suite runs the latter through
-``tests/test_cuda.py``, which also compiles every kernel to PTX where the CUDA toolkit's NVVM is
-installed (no GPU needed) and checks that the float32 kernels do no float64 arithmetic.
+``tests/test_cuda.py``, which also compiles every kernel to PTX where NVIDIA's compiler works
+(no GPU needed) and checks that the float32 kernels do no float64 arithmetic.
 
 References: NVIDIA CUTLASS "Implicit GEMM Convolution" (docs/implicit_gemm_convolution.md);
 numba's ``cuda/tests/doc_examples/test_matmul.py`` (naive, then shared-memory tiles);
@@ -44,6 +44,7 @@ import numpy as np
 from numba import cuda  # ImportError without numba-cuda: the backend is then unavailable
 
 from npresnet.backends import Backend, BackendUnavailable, FoldedConv, register_backend
+from npresnet.functional import conv_output_size
 
 
 # --- tile shapes ---------------------------------------------------------------------------
@@ -323,8 +324,8 @@ def conv2d(x, conv: DeviceConv, relu: bool = False, residual=None, tiling: Tilin
     """
     N, C, H, W = x.shape
     R, S = conv.kernel_size
-    P = (H + 2 * conv.padding - R) // conv.stride + 1
-    Q = (W + 2 * conv.padding - S) // conv.stride + 1
+    P = conv_output_size(H, R, conv.stride, conv.padding)
+    Q = conv_output_size(W, S, conv.stride, conv.padding)
     if P < 1 or Q < 1:
         raise ValueError(f"conv2d: input {H}x{W} is too small for a {R}x{S} kernel with padding {conv.padding}")
     if C != conv.weight_t.shape[1] // (R * S) * conv.groups:
@@ -358,8 +359,8 @@ def conv2d(x, conv: DeviceConv, relu: bool = False, residual=None, tiling: Tilin
 def max_pool2d(x, kernel_size: int = 3, stride: int = 2, padding: int = 1):
     """Max pool on device arrays: (N, C, H, W) -> (N, C, P, Q), P = floor((H + 2p - k) / s) + 1."""
     N, C, H, W = x.shape
-    P = (H + 2 * padding - kernel_size) // stride + 1
-    Q = (W + 2 * padding - kernel_size) // stride + 1
+    P = conv_output_size(H, kernel_size, stride, padding)
+    Q = conv_output_size(W, kernel_size, stride, padding)
     if P < 1 or Q < 1:
         raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
     out = cuda.device_array((N, C, P, Q), dtype=x.dtype)

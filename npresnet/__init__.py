@@ -17,6 +17,7 @@ from .evaluation import Evaluation, evaluate
 from .explain import Explanation, explain, gradcam
 from .formats import convert
 from .hub import fetch
+from .manifest import WEIGHTS, WeightsEntry
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .onnx_export import export_onnx
 from .optim import (
@@ -48,7 +49,8 @@ def _builder(arch: str):
     builder.__doc__ = (
         f"{arch}: {spec.block} blocks {spec.layers}, groups={spec.groups}, width_per_group={spec.width_per_group}.\n\n"
         "weights: a weights file (.npz, .pth, .safetensors), a state dict (TorchVision key names), or official\n"
-        "weights by name ('DEFAULT', 'IMAGENET1K_V1', ...: downloaded and cached); None for fresh parameters.\n"
+        f"weights ({WEIGHTS[arch].type_name}.DEFAULT, or by name: 'DEFAULT', 'IMAGENET1K_V1', ...: downloaded\n"
+        "and cached); None for fresh parameters.\n"
         "num_classes: head size; defaults to the weights' own, else 1000.\n"
         "Options: stem ('imagenet' or 'cifar'), backend ('auto', 'numpy', 'numba', 'cuda'), threads."
     )
@@ -66,6 +68,18 @@ resnext101_64x4d = _builder("resnext101_64x4d")
 wide_resnet50_2 = _builder("wide_resnet50_2")
 wide_resnet101_2 = _builder("wide_resnet101_2")
 
+# The official weights, as TorchVision names them: ResNet50_Weights.IMAGENET1K_V2, .DEFAULT, .transforms().
+ResNet18_Weights = WEIGHTS["resnet18"]
+ResNet34_Weights = WEIGHTS["resnet34"]
+ResNet50_Weights = WEIGHTS["resnet50"]
+ResNet101_Weights = WEIGHTS["resnet101"]
+ResNet152_Weights = WEIGHTS["resnet152"]
+ResNeXt50_32X4D_Weights = WEIGHTS["resnext50_32x4d"]
+ResNeXt101_32X8D_Weights = WEIGHTS["resnext101_32x8d"]
+ResNeXt101_64X4D_Weights = WEIGHTS["resnext101_64x4d"]
+Wide_ResNet50_2_Weights = WEIGHTS["wide_resnet50_2"]
+Wide_ResNet101_2_Weights = WEIGHTS["wide_resnet101_2"]
+
 __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
@@ -78,6 +92,7 @@ __all__ = [
     "Prediction",
     "ResNet",
     "ResNetSpec",
+    "WeightsEntry",
     "WeightsError",
     "SGD",
     "AdamW",
@@ -91,6 +106,16 @@ __all__ = [
     "param_groups",
     "value_and_grad",
     "warmup_cosine",
+    "ResNet18_Weights",
+    "ResNet34_Weights",
+    "ResNet50_Weights",
+    "ResNet101_Weights",
+    "ResNet152_Weights",
+    "ResNeXt50_32X4D_Weights",
+    "ResNeXt101_32X8D_Weights",
+    "ResNeXt101_64X4D_Weights",
+    "Wide_ResNet50_2_Weights",
+    "Wide_ResNet101_2_Weights",
     "available_backends",
     "build",
     "classify",

@@ -63,7 +63,7 @@ class Backend:
         raise NotImplementedError
 
     def conv(self, x: Any, conv: Any, relu: bool, residual: Any = None) -> Any:
-        """max(conv(x) + bias + residual, 0) if relu, else conv(x) + bias + residual (residual optional)."""
+        """functional.conv2d_bias_act: max(conv(x) + bias + residual, 0) if relu, else without the max (residual optional)."""
         raise NotImplementedError
 
     def max_pool(self, x: Any) -> Any:
@@ -104,12 +104,7 @@ class NumpyBackend(Backend):
         return x
 
     def conv(self, x, conv: FoldedConv, relu, residual=None):
-        out = F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, groups=conv.groups)
-        if residual is not None:
-            out += residual
-        if relu:
-            F.relu(out, out=out)
-        return out
+        return F.conv2d_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.groups, residual, relu)
 
     def max_pool(self, x):
         return F.max_pool2d(x, kernel_size=3, stride=2, padding=1)

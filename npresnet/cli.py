@@ -23,14 +23,14 @@ from PIL import Image
 
 from . import __version__
 from .datasets import train_val_folders
-from .errors import BackendUnavailable, ImageError, WeightsError
+from .errors import BackendUnavailable, DataError, FetchError, ImageError, WeightsError
 from .explain import explain, image_format, save_image
 from .formats import convert, read_weights
 from .hub import fetch, is_weights_name
-from .manifest import DEFAULT
 from .model import ResNet, build, load
 from .predict import labels_for, save_embeddings, top_k
 from .preprocess import IMAGE_FORMATS, ImageClassification, preset_for
+from .progress import Progress
 from .specs import ARCHITECTURES, CIFAR_STEM, count_macs
 from .training import EpochResult, StepInfo, TrainConfig, TrainingInterrupted, fit, output_paths, resume_model
 
@@ -46,74 +46,50 @@ def error(message: str) -> None:
     print(f"npresnet: error: {message}", file=sys.stderr)
 
 
+def warning(message: str) -> None:
+    print(f"npresnet: warning: {message}", file=sys.stderr)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 embedding', '2 embeddings'; nouns for an irregular plural ('1 class', '3 classes')."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
+class CommandError(Exception):
+    """A mistake in the command's arguments or inputs, found by the command itself: one error line, exit 1."""
+
+
 def image_extensions() -> set[str]:
     """File name extensions of the formats npresnet reads (.jpg, .png, .webp, ...), lower case."""
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS and fmt in Image.OPEN}
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """IMAGE|DIR|GLOB arguments -> (image paths in order, error lines).
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """IMAGE|DIR|GLOB arguments -> (image paths in order, (argument, error message) pairs).
 
     A directory gives its files whose extension PIL can open (not recursing, hidden files skipped);
     a file named on the command line is always tried, whatever its extension.
     """
     extensions = image_extensions()
     paths: list[str] = []
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []
     for item in inputs:
         if os.path.isdir(item):
             entries = sorted((e for e in os.scandir(item) if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
             images = [e.path for e in entries if Path(e.name).suffix.lower() in extensions]
             if not images:
-                problems.append(f"{item}: no image files in this directory ({len(entries)} other files)")
+                problems.append((item, f"{item}: no image files in this directory ({plural(len(entries), 'other file')})"))
             paths.extend(images)
         elif os.path.exists(item):
             paths.append(item)
         elif any(c in item for c in GLOB_CHARACTERS):
             matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
             if not matches:
-                problems.append(f"{item}: no files match this pattern")
+                problems.append((item, f"{item}: no files match this pattern"))
             paths.extend(matches)
         else:
-            problems.append(f"{item}: no such file or directory")
+            problems.append((item, f"{item}: no such file or directory"))
     return paths, problems
-
-
-class Progress:
-    """A one-line progress bar on stderr, drawn only when stderr is a terminal and there is more than one item.
-
-    `prefix` goes before the bar (e.g. "epoch 2/5 "), `status` after the count (e.g. "  loss 0.41").
-    """
-
-    def __init__(self, total: int, stream=None, width: int = 30, unit: str = "images", prefix: str = ""):
-        self.stream = stream or sys.stderr
-        self.total = total
-        self.done = 0
-        self.width = width
-        self.unit = unit
-        self.prefix = prefix
-        self.enabled = total > 1 and self.stream.isatty()
-
-    def advance(self, count: int = 1, status: str = "") -> None:
-        self.done += count
-        if self.enabled:
-            filled = self.width * min(self.done, self.total) // self.total
-            bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r{self.prefix}[{bar}] {self.done}/{self.total} {self.unit}{status}")
-            self.stream.flush()
-
-    def clear(self) -> None:
-        """Erase the bar (it is drawn again at the next advance), so that other output starts on a clean line."""
-        if self.enabled:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-
-    def message(self, line: str) -> None:
-        """Print a line to stderr without mangling the bar."""
-        self.clear()
-        print(line, file=self.stream)
-
-    close = clear
 
 
 class ImageErrors:
@@ -172,15 +148,30 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--backend",
         default="auto",
         help=f"numpy, numba, cuda, or auto (default): the fastest here; NumPy for runs of up to "
-        f"{SHORT_RUN_IMAGES} images, where Numba's ~1 s start-up outweighs its speed",
+        f"{SHORT_RUN_IMAGES} images, where Numba's start-up outweighs its speed",
     )
-    group.add_argument("--threads", type=int, metavar="N", help="CPU threads for the compiled backends")
+    group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the compiled backends")
     group.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
     group.add_argument(
         "--exif-transpose",
         action="store_true",
         help="turn photos upright by their EXIF orientation first (TorchVision does not, so answers may then differ)",
     )
+    group.add_argument(
+        "--resize",
+        type=height_by_width,
+        metavar="HxW",
+        help="squash each whole image to HEIGHTxWIDTH (e.g. 224x224), no crop, as TorchVision's Resize((H, W)): "
+        "for models fine-tuned that way (default: the weights' own resize-and-center-crop)",
+    )
+
+
+def height_by_width(text: str) -> tuple[int, int]:
+    """'224x224' -> (224, 224); 'HEIGHTxWIDTH', both positive."""
+    height, sep, width = text.lower().partition("x")
+    if not (sep and height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 224x224, not {text!r}")
+    return int(height), int(width)
 
 
 def positive_int(text: str) -> int:
@@ -193,9 +184,9 @@ def positive_int(text: str) -> int:
 def backend_for(requested: str, num_images: int) -> str:
     """The backend a command uses: `auto` means NumPy for short runs.
 
-    Starting Numba (import, loading cached kernels) costs about 1 s in a fresh process, more than it
-    saves on a few images (bench/: resnet18 and resnet50 break even at about 25-40 images), so a short
-    run is fastest on NumPy; a long one gets what backends.get_backend("auto") picks.
+    Starting Numba (import, loading cached kernels) costs more in a fresh process than it saves on a
+    few images (bench/results/notes.md), so a short run is fastest on NumPy; a long one gets what
+    backends.get_backend("auto") picks.
     """
     if requested == "auto" and num_images <= SHORT_RUN_IMAGES:
         return "numpy"
@@ -205,26 +196,36 @@ def backend_for(requested: str, num_images: int) -> str:
 def model_from_args(args, num_images: int | None = None) -> ResNet:
     backend = args.backend if num_images is None else backend_for(args.backend, num_images)
     options = {"backend": backend, "threads": args.threads}
-    if args.weights is None:
-        arch = args.arch or DEFAULT_ARCH
-        print(
-            f"npresnet: warning: no --weights given: {arch} has random parameters, so its answers are meaningless",
-            file=sys.stderr,
+    try:
+        if args.weights is None:
+            arch = args.arch or DEFAULT_ARCH
+            warning(f"no --weights given: {arch} has random parameters, so its answers are meaningless")
+            return build(arch, **options)
+        if is_weights_name(args.weights):  # "DEFAULT", "IMAGENET1K_V2": official weights of --arch
+            return build(args.arch or DEFAULT_ARCH, args.weights, **options)
+        model = load(args.weights, **options)
+    except WeightsError:
+        raise
+    except ValueError as exc:  # an unknown weights name, a bad $NPRESNET_NUM_THREADS
+        raise CommandError(str(exc)) from None
+    if args.arch is not None and model.arch != args.arch:
+        raise CommandError(
+            f"{args.weights} holds weights for {model.arch}, not {args.arch}: leave out --arch, "
+            "which a weights file does not need (the architecture is read from it)"
         )
-        return build(arch, **options)
-    if is_weights_name(args.weights):  # "DEFAULT", "IMAGENET1K_V2": official weights of --arch
-        return build(args.arch or DEFAULT_ARCH, args.weights, **options)
-    if args.arch is None:
-        return load(args.weights, **options)
-    return build(args.arch, args.weights, **options)
+    return model
 
 
-def images_and_model(args) -> tuple[list[str], list[str], ResNet, ImageClassification]:
+def images_and_model(args) -> tuple[list[str], list[tuple[str, str]], ResNet, ImageClassification]:
+    """The images the arguments name and the model and preset to run on them. Arguments that name no
+    image are reported here (and, with --json, as {"file", "error"} lines too); the caller counts them."""
     paths, problems = expand_inputs(args.images)
-    for problem in problems:
-        error(problem)
+    for item, message in problems:
+        error(message)
+        if getattr(args, "json", False):
+            print(json.dumps({"file": item, "error": message}), flush=True)
     model = model_from_args(args, num_images=len(paths))
-    preset = preset_for(model, exif_transpose=args.exif_transpose)
+    preset = preset_for(model, exif_transpose=args.exif_transpose, squash_size=args.resize)
     return paths, problems, model, preset
 
 
@@ -233,7 +234,14 @@ def images_and_model(args) -> tuple[list[str], list[str], ResNet, ImageClassific
 
 def cmd_classify(args) -> int:
     paths, problems, model, preset = images_and_model(args)
-    labels = labels_for(model, args.labels)
+    try:
+        labels = labels_for(model, args.labels)
+    except ValueError as exc:  # a labels file that is missing or names another number of classes
+        raise CommandError(str(exc)) from None
+    if args.topk > model.num_classes:
+        classes = plural(model.num_classes, "class", "classes")
+        warning(f"--topk {args.topk} is more than the model's {classes}: showing {model.num_classes}")
+        args.topk = model.num_classes
     progress = Progress(len(paths))
     errors = ImageErrors(progress, already=len(problems), json_lines=args.json)
     for names, batch in preprocessed_batches(paths, preset, args.batch_size, progress, errors.report):
@@ -267,7 +275,7 @@ def cmd_embed(args) -> int:
     meta = {"arch": model.arch, "weights": args.weights, "preprocessing": repr(preset)}
     embeddings = np.concatenate(vectors)
     save_embeddings(args.output, names, embeddings, meta)
-    print(f"wrote {len(names)} embeddings of width {embeddings.shape[1]} to {args.output}")
+    print(f"wrote {plural(len(names), 'embedding')} of width {embeddings.shape[1]} to {args.output}")
     return 1 if errors.count else 0
 
 
@@ -277,7 +285,7 @@ def cmd_info(args) -> int:
         state = None
     else:
         if not os.path.exists(args.model) and not Path(args.model).suffix:
-            raise ValueError(f"{args.model}: not an architecture ({', '.join(ARCHITECTURES)}) nor a weights file")
+            raise CommandError(f"{args.model}: not an architecture ({', '.join(ARCHITECTURES)}) nor a weights file")
         state, _ = read_weights(args.model)
         model = load(args.model, backend="numpy")
     spec = model.spec
@@ -308,7 +316,7 @@ class TrainReport:
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
-        self.progress = Progress(0, self.stream)
+        self.progress = Progress(0, stream=self.stream)
         self.last_plain = time.monotonic()
 
     def note(self, message: str) -> None:
@@ -322,9 +330,9 @@ class TrainReport:
             f"  loss {info.loss:.4f}  acc {info.accuracy:.1%}  {info.images_per_second:.1f} images/s  lr {info.lr:.3g}"
         )
         prefix = f"epoch {info.epoch + 1}/{info.epochs} "
-        if self.progress.prefix != prefix:
+        if self.progress.label != prefix.strip():
             self.progress.close()
-            self.progress = Progress(info.steps, self.stream, unit="steps", prefix=prefix)
+            self.progress = Progress(info.steps, "steps", label=prefix.strip(), stream=self.stream)
             self.progress.done = info.step - 1  # a resumed epoch starts part way
         self.progress.advance(1, status)
         if not self.progress.enabled and time.monotonic() - self.last_plain >= self.PLAIN_INTERVAL_S:
@@ -333,7 +341,7 @@ class TrainReport:
 
     def epoch(self, result: EpochResult) -> None:
         self.progress.close()
-        self.progress = Progress(0, self.stream)
+        self.progress = Progress(0, stream=self.stream)
         print(
             f"epoch {result.epoch + 1}: train loss {result.train_loss:.4f} acc {result.train_accuracy:.1%} "
             f"({result.train_images} images, {result.images_per_second:.1f}/s, {result.seconds:.1f} s)  "
@@ -417,7 +425,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    print(fetch(args.arch, args.weights))
+    try:
+        print(fetch(args.arch, args.weights, from_file=args.from_file))
+    except FetchError:
+        raise
+    except ValueError as exc:  # no official weights of that name
+        raise CommandError(str(exc)) from None
     return 0
 
 
@@ -445,7 +458,7 @@ def cmd_export(args) -> int:
     elif len(args.size) == 2 and all(v.isdigit() and int(v) > 0 for v in args.size):
         size = (int(args.size[0]), int(args.size[1]))
     else:
-        raise ValueError(f"--size takes HEIGHT WIDTH (two positive integers) or {DYNAMIC}, not {' '.join(args.size)!r}")
+        raise CommandError(f"--size takes HEIGHT WIDTH (two positive integers) or {DYNAMIC}, not {' '.join(args.size)!r}")
     model = model_from_args(args)
     try:
         export_onnx(model, args.output, features=args.features, opset=args.opset, batch=args.batch, size=size)
@@ -627,7 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch", help="download TorchVision's official weights, verify their sha256, convert and cache them"
     )
     fetch_.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="e.g. resnet50")
-    fetch_.add_argument("--weights", default=DEFAULT, help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (default)")
+    fetch_.add_argument(
+        "--weights",
+        help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (the default; with --from-file: whichever the file is)",
+    )
+    fetch_.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="the official .pth downloaded by hand (e.g. resnet50-11ad3fa6.pth): checked against TorchVision's "
+        "sha256 and cached instead of downloaded, so that --weights DEFAULT works offline",
+    )
     fetch_.set_defaults(run=cmd_fetch)
 
     explain_ = commands.add_parser(
@@ -756,8 +778,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (WeightsError, BackendUnavailable, ValueError, OSError) as exc:
+    except BrokenPipeError:
+        # The reader went away (`npresnet classify ... | head -1`): stop quietly, as cat does, and point
+        # stdout at /dev/null so that Python's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, the status a shell shows for a writer its reader left
+    except (WeightsError, ImageError, DataError, BackendUnavailable, CommandError) as exc:
         error(str(exc))
+        return 1
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a bug or the machine, shown in full
+            raise
+        error(f"{exc.filename}: {exc.strerror or exc}")
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

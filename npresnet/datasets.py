@@ -51,14 +51,11 @@ from .preprocess import (
     load_image,
 )
 from .specs import CIFAR_STEM, IMAGENET_STEM
+from .errors import DataError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SHUFFLE_STREAM, SAMPLE_STREAM = 0, 1
-
-
-class DataError(ValueError):
-    """A data folder that cannot be used; the message names the folder at fault."""
 
 
 # --- the folder tree ---------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ Each failure has one type, so that a caller catches what the API promises:
   read or does not fit; the message names the file (or "state dict") and the cause.
 * ``FetchError``: a download of official weights that failed or did not verify.
 * ``ImageError``: an image that cannot be read or preprocessed; the message starts with its name.
+* ``DataError``: a data folder, class map or setting of a job (training, evaluation) that is
+  unusable as given; the message names the folder, file or setting.
 * ``BackendUnavailable``: the backend asked for cannot run here (compiler or device missing).
 
-``WeightsError`` and ``ImageError`` are ``ValueError``s (bad input), ``BackendUnavailable``
+``WeightsError``, ``ImageError`` and ``DataError`` are ``ValueError``s (bad input), ``BackendUnavailable``
 a ``RuntimeError`` (the machine, not the input).
 """
 from __future__ import annotations
@@ -24,6 +26,10 @@ class FetchError(WeightsError):
 
 class ImageError(ValueError):
     """An image that cannot be read or preprocessed; the message starts with the image's name."""
+
+
+class DataError(ValueError):
+    """A data folder, class map or job setting that is unusable as given; the message names it."""
 
 
 class BackendUnavailable(RuntimeError):

@@ -36,7 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .preprocess import ImageClassification, ImageError, load_image, preset_for
+from .errors import DataError, ImageError
+from .preprocess import ImageClassification, load_image, preset_for
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -61,21 +62,21 @@ def image_folder(root: str | os.PathLike, class_to_idx: Mapping[str, int] | None
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
-        raise ValueError(f"{root}: no such directory")
+        raise DataError(f"{root}: no such directory")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise ValueError(f"{root}: no class folders; expected the ImageFolder layout {root}/<class>/<image>")
+        raise DataError(f"{root}: no class folders; expected the ImageFolder layout {root}/<class>/<image>")
     if class_to_idx is None:
         class_to_idx = {name: index for index, name in enumerate(classes)}
     else:
         unmapped = [name for name in classes if name not in class_to_idx]
         if unmapped:
             shown = ", ".join(unmapped[:5]) + (f", ... ({len(unmapped)} in all)" if len(unmapped) > 5 else "")
-            raise ValueError(f"{root}: class folders not in the class map: {shown}")
+            raise DataError(f"{root}: class folders not in the class map: {shown}")
         class_to_idx = {name: int(class_to_idx[name]) for name in classes}
         negative = [name for name, index in class_to_idx.items() if index < 0]
         if negative:
-            raise ValueError(f"{root}: negative class index for {', '.join(negative)}")
+            raise DataError(f"{root}: negative class index for {', '.join(negative)}")
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for name in classes:
@@ -86,7 +87,7 @@ def image_folder(root: str | os.PathLike, class_to_idx: Mapping[str, int] | None
             empty.append(name)
         samples += [(path, class_to_idx[name]) for path in found]
     if not samples:
-        raise ValueError(
+        raise DataError(
             f"{root}: no image files ({', '.join(IMG_EXTENSIONS)}) in its {len(classes)} class folders"
         )
     return ImageFolder(root, classes, class_to_idx, samples, empty)
@@ -98,11 +99,11 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
         with open(path, encoding="utf-8") as f:
             lines = [line.split() for line in f if line.strip() and not line.lstrip().startswith("#")]
     except FileNotFoundError:
-        raise ValueError(f"{os.fspath(path)}: no such class map file") from None
+        raise DataError(f"{os.fspath(path)}: no such class map file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{os.fspath(path)}: cannot read the class map ({exc})") from None
+        raise DataError(f"{os.fspath(path)}: cannot read the class map ({exc})") from None
     if not lines:
-        raise ValueError(f"{os.fspath(path)}: the class map is empty")
+        raise DataError(f"{os.fspath(path)}: the class map is empty")
     if all(len(fields) == 2 and fields[1].isdigit() for fields in lines):
         pairs = [(fields[0], int(fields[1])) for fields in lines]
     else:
@@ -110,7 +111,7 @@ def read_class_map(path: str | os.PathLike) -> dict[str, int]:
     mapping: dict[str, int] = {}
     for name, index in pairs:
         if name in mapping and mapping[name] != index:
-            raise ValueError(f"{os.fspath(path)}: folder {name!r} is mapped to both {mapping[name]} and {index}")
+            raise DataError(f"{os.fspath(path)}: folder {name!r} is mapped to both {mapping[name]} and {index}")
         mapping[name] = index
     return mapping
 
@@ -121,7 +122,7 @@ def interleave_classes(samples: Sequence[tuple[str, int]], limit: int | None) ->
     if limit is None:
         return list(samples)
     if limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
+        raise DataError(f"limit must be at least 1, not {limit}")
     by_class: dict[int, list[tuple[str, int]]] = {}
     for sample in samples:
         by_class.setdefault(sample[1], []).append(sample)
@@ -236,9 +237,9 @@ def evaluate(
     Raises ValueError for a folder with no images, class indices beyond a model's head, or no readable image.
     """
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, not {topk}")
+        raise DataError(f"topk must be at least 1, not {topk}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        raise DataError(f"batch_size must be at least 1, not {batch_size}")
     folder = data if isinstance(data, ImageFolder) else image_folder(data, class_to_idx)
     samples = interleave_classes(folder.samples, limit)
     models = [model] if compare is None else [model, compare]
@@ -246,7 +247,7 @@ def evaluate(
     largest = max(folder.class_to_idx.values())
     for m in models:
         if largest >= m.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{folder.root}: class index {largest} is beyond the model's head (num_classes={m.num_classes}); "
                 f"{len(folder.classes)} class folders"
             )
@@ -286,7 +287,7 @@ def evaluate(
         if on_progress is not None:
             on_progress(len(chunk))
     if not targets:
-        raise ValueError(f"{folder.root}: none of the {len(samples)} images could be read")
+        raise DataError(f"{folder.root}: none of the {len(samples)} images could be read")
     target_array = np.asarray(targets, dtype=np.int64)
     results = [tally.result(folder, target_array, files) for tally in tallies]
     result = results[0]

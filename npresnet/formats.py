@@ -21,7 +21,7 @@ import numpy as np
 from .archive import open_zip
 from .checkpoint import read_safetensors, read_torch_checkpoint
 from .errors import WeightsError
-from .manifest import entry_for_sha256
+from .manifest import entry_for_sha256, entry_named
 from .weights import IGNORED_SUFFIXES, infer_spec_from_state, load_npz, validate_state_dict
 from .writers import check_suffix, write_weights
 
@@ -81,6 +81,12 @@ def read_weights(source: str | os.PathLike, max_bytes: int | None = None) -> tup
     sha256 = file_sha256(path)
     meta: dict[str, Any] = {"source": path.name, "source_sha256": sha256}
     entry = entry_for_sha256(sha256, infer_spec_from_state(state, str(path)).name)
+    named = entry_named(path.name)
+    if named is not None and entry != named:  # else it would silently lose the preprocessing its name promises
+        raise WeightsError(
+            f"{path}: named like TorchVision's {named.arch} {named.name} file, but its sha256 is {sha256}, not "
+            f"{named.sha256_prefix}...: a corrupt or incomplete download (download it again), or another file (rename it)"
+        )
     if entry is not None:
         meta.update(weights=f"{entry.arch}.{entry.name}", **entry.preprocessing)
     return state, meta

@@ -14,9 +14,15 @@ Shape letters, used in every docstring and shape comment:
     N batch, C input channels, H x W input size,
     K output channels, R x S kernel size, P x Q output size, G groups.
 
+What a backend's convolution computes is said once, here: ``conv2d_bias_act`` (a convolution
+with its batch norm folded into a bias, then the residual add and the ReLU of a ResNet block),
+built on ``conv2d``, whose meaning ``conv2d_loops`` spells out as the sum the papers write.
+The NumPy backend runs ``conv2d_bias_act``; the Numba and CUDA kernels are tested against it.
+
 References: PyTorch's ``torch.nn.functional`` for semantics (and ATen's CPU
 kernels for batch norm's running-statistic update and max pooling's tie rule);
-CS231n's ``layers.py`` for the im2col formulation of convolution and its backward.
+CS231n's ``layers.py`` for the im2col formulation of convolution and its backward;
+llm.c's reference ops (a plain loop form beside the fast one).
 """
 from __future__ import annotations
 
@@ -29,7 +35,10 @@ BN_EPS = 1e-5
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Output length of a convolution or pooling along one axis: floor((size + 2p - k) / s) + 1."""
+    """Output length of a convolution or pooling along one axis: floor((size + 2p - k) / s) + 1.
+
+    The one place this formula is written: the ops, the kernels and the MAC count all use it.
+    """
     return (size + 2 * padding - kernel) // stride + 1
 
 
@@ -139,6 +148,64 @@ def conv2d(
     return out
 
 
+def conv2d_loops(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+) -> np.ndarray:
+    """conv2d written as its definition, one output at a time (slow: a specification, for tests).
+
+        out[n, k, p, q] = bias[k] + sum over c < C/G, r < R, s < S of
+                          weight[k, c, r, s] * x[n, g*C/G + c, p*stride + r - padding, q*stride + s - padding]
+
+    with g = k // (K/G) the group of output channel k, and x taken as 0 outside the image.
+    """
+    N, C, H, W = x.shape
+    K, C_per_group, R, S = weight.shape
+    P, Q = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    out = np.zeros((N, K, P, Q), dtype=np.result_type(x, weight))
+    for n in range(N):
+        for k in range(K):
+            g = k // (K // groups)
+            for p in range(P):
+                for q in range(Q):
+                    total = bias[k] if bias is not None else 0
+                    for c in range(C_per_group):
+                        for r in range(R):
+                            h = p * stride + r - padding
+                            for s in range(S):
+                                w = q * stride + s - padding
+                                if 0 <= h < H and 0 <= w < W:
+                                    total += weight[k, c, r, s] * x[n, g * C_per_group + c, h, w]
+                    out[n, k, p, q] = total
+    return out
+
+
+def conv2d_bias_act(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    residual: np.ndarray | None = None,
+    relu: bool = False,
+) -> np.ndarray:
+    """What every backend's convolution computes: conv2d(x) + bias [+ residual], then [ReLU].
+
+    x: (N, C, H, W); weight: (K, C/G, R, S), a convolution with its batch norm folded in
+    (``fold_batch_norm``); bias: (K,); residual: (N, K, P, Q) or None. Returns (N, K, P, Q).
+    In a ResNet block the last convolution takes the identity path as its residual, then the ReLU.
+    """
+    out = conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups)  # (N, K, P, Q)
+    if residual is not None:
+        out += residual
+    if relu:
+        np.maximum(out, 0, out=out)  # relu in place (NaN stays NaN)
+    return out
 
 
 def conv2d_backward(

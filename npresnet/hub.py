@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .manifest import DEFAULT, WeightsEntry, get_weights_entry, sha256_prefix
 from .errors import FetchError
-from .formats import convert
+from .formats import convert, file_sha256
+from .manifest import DEFAULT, WeightsEntry, get_weights_entry, sha256_prefix, weights_names
+from .progress import BYTES, Progress
 
 DEFAULT_HOME = "~/.cache/npresnet"
 CHUNK = 1 << 16
@@ -56,46 +56,101 @@ def weights_url(entry: WeightsEntry, base_url: str | None = None) -> str:
 
 def fetch(
     arch: str,
-    name: str = DEFAULT,
+    name: str | None = DEFAULT,
     *,
     base_url: str | None = None,
     progress: bool | None = None,
+    from_file: str | os.PathLike | None = None,
 ) -> Path:
     """The cached .npz of `arch`'s official weights `name`, downloaded, verified and converted if absent.
 
+    from_file: the official .pth, downloaded by hand (offline machines): it is verified by its sha256
+    instead of downloaded, and cached as a download would be, so that weights=NAME then works offline.
+    With from_file, name=None means whichever of `arch`'s official files it is.
     progress: a bar on stderr; None shows it only when stderr is a terminal.
     """
-    entry = get_weights_entry(arch, name)
-    target = cache_dir() / (Path(entry.file_name).stem + ".npz")
+    if from_file is not None:
+        return _cache_from_file(arch, name, from_file)
+    entry = get_weights_entry(arch, name or DEFAULT)
+    target = cached_path(entry)
     if target.is_file():
         return target
     url = weights_url(entry, base_url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden temporary files beside the cache (the .pth suffix is what the reader dispatches on);
-    # only a verified, converted file of the right architecture is renamed into place.
+    # A hidden temporary file beside the cache (the .pth suffix is what the reader dispatches on).
     fd, tmp = tempfile.mkstemp(prefix=f".{entry.file_name}.", suffix=".pth", dir=target.parent)
     os.close(fd)
-    tmp_npz = tmp + ".npz"
+    advice = (
+        f"Offline: download {entry.file_name} on another machine, then run "
+        f"`npresnet fetch {entry.arch} --from-file {entry.file_name}` (it checks the sha256 and caches it), "
+        f"or pass the file itself: --weights {entry.file_name}"
+    )
     try:
-        download(url, tmp, progress=progress)
-        facts = {"source": entry.file_name, "weights": f"{entry.arch}.{entry.name}", **entry.preprocessing}
-        meta = convert(tmp, tmp_npz, meta=facts)
-        if meta["arch"] != entry.arch:
-            raise FetchError(f"{url}: holds weights for {meta['arch']}, not {entry.arch}")
-        os.replace(tmp_npz, target)
+        download(url, tmp, progress=progress, offline_advice=advice)
+        _convert_into_cache(entry, tmp, url)
     finally:
         Path(tmp).unlink(missing_ok=True)
-        Path(tmp_npz).unlink(missing_ok=True)
     return target
 
 
-def download(url: str, dst: str | os.PathLike, *, sha256: str | None = None, progress: bool | None = None) -> str:
+def cached_path(entry: WeightsEntry) -> Path:
+    """Where the converted .npz of an official file lives: $NPRESNET_HOME/<arch>-<hash>.npz."""
+    return cache_dir() / (Path(entry.file_name).stem + ".npz")
+
+
+def _convert_into_cache(entry: WeightsEntry, pth: str | os.PathLike, source: str) -> None:
+    """Convert a verified official .pth and rename it into the cache; nothing lands there on failure."""
+    target = cached_path(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_npz = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=target.parent)
+    os.close(fd)
+    try:
+        facts = {"source": entry.file_name, "weights": f"{entry.arch}.{entry.name}", **entry.preprocessing}
+        meta = convert(pth, tmp_npz, meta=facts)
+        if meta["arch"] != entry.arch:
+            raise FetchError(f"{source}: holds weights for {meta['arch']}, not {entry.arch}")
+        os.replace(tmp_npz, target)
+    finally:
+        Path(tmp_npz).unlink(missing_ok=True)
+
+
+def _cache_from_file(arch: str, name: str | None, path: str | os.PathLike) -> Path:
+    try:
+        sha256 = file_sha256(path)
+    except FileNotFoundError:
+        raise FetchError(f"{os.fspath(path)}: no such file") from None
+    candidates = [get_weights_entry(arch, n) for n in ([name] if name else weights_names(arch))]
+    matching = [e for e in candidates if e.sha256_prefix and sha256.startswith(e.sha256_prefix)]
+    if not matching:
+        if name:
+            entry = candidates[0]
+            raise FetchError(
+                f"{os.fspath(path)}: sha256 mismatch: expected {entry.sha256_prefix}... ({entry.file_name}), "
+                f"got {sha256}: a corrupt or incomplete download, or another file"
+            )
+        raise FetchError(
+            f"{os.fspath(path)}: not one of TorchVision's {arch} files ({', '.join(e.file_name for e in candidates)}): "
+            f"its sha256 is {sha256}, so it is a corrupt or incomplete download, or another file"
+        )
+    _convert_into_cache(matching[0], path, os.fspath(path))
+    return cached_path(matching[0])
+
+
+def download(
+    url: str,
+    dst: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    progress: bool | None = None,
+    offline_advice: str = "",
+) -> str:
     """Stream `url` into `dst`, verifying its sha256; return the full hex digest.
 
     The expected hash is `sha256` (a full digest or a prefix) or else the
     prefix in the URL's file name (<name>-<hex>.<ext>); with neither, the
     download is refused rather than accepted unverified. On any failure `dst`
-    is removed. Raises FetchError.
+    is removed. Raises FetchError; where the network cannot be reached, its message ends with
+    `offline_advice` (how to do without it).
     """
     file_name = url.rsplit("/", 1)[-1]
     expected = (sha256 or sha256_prefix(file_name) or "").lower()
@@ -112,27 +167,22 @@ def download(url: str, dst: str | os.PathLike, *, sha256: str | None = None, pro
             raise FetchError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise FetchError(
-                f"could not download {url} ({reason}). Without network: download {file_name} elsewhere, "
-                f"then run `npresnet convert {file_name} {Path(file_name).stem}.npz` and pass that .npz as weights=..."
-            ) from None
+            raise FetchError(f"could not download {url} ({reason}){'. ' + offline_advice if offline_advice else ''}") from None
         with response, open(dst, "wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            bar = ProgressBar(file_name, total) if _show_progress(progress) else None
+            bar = Progress(total, BYTES, label=file_name, enabled=progress)
             received = 0
             try:
                 while chunk := response.read(CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
-                    if bar:
-                        bar.update(received)
+                    bar.update(received)
             except (OSError, ValueError) as exc:
                 raise FetchError(f"{url}: transfer failed after {received} bytes ({exc})") from None
             finally:
-                if bar:
-                    bar.close()
+                bar.close()
         # http.client returns a short body without error when the server closes early: check the length.
         if total is not None and received != total:
             raise FetchError(f"{url}: truncated transfer: received {received} of {total} bytes")
@@ -145,33 +195,3 @@ def download(url: str, dst: str | os.PathLike, *, sha256: str | None = None, pro
         if isinstance(exc, Exception) and not isinstance(exc, FetchError):
             raise FetchError(f"{url}: download failed ({type(exc).__name__}: {exc})") from exc
         raise
-
-
-def _show_progress(progress: bool | None) -> bool:
-    if progress is None:
-        return sys.stderr.isatty()
-    return progress
-
-
-class ProgressBar:
-    """A one-line bar on stderr (a terminal only: see _show_progress)."""
-
-    WIDTH = 30
-
-    def __init__(self, label: str, total: int | None):
-        self.label, self.total = label, total
-
-    def update(self, received: int) -> None:
-        mib = received / 2**20
-        if self.total:
-            done = min(received / self.total, 1.0)
-            bar = "#" * int(done * self.WIDTH)
-            line = f"{self.label} [{bar:<{self.WIDTH}}] {done:4.0%} {mib:.1f} MiB"
-        else:
-            line = f"{self.label} {mib:.1f} MiB"
-        sys.stderr.write("\r" + line)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
-        sys.stderr.flush()

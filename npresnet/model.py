@@ -26,6 +26,7 @@ import numpy as np
 from . import functional as F
 from .backends import Backend, FoldedConv, get_backend
 from .hub import fetch, is_weights_name
+from .manifest import WeightsEntry
 from .specs import (
     IMAGENET_STEM,
     STAGES,
@@ -316,8 +317,7 @@ class ResNet:
 
             stages: list[list[dict[str, Any]]] = [[] for _ in self.spec.layers]
             for b in self.spec.blocks():
-                stage = int(b.prefix[len("layer")]) - 1
-                stages[stage].append({role: fold(c) for role, c in block_convs(b).items()})
+                stages[b.stage - 1].append({role: fold(c) for role, c in block_convs(b).items()})
             self._prepared[dtype] = PreparedNet(
                 stem=fold(stem_conv(self.spec)),
                 max_pool=self.spec.stem == IMAGENET_STEM,
@@ -350,8 +350,9 @@ def build(
     backend: str | Backend = "auto",
     threads: int | None = None,
 ) -> ResNet:
-    """A model of architecture `arch`, with `weights` (a file path, a state dict, or an official
-    weights name such as "IMAGENET1K_V2" or "DEFAULT", fetched and cached) or fresh ones.
+    """A model of architecture `arch`, with `weights` (a file path, a state dict, or official weights:
+    ResNet50_Weights.IMAGENET1K_V2 or a name such as "IMAGENET1K_V2" or "DEFAULT", fetched and cached)
+    or fresh ones.
 
     num_classes defaults to the weights' head size (from fc.weight), else 1000.
     """
@@ -365,7 +366,11 @@ def build(
         if isinstance(weights, Mapping):
             state = dict(weights)
         else:
-            if is_weights_name(weights):
+            if isinstance(weights, WeightsEntry):  # npresnet.ResNet50_Weights.IMAGENET1K_V2
+                if weights.arch != spec.name:
+                    raise WeightsError(f"{weights} are weights for {weights.arch}, not {spec.name}")
+                weights = fetch(weights.arch, weights.name)
+            elif is_weights_name(weights):
                 weights = fetch(spec.name, weights)
             source = str(weights)
             state, meta = read_weights(weights)

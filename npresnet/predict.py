@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image
 
-from .preprocess import ImageClassification, describe, preprocess, preset_for
+from .preprocess import ImageClassification, describe, is_pil_image, preprocess, preset_for
 from .weights import atomic_write
 
 IMAGENET_CLASSES = "imagenet_classes.txt"
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """One of an image's top-k classes."""
+class Prediction(NamedTuple):
+    """One of an image's top-k classes; a tuple, so `index, label, probability = prediction` works too."""
 
     index: int
     label: str
@@ -98,7 +95,7 @@ def top_k(logits: np.ndarray, labels: Sequence[str], k: int = 5) -> list[list[Pr
 
 def _as_list(images: Any) -> list[Any]:
     """One image or many -> a list of images."""
-    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
+    if isinstance(images, (str, os.PathLike, bytes, bytearray)) or is_pil_image(images):
         return [images]
     if isinstance(images, np.ndarray) and images.ndim in (2, 3):
         return [images]

@@ -26,6 +26,14 @@ dropped, not composited. Two deliberate departures, both documented here:
   ``ImageClassification(exif_transpose=True)`` (``--exif-transpose`` on the
   command line) rotates it upright first, at the cost of that equality.
 
+Models fine-tuned with a plain ``Resize((height, width))`` (common in third-party checkpoints)
+saw whole images squashed to that size, without the crop: ``squash_size=(height, width)``
+(``--resize HEIGHTxWIDTH`` on the command line) replaces steps 1 and 2 by that resize, PIL's
+bilinear filter on the whole image, as TorchVision's ``Resize`` does on a PIL image.
+
+Pillow is imported when an image is first read, not with npresnet: the model, the weights
+and already preprocessed arrays need only NumPy.
+
 Unreadable input raises ``ImageError`` naming the image, whatever Pillow's decoder raised
 (OSError, ValueError, SyntaxError, RuntimeError, struct.error...). Files are opened only as
 one of ``IMAGE_FORMATS``, all decoded in-process (never EPS/PS, which Pillow hands to
@@ -40,12 +48,15 @@ import dataclasses
 import io
 import os
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 from .errors import ImageError
 
@@ -54,11 +65,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_CROP_SIZE = 224
 DEFAULT_RESIZE_SIZE = 256
 
-INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")  # PIL's resampling filters of these names
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Formats Pillow decodes in-process with its own code or linked libraries; EPS/PS (Ghostscript) and
 # anything else that runs an external program are left out, as are rarely seen legacy formats.
@@ -72,12 +79,29 @@ DECODER_ERRORS = (OSError, ValueError, TypeError, SyntaxError, RuntimeError, str
                   KeyError, ZeroDivisionError, OverflowError, MemoryError)
 
 
+def pil():
+    """PIL's Image module, imported on first use so that the rest of npresnet runs without Pillow."""
+    try:
+        from PIL import Image
+    except ImportError as exc:
+        raise ImportError(f"reading images needs Pillow ({exc}): pip install pillow") from exc
+    return Image
+
+
+def is_pil_image(value: Any) -> bool:
+    """Whether `value` is a PIL image; PIL is not imported for this (no PIL image exists before it is)."""
+    Image = sys.modules.get("PIL.Image")
+    return Image is not None and isinstance(value, Image.Image)
+
+
 @dataclass(frozen=True)
 class ImageClassification:
     """TorchVision's ImageNet classification preset, as a value.
 
     ResNet weights want crop_size=224 with resize_size=256 (IMAGENET1K_V1) or
     232 (IMAGENET1K_V2); ``preset_for(model)`` reads them from the model's metadata.
+    squash_size=(height, width) resizes the whole image to exactly that instead (no crop; the
+    aspect ratio is not kept), as TorchVision's ``Resize((height, width))``.
     """
 
     crop_size: int = DEFAULT_CROP_SIZE
@@ -86,10 +110,21 @@ class ImageClassification:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     exif_transpose: bool = False
+    squash_size: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.crop_size < 1 or self.resize_size < 1:
             raise ValueError(f"crop_size and resize_size must be positive, not {self.crop_size}, {self.resize_size}")
+        if self.squash_size is not None:
+            size = tuple(self.squash_size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"squash_size must be (height, width), both positive, not {self.squash_size!r}")
+            object.__setattr__(self, "squash_size", (int(size[0]), int(size[1])))
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the arrays this preset makes."""
+        return self.squash_size or (self.crop_size, self.crop_size)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -108,13 +143,18 @@ class ImageClassification:
         left = int(round((width - crop) / 2.0))
         return left, top, left + crop, top + crop
 
-    def resize_and_crop(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> the (crop, crop, 3) uint8 array the network will see."""
+    def resize_and_crop(self, image: "Image.Image") -> np.ndarray:
+        """An RGB PIL image -> the (crop, crop, 3) uint8 array the network will see ((height, width, 3) squashed)."""
+        Image = pil()
+        resample = getattr(Image.Resampling, self.interpolation.upper())
+        if self.squash_size is not None:
+            height, width = self.squash_size
+            return np.asarray(image.resize((width, height), resample), dtype=np.uint8)
         width, height = self.resized_size(*image.size)
         if width * height > Image.MAX_IMAGE_PIXELS:
             # A long thin strip would grow past PIL's own decompression-bomb limit.
             raise ValueError(f"resizing {image.size[0]}x{image.size[1]} to {width}x{height} is too large")
-        image = image.resize((width, height), INTERPOLATIONS[self.interpolation])
+        image = image.resize((width, height), resample)
         pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
         pixels = _pad_to(pixels, self.crop_size)
         left, top, right, bottom = self.crop_box(pixels.shape[1], pixels.shape[0])
@@ -128,7 +168,7 @@ class ImageClassification:
         return (x - mean) / std
 
     def __call__(self, image: Any) -> np.ndarray:
-        """One image (path, bytes, PIL image or uint8 array) -> (3, crop_size, crop_size) float32."""
+        """One image (path, bytes, PIL image or uint8 array) -> (3, crop_size, crop_size) float32 (or 3 x squash_size)."""
         name = describe(image)
         rgb = load_image(image, exif_transpose=self.exif_transpose)
         try:
@@ -152,14 +192,15 @@ def describe(image: Any) -> str:
         return os.fspath(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return f"<{len(image)} bytes>"
-    if isinstance(image, Image.Image):
+    if is_pil_image(image):
         return f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
     if isinstance(image, np.ndarray):
         return f"<array {image.dtype} {image.shape}>"
     return f"<{type(image).__name__}>"
 
 
-def _open(image: Any) -> Image.Image:
+def _open(image: Any) -> "Image.Image":
+    Image = pil()
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, (str, os.PathLike)):
@@ -179,8 +220,9 @@ def _open(image: Any) -> Image.Image:
     raise TypeError(f"expected a path, bytes, a PIL image or a uint8 array, not {type(image).__name__}")
 
 
-def _open_bytes(data: bytes) -> Image.Image:
+def _open_bytes(data: bytes) -> "Image.Image":
     """Identify and check an encoded image (header only: no pixels are decoded yet)."""
+    Image = pil()
     opened = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     width, height = opened.size
     bytes_per_pixel = len(opened.getbands()) * (4 if opened.mode in ("I", "F") else 2 if opened.mode.startswith("I;16") else 1)
@@ -192,23 +234,26 @@ def _open_bytes(data: bytes) -> Image.Image:
     return opened
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: "Image.Image") -> "Image.Image":
     """Any PIL mode -> RGB, as TorchVision's loader does, except 16-bit data, scaled by >> 8."""
     if image.mode == "RGB":
         return image
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image)  # uint16, or int32 for mode I: no wider copy of a large image
-        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # L
+        image = pil().fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))  # L
     return image.convert("RGB")
 
 
-def load_image(image: Any, exif_transpose: bool = False) -> Image.Image:
+def load_image(image: Any, exif_transpose: bool = False) -> "Image.Image":
     """A path, bytes, PIL image or uint8 array -> a fully decoded RGB PIL image.
 
     Raises ImageError naming the image for anything unreadable: a missing file,
     a zero-byte or truncated file, a format PIL cannot identify, a decompression bomb.
     """
     name = describe(image)
+    Image = pil()
+    from PIL import ImageOps, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -257,5 +302,5 @@ def preprocess(images: Iterable[Any], preset: ImageClassification | None = None)
     preset = preset or ImageClassification()
     arrays = [preset(image) for image in images]
     if not arrays:
-        return np.zeros((0, 3, preset.crop_size, preset.crop_size), dtype=np.float32)
+        return np.zeros((0, 3, *preset.output_size), dtype=np.float32)
     return np.stack(arrays)  # (N, 3, crop, crop)

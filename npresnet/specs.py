@@ -3,6 +3,9 @@
 Every member is (block, layers, groups, width_per_group) plus a head size and
 a stem, as in TorchVision's ``models/resnet.py``: each builder there is one
 call into a shared ``_resnet``; here each is one row of ``ARCHITECTURES``.
+The stage widths (``planes``, 64 to 512 in the whole family) are part of the
+spec too, so that a small network for a test is just another value, as a tiny
+GPT is just another ``GPTConfig`` in nanoGPT.
 
 References: He et al., "Deep Residual Learning for Image Recognition" (2015);
 Xie et al., "Aggregated Residual Transformations" (ResNeXt, 2016);
@@ -14,12 +17,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
+from .functional import conv_output_size
+
 BASIC = "basic"
 BOTTLENECK = "bottleneck"
 IMAGENET_STEM = "imagenet"  # 7x7 stride-2 conv1, then 3x3 stride-2 max pool
 CIFAR_STEM = "cifar"  # 3x3 stride-1 conv1, no max pool: for 32x32 inputs
 
-STAGE_PLANES = (64, 128, 256, 512)
+TORCHVISION_PLANES = (64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class ResNetSpec:
     width_per_group: int = 64
     num_classes: int = 1000
     stem: str = IMAGENET_STEM
+    # Each stage's `planes` (its blocks put out planes * expansion channels); the stem puts out
+    # planes[0], TorchVision's inplanes = 64.
+    planes: tuple[int, int, int, int] = TORCHVISION_PLANES
 
     def __post_init__(self):
         if self.block not in (BASIC, BOTTLENECK):
@@ -45,6 +53,11 @@ class ResNetSpec:
             raise ValueError(f"layers must be four positive block counts, not {self.layers!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be positive, not {self.num_classes}")
+        if len(self.planes) != 4 or min(self.planes) < 1:
+            raise ValueError(f"planes must be four positive stage widths, not {self.planes!r}")
+        widths = [p * self.width_per_group // 64 * self.groups for p in self.planes]
+        if min(widths) < 1:
+            raise ValueError(f"planes {self.planes} with width_per_group={self.width_per_group} leave a stage no channels")
 
     @property
     def expansion(self) -> int:
@@ -52,23 +65,29 @@ class ResNetSpec:
         return 1 if self.block == BASIC else 4
 
     @property
+    def stem_width(self) -> int:
+        """Channels out of conv1: planes[0] (64 in TorchVision)."""
+        return self.planes[0]
+
+    @property
     def num_features(self) -> int:
-        """Width of the pooled embedding fed to fc: 512 x expansion."""
-        return 512 * self.expansion
+        """Width of the pooled embedding fed to fc: the last stage's planes x expansion (512 x expansion)."""
+        return self.planes[-1] * self.expansion
 
     def replace(self, **changes) -> "ResNetSpec":
         return dataclasses.replace(self, **changes)
 
     def blocks(self) -> Iterator["BlockSpec"]:
         """Every residual block in order, with its channel counts and stride."""
-        inplanes = 64
-        for stage, (planes, depth) in enumerate(zip(STAGE_PLANES, self.layers), start=1):
+        inplanes = self.stem_width
+        for stage, (planes, depth) in enumerate(zip(self.planes, self.layers), start=1):
             for index in range(depth):
                 # TorchVision: the first block of stages 2-4 halves the resolution.
                 stride = 2 if (stage > 1 and index == 0) else 1
                 outplanes = planes * self.expansion
                 yield BlockSpec(
                     prefix=f"layer{stage}.{index}",
+                    stage=stage,
                     block=self.block,
                     inplanes=inplanes,
                     planes=planes,
@@ -85,6 +104,7 @@ class ResNetSpec:
 @dataclass(frozen=True)
 class BlockSpec:
     prefix: str  # state-dict prefix, e.g. "layer2.0"
+    stage: int  # 1 to 4: layer1 to layer4
     block: str
     inplanes: int
     planes: int
@@ -116,8 +136,8 @@ class ConvSpec:
 
 def stem_conv(spec: ResNetSpec) -> ConvSpec:
     if spec.stem == CIFAR_STEM:
-        return ConvSpec("conv1", "bn1", 3, 64, kernel_size=3, stride=1, padding=1)
-    return ConvSpec("conv1", "bn1", 3, 64, kernel_size=7, stride=2, padding=3)
+        return ConvSpec("conv1", "bn1", 3, spec.stem_width, kernel_size=3, stride=1, padding=1)
+    return ConvSpec("conv1", "bn1", 3, spec.stem_width, kernel_size=7, stride=2, padding=3)
 
 
 def block_convs(b: BlockSpec) -> dict[str, ConvSpec]:
@@ -201,17 +221,15 @@ def count_macs(spec: ResNetSpec, height: int = 224, width: int = 224) -> int:
     batch norm (folded), ReLU, pooling and residual additions are not counted.
     """
 
-    def out(size: int, kernel_size: int, stride: int, padding: int) -> int:
-        return (size + 2 * padding - kernel_size) // stride + 1
-
     def conv(c: ConvSpec, h: int, w: int) -> tuple[int, int, int]:
-        h, w = out(h, c.kernel_size, c.stride, c.padding), out(w, c.kernel_size, c.stride, c.padding)
+        h = conv_output_size(h, c.kernel_size, c.stride, c.padding)
+        w = conv_output_size(w, c.kernel_size, c.stride, c.padding)
         per_output = (c.in_channels // c.groups) * c.kernel_size * c.kernel_size
         return c.out_channels * per_output * h * w, h, w
 
     total, h, w = conv(stem_conv(spec), height, width)
     if spec.stem == IMAGENET_STEM:
-        h, w = out(h, 3, 2, 1), out(w, 3, 2, 1)  # 3x3 stride-2 max pool
+        h, w = conv_output_size(h, 3, 2, 1), conv_output_size(w, 3, 2, 1)  # 3x3 stride-2 max pool
     for b in spec.blocks():
         convs = block_convs(b)
         if "downsample" in convs:
@@ -291,18 +309,28 @@ def infer_spec(shapes: dict[str, tuple[int, ...]]) -> ResNetSpec:
     if len(fc) != 2:
         raise ValueError(f"cannot infer the architecture: fc.weight has shape {fc}, expected 2 dimensions")
     num_classes = fc[0]
+    # A stage's planes: its first block's output channels (conv2 of a BasicBlock, conv3 of a Bottleneck) / expansion.
+    last, expansion = ("conv3", 4) if block == BOTTLENECK else ("conv2", 1)
+    planes = []
+    for stage in range(1, 5):
+        shape = shapes.get(f"layer{stage}.0.{last}.weight")
+        if shape is None or len(shape) != 4 or shape[0] % expansion:
+            raise ValueError(f"cannot infer the architecture: layer{stage}.0.{last}.weight has shape {shape}")
+        planes.append(shape[0] // expansion)
     groups, width_per_group = 1, 64
     if block == BOTTLENECK:
-        width = shapes["layer1.0.conv1.weight"][0]  # planes=64 in layer1: width = width_per_group * groups
+        width = shapes["layer1.0.conv1.weight"][0]  # width = planes * width_per_group / 64 * groups
         conv2_in = shapes["layer1.0.conv2.weight"]
         if len(conv2_in) != 4 or conv2_in[1] < 1 or width % conv2_in[1]:
             raise ValueError(f"cannot infer the architecture: layer1.0.conv2.weight has shape {conv2_in}")
         groups = width // conv2_in[1]
-        width_per_group = width // groups
-    layers_t = tuple(layers)
+        width_per_group = width // groups * 64 // planes[0]
+    layers_t, planes_t = tuple(layers), tuple(planes)
     name = "custom"
     for known in ARCHITECTURES.values():
-        if (known.block, known.layers, known.groups, known.width_per_group) == (block, layers_t, groups, width_per_group):
+        if (known.block, known.layers, known.groups, known.width_per_group, known.planes) == (
+            block, layers_t, groups, width_per_group, planes_t
+        ):
             name = known.name
             break
-    return ResNetSpec(name, block, layers_t, groups, width_per_group, num_classes, stem)
+    return ResNetSpec(name, block, layers_t, groups, width_per_group, num_classes, stem, planes_t)

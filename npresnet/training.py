@@ -39,6 +39,7 @@ import numpy as np
 from . import functional as F
 from .autograd import value_and_grad
 from .datasets import BatchLoader, ImageFolder, TrainTransform, train_val_folders
+from .errors import DataError
 from .model import ResNet
 from .optim import SGD, AdamW, LinearWarmup, Optimizer, SequentialLR, StepLR, param_groups, warmup_cosine
 from .weights import META_KEY, WeightsError, atomic_write, infer_spec_from_state, load_npz, save_npz
@@ -84,23 +85,23 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be at least 1, not {self.epochs}, {self.batch_size}")
+            raise DataError(f"epochs and batch_size must be at least 1, not {self.epochs}, {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, not {self.lr}")
+            raise DataError(f"lr must be a positive number, not {self.lr}")
         if self.backbone_lr is not None and not (self.backbone_lr >= 0 and math.isfinite(self.backbone_lr)):
-            raise ValueError(f"backbone_lr must be a non-negative number, not {self.backbone_lr}")
+            raise DataError(f"backbone_lr must be a non-negative number, not {self.backbone_lr}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
+            raise DataError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+            raise DataError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
         if self.freeze is not None and self.freeze not in FREEZE_STAGES:
-            raise ValueError(f"freeze must be one of {', '.join(FREEZE_STAGES)}, not {self.freeze!r}")
+            raise DataError(f"freeze must be one of {', '.join(FREEZE_STAGES)}, not {self.freeze!r}")
         if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be at least 0 and below epochs ({self.epochs}), not {self.warmup_epochs}")
+            raise DataError(f"warmup_epochs must be at least 0 and below epochs ({self.epochs}), not {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+            raise DataError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
         if self.image_size < 1 or self.seed < 0:
-            raise ValueError(f"image_size must be positive and seed non-negative, not {self.image_size}, {self.seed}")
+            raise DataError(f"image_size must be positive and seed non-negative, not {self.image_size}, {self.seed}")
 
 
 @dataclass
@@ -173,7 +174,7 @@ def output_paths(output: str | os.PathLike) -> tuple[str, str, str]:
     """(last weights, best weights, checkpoint) for -o OUT.npz: OUT.npz, OUT.best.npz, OUT.ckpt.npz."""
     output = os.fspath(output)
     if not output.endswith(".npz"):
-        raise ValueError(f"{output}: the output file must end in .npz")
+        raise DataError(f"{output}: the output file must end in .npz")
     stem = output[: -len(".npz")]
     return output, f"{stem}.best.npz", f"{stem}.ckpt.npz"
 
@@ -347,7 +348,7 @@ def evaluate(model: ResNet, loader: BatchLoader, reporter: Reporter | None = Non
         if was_training:
             model.train()
     if count == 0:
-        raise ValueError(f"{loader.folder.root}: no image could be read")
+        raise DataError(f"{loader.folder.root}: no image could be read")
     return loss_sum / count, top1 / count, top5 / count
 
 
@@ -569,13 +570,13 @@ def _check_resumable(checkpoint: Checkpoint, config: TrainConfig, train: ImageFo
     saved = dataclasses.asdict(checkpoint.config)
     differences = [f"{k}={v!r} (the checkpoint has {saved[k]!r})" for k, v in dataclasses.asdict(config).items() if saved[k] != v]
     if differences:
-        raise ValueError(f"{path}: resuming needs the run's own settings; different: {', '.join(differences)}")
+        raise DataError(f"{path}: resuming needs the run's own settings; different: {', '.join(differences)}")
     if checkpoint.classes != train.classes:
-        raise ValueError(
+        raise DataError(
             f"{path}: the checkpoint was trained on classes {', '.join(checkpoint.classes)}, "
             f"but {train.root} has {', '.join(train.classes)}"
         )
     if checkpoint.num_train != len(train):
-        raise ValueError(f"{path}: the checkpoint's run had {checkpoint.num_train} training images, {train.root} has {len(train)}")
+        raise DataError(f"{path}: the checkpoint's run had {checkpoint.num_train} training images, {train.root} has {len(train)}")
     if checkpoint.epoch >= config.epochs:
-        raise ValueError(f"{path}: that run already finished its {config.epochs} epochs")
+        raise DataError(f"{path}: that run already finished its {config.epochs} epochs")

@@ -32,6 +32,7 @@ import numpy as np
 
 from .archive import LoadBudget, open_zip, read_member
 from .errors import WeightsError
+from .files import new_file_mode
 from .specs import ARCHITECTURES, CIFAR_STEM, IMAGENET_STEM, ResNetSpec, infer_spec, parameter_shapes
 
 META_KEY = "__meta__"
@@ -177,6 +178,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 is for scratch files, not for what the user asked for
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

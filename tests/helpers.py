@@ -1,4 +1,9 @@
-"""The one comparison helper every test uses."""
+"""The one comparison helper every test uses, and the one way tests start a Python process."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 
 
@@ -23,3 +28,20 @@ def assert_close(actual, expected, dtype=None, tol=None):
     limit = tol if tol is not None else TOLERANCE[dtype]
     assert err <= limit, f"max error {err:.3e} relative to max |expected| exceeds {limit:.0e}"
     return err
+
+
+def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subprocess.CompletedProcess:
+    """Run this Python on `args`: code for -c (a string, dedented) or arguments (["-m", "npresnet", ...]).
+
+    env: variables to set on top of this process's, None as a value removing one. Output is captured
+    as text unless `options` redirect it (stdout=...).
+    """
+    environment = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            environment.pop(key, None)
+        else:
+            environment[key] = value
+    argv = ["-c", textwrap.dedent(args)] if isinstance(args, str) else [str(a) for a in args]
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **options}
+    return subprocess.run([sys.executable, *argv], env=environment, cwd=cwd, text=True, timeout=timeout, **streams)

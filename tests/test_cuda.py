@@ -3,14 +3,13 @@
 numba reads NUMBA_ENABLE_CUDASIM when it is first imported, and this process has imported it
 already for the CPU backend, so both run in a fresh interpreter.
 """
-import importlib.metadata
+import functools
 import os
 import re
-import shutil
-import subprocess
-import sys
 
 import pytest
+
+from helpers import run_python
 
 pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
 
@@ -18,11 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def python(code_or_args, simulator: bool):
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    if simulator:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_python(code_or_args, env={"NUMBA_ENABLE_CUDASIM": "1" if simulator else None}, cwd=ROOT, timeout=900)
 
 
 def test_cuda_kernels_pass_under_the_simulator():
@@ -68,11 +63,6 @@ COMPILE = """
 import re
 import numpy as np
 from numba import cuda, types
-try:
-    cuda.compile_ptx(lambda a: None, (types.float32[:],), cc=(8, 0))
-except Exception as exc:  # NVVM or NVRTC not installed: nothing below could compile
-    print("NO-TOOLKIT", type(exc).__name__)
-    raise SystemExit(0)
 import npresnet_kernels.cuda as kc
 for dtype in (np.float32, np.float64):
     real = types.float32 if dtype == np.float32 else types.float64
@@ -90,26 +80,41 @@ for dtype in (np.float32, np.float64):
 """
 
 
-def _compiler_installed() -> bool:
-    """NVIDIA's compiler wheels (nvidia-nvvm, nvidia-cuda-nvrtc) or a system toolkit's nvcc."""
-    for dist in ("nvidia-nvvm", "nvidia-cuda-nvrtc"):
-        try:
-            importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return shutil.which("nvcc") is not None
-    return True
+# Where CI installs NVIDIA's compiler wheels it sets this, so that the test below runs (and fails if the
+# compiler does not work) instead of being skipped.
+REQUIRE_PTX = os.environ.get("NPRESNET_REQUIRE_PTX") == "1"
+# A kernel as small as can be that still needs what the real ones need: NVVM, and max() (whose
+# typing asks for a device's compute capability where numba's compiler is incompletely installed).
+PTX_PROBE = """
+from numba import cuda, types
+def probe(a):
+    i = cuda.grid(1)
+    if i < a.shape[0]:
+        a[i] = max(a[i], 0)
+cuda.compile_ptx(probe, (types.float32[:],), cc=(8, 0))
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def ptx_compiler_works() -> bool:
+    """Whether numba.cuda compiles a tiny kernel to PTX here, tried in a fresh process (simulator off).
+
+    Trying is the only reliable sign: a machine can have an `nvcc` on PATH whose toolkit lacks what
+    numba needs (NVVM, NVRTC), and NVIDIA's wheels (nvidia-nvvm, nvidia-cuda-nvrtc) need no nvcc at all.
+    """
+    return python(PTX_PROBE, simulator=False).returncode == 0
 
 
 @pytest.mark.skipif(
-    not _compiler_installed(), reason="needs NVIDIA's compiler: pip install nvidia-nvvm nvidia-cuda-nvrtc (CI does)"
+    not REQUIRE_PTX and not ptx_compiler_works(),
+    reason="needs a working NVIDIA compiler for numba.cuda: pip install nvidia-nvvm nvidia-cuda-nvrtc (CI does)",
 )
 def test_kernels_compile_for_a_gpu_with_no_float64_in_float32():
     # Real numba.cuda compilation (not the simulator, which runs Python): every kernel types and
     # lowers to PTX, the float32 kernels do no float64 arithmetic (a stray literal would add it),
     # and the tiled kernel keeps its accumulators in registers (no local memory).
     result = python(COMPILE, simulator=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not result.stdout.startswith("NO-TOOLKIT"), f"NVVM/NVRTC installed but unusable: {result.stdout.strip()}"
+    assert result.returncode == 0, f"PTX compilation failed:\n{result.stderr[-3000:]}"
     rows = [line.split() for line in result.stdout.strip().splitlines()]
     assert len(rows) == 2 * (len(("square", "column", "flat")) + 3), result.stdout
     for dtype, name, has_f64, has_local in rows:

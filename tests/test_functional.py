@@ -54,6 +54,38 @@ def test_conv2d_integer_valued_exact():
     np.testing.assert_array_equal(got, want)
 
 
+# The loop form is the definition, slow in Python: the cases without the big ImageNet-stem input.
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[2] * c[3] < 1000], ids=lambda c: "N{}C{}H{}W{}K{}R{}s{}p{}g{}".format(*c))
+def test_conv2d_loops_is_conv2d(case):
+    """The loop form (the sum as papers write it) and the im2col form agree exactly on integer-valued data."""
+    N, C, H, W, K, R, stride, padding, groups = case
+    rng = np.random.default_rng(8)
+    x = rng.integers(-3, 4, size=(N, C, H, W)).astype(np.float64)
+    w = rng.integers(-2, 3, size=(K, C // groups, R, R)).astype(np.float64)
+    b = rng.integers(-2, 3, size=K).astype(np.float64)
+    want = TF.conv2d(t(x), t(w), t(b), stride=stride, padding=padding, groups=groups).numpy()
+    np.testing.assert_array_equal(F.conv2d_loops(x, w, b, stride, padding, groups), want)
+    np.testing.assert_array_equal(F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("relu, residual", [(False, False), (True, False), (True, True)], ids=["plain", "relu", "residual_relu"])
+def test_conv2d_bias_act(relu, residual, dtype):
+    """What a backend's convolution computes: conv + bias [+ residual], then [ReLU], as torch's ops in that order."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 8, 7, 6)).astype(dtype)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    res = rng.standard_normal((2, 6, 4, 3)).astype(dtype) if residual else None
+    want = TF.conv2d(t(x), t(w), t(b), stride=2, padding=1, groups=2)
+    if residual:
+        want = want + t(res)
+    if relu:
+        want = TF.relu(want)
+    got = F.conv2d_bias_act(x, w, b, stride=2, padding=1, groups=2, residual=res, relu=relu)
+    assert_close(got, want.numpy())
+
+
 def test_conv2d_rejects_channel_mismatch():
     with pytest.raises(ValueError, match="channels"):
         F.conv2d(np.zeros((1, 3, 4, 4)), np.zeros((2, 4, 3, 3)))

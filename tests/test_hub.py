@@ -20,6 +20,8 @@ from npresnet.hub import FetchError, download, fetch, is_weights_name
 from npresnet.manifest import entry_for_sha256, get_weights_entry, official_weights, sha256_prefix
 from npresnet.specs import ARCHITECTURES, count_params
 from helpers import assert_close
+from image_files import photos
+from npresnet.progress import Progress
 
 TRUNCATED = "truncated"
 
@@ -117,12 +119,19 @@ def test_download_without_hash_prefix_is_never_accepted_unverified(server, tmp_p
     assert not dst.exists()
 
 
-def test_no_network_says_how_to_use_a_local_file(tmp_path):
+def test_no_network_says_how_to_use_a_local_file(tmp_path, monkeypatch, capsys):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(FetchError, match=r"could not download .*npresnet convert resnet18-f37072fd.pth resnet18-f37072fd.npz"):
-        download(f"http://127.0.0.1:{port}/resnet18-f37072fd.pth", tmp_path / "x.pth")
+    monkeypatch.setenv("NPRESNET_BASE_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NPRESNET_HOME", str(tmp_path / "cache"))
+    image = str(photos()[0])
+    assert main(["classify", "--arch", "resnet18", "--weights", "DEFAULT", "--backend", "numpy", image]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"npresnet: error: could not download http://127.0.0.1:{port}/resnet18-f37072fd.pth (")
+    assert "npresnet fetch resnet18 --from-file resnet18-f37072fd.pth" in err
+    assert "--weights resnet18-f37072fd.pth" in err and "weights=" not in err and err.count("\n") == 1
+    assert cache_contents(tmp_path) == []
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(server, tmp_path, capsys):
@@ -226,7 +235,7 @@ def test_interrupted_fetch_leaves_cache_empty(official, server, tmp_path, monkey
     def interrupt(self, received):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub.ProgressBar, "update", interrupt)
+    monkeypatch.setattr(Progress, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
         fetch("resnet18", progress=True)
     assert cache_contents(tmp_path) == []
@@ -312,3 +321,62 @@ def test_cli_classify_with_official_weights_name(official, server, capsys):
     want = npresnet.classify([image], model, topk=5)[0]
     assert [p["index"] for p in line["top"]] == [p.index for p in want]
     assert len(server.requests) == 1  # the second build came from the cache
+
+
+# --- offline: an official file downloaded by hand ------------------------------------------------
+
+
+def test_fetch_from_file_verifies_and_caches_so_the_name_works_offline(official, server, tmp_path, capsys):
+    tmodel, sha = official
+    by_hand = tmp_path / f"resnet18-{sha[:8]}.pth"
+    by_hand.write_bytes(server.files[by_hand.name][0])
+    assert main(["fetch", "resnet18", "--from-file", str(by_hand)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"resnet18-{sha[:8]}.npz")
+    model = npresnet.resnet18(weights="DEFAULT", backend="numpy")
+    assert server.requests == []  # nothing was downloaded
+    assert model.meta["weights"] == "resnet18.IMAGENET1K_V1" and model.meta["resize_size"] == 256
+    x = np.random.default_rng(1).standard_normal((1, 3, 40, 40)).astype(np.float32)
+    torch = oracle()[0]
+    with torch.no_grad():
+        assert_close(model(x), tmodel(torch.from_numpy(x)).numpy())
+
+
+def test_fetch_from_file_refuses_a_file_that_is_not_the_official_one(official, server, tmp_path, capsys):
+    _, sha = official
+    corrupt = tmp_path / f"resnet18-{sha[:8]}.pth"
+    corrupt.write_bytes(server.files[corrupt.name][0][:-1] + b"?")
+    assert main(["fetch", "resnet18", "--from-file", str(corrupt)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"npresnet: error: {corrupt}: not one of TorchVision's resnet18 files (resnet18-{sha[:8]}.pth)")
+    assert "corrupt or incomplete download" in err and err.count("\n") == 1
+    assert main(["fetch", "resnet18", "--weights", "IMAGENET1K_V1", "--from-file", str(corrupt)]) == 1
+    assert f"sha256 mismatch: expected {sha[:8]}... (resnet18-{sha[:8]}.pth)" in capsys.readouterr().err
+    assert cache_contents(tmp_path) == []
+
+
+def test_a_file_named_like_an_official_one_must_hash_like_it(resnet18_checkpoint, tmp_path):
+    """A corrupt download under its official name must not load without the preprocessing the name promises."""
+    _, data, sha = resnet18_checkpoint
+    path = tmp_path / "resnet18-f37072fd.pth"  # TorchVision's resnet18 file name, other bytes
+    path.write_bytes(data)
+    message = rf"resnet18-f37072fd.pth: named like TorchVision's resnet18 IMAGENET1K_V1 file, but its sha256 is {sha}"
+    with pytest.raises(npresnet.WeightsError, match=message):
+        npresnet.load(path)
+    with pytest.raises(npresnet.WeightsError, match=message):
+        npresnet.convert(path, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_official_weights_as_values(official, server):
+    """npresnet.ResNet18_Weights.IMAGENET1K_V1 as TorchVision's enum: a builder argument with .transforms()."""
+    weights = npresnet.ResNet18_Weights.DEFAULT
+    assert weights == npresnet.ResNet18_Weights.IMAGENET1K_V1 and str(weights) == "resnet18.IMAGENET1K_V1"
+    assert weights.transforms() == npresnet.ImageClassification(crop_size=224, resize_size=256)
+    assert npresnet.ResNet50_Weights.IMAGENET1K_V2.transforms().resize_size == 232  # TorchVision's V2 preset
+    assert [w.name for w in npresnet.ResNet50_Weights] == ["IMAGENET1K_V1", "IMAGENET1K_V2"]
+    with pytest.raises(AttributeError, match="ResNet50_Weights has no IMAGENET1K_V3"):
+        npresnet.ResNet50_Weights.IMAGENET1K_V3
+    model = npresnet.resnet18(weights=weights, backend="numpy")
+    assert model.meta["weights"] == "resnet18.IMAGENET1K_V1"
+    with pytest.raises(npresnet.WeightsError, match="resnet18.IMAGENET1K_V1 are weights for resnet18, not resnet34"):
+        npresnet.resnet34(weights=weights)

@@ -1,24 +1,22 @@
-"""The Numba backend against the NumPy reference: each kernel on edge cases, then whole models.
+"""The Numba backend against the NumPy reference: each kernel on edge cases, then a whole model.
 
 The chain: torch checks functional.py (test_functional.py); functional.py checks
-every kernel here, in float32 and float64; the reference model (backend "numpy")
-checks the numba model on every architecture. Also: thread selection,
-backend="auto", and that a machine without numba gets NumPy with no error.
+every kernel here, in float32 and float64; torch checks the numba model on every
+architecture beside the NumPy one (test_model.py), and the reference model checks it
+at ImageNet size here. Also: thread selection, backend="auto", and that a machine
+without numba gets NumPy with no error.
 """
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
 
 import npresnet
-from helpers import assert_close
+from helpers import assert_close, run_python
 from npresnet import functional as F
 from npresnet.backends import FoldedConv, get_backend
 from npresnet.model import random_state_dict
-from npresnet.specs import ARCHITECTURES, get_spec
+from npresnet.specs import get_spec
 
 DTYPES = [np.float32, np.float64]
 
@@ -38,15 +36,8 @@ def numba_backend(cpu, path):
     return backend
 
 
-def spec_params(arch):
-    return npresnet.count_params(get_spec(arch))
-
-
 def reference_conv(x, conv: FoldedConv, relu, residual):
-    out = F.conv2d(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding, groups=conv.groups)
-    if residual is not None:
-        out = out + residual
-    return F.relu(out) if relu else out
+    return F.conv2d_bias_act(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.groups, residual, relu)
 
 
 # (N, C, H, W, K, kernel, stride, padding, groups)
@@ -153,50 +144,6 @@ def test_conv_rejects_wrong_channels(cpu):
 # --- whole models against the reference model -----------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_every_architecture_matches_reference_model(cpu, arch, dtype):
-    spec = get_spec(arch, num_classes=10)
-    state = random_state_dict(spec, seed=4, dtype=dtype)
-    rng = np.random.default_rng(5)
-    # Batch norm as after training, not the identity of a fresh init: folding must matter.
-    for key in list(state):
-        if key.endswith("running_var"):
-            state[key] = rng.uniform(0.5, 2.0, state[key].shape).astype(dtype)
-        elif key.endswith(("running_mean", "bn1.bias", "bn2.bias", "bn3.bias")):
-            state[key] = (0.1 * rng.standard_normal(state[key].shape)).astype(dtype)
-    x = rng.standard_normal((2, 3, 32, 32)).astype(dtype)
-    want = npresnet.build(arch, state, backend="numpy").features(x)
-    want_logits = F.linear(want["pool"], state["fc.weight"], state["fc.bias"])
-    # Winograd F(4x4) forced on every 3x3 of the smaller networks; the deep and wide ones take the
-    # default choice (F(2x2) on layer1, GEMM below), as forcing F(4x4) there costs GBs of transforms.
-    backend = numba_backend(cpu, "winograd4") if spec_params(arch) < 40e6 else cpu.NumbaBackend(threads=2)
-    model = npresnet.build(arch, state, backend=backend)
-    got = model.features(x)
-    for name in npresnet.FEATURE_NAMES:
-        assert_close(got[name], want[name])
-    assert_close(model(x), want_logits)
-
-
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_every_architecture_matches_torch_float32(cpu, arch):
-    """The numba backend straight against torch too, not only through the reference (float32, 1e-4)."""
-    torch = pytest.importorskip("torch")
-    from torch_resnet import numpy_state_dict, randomise, torch_resnet
-
-    spec = get_spec(arch, num_classes=10)
-    tmodel = randomise(torch_resnet(spec), seed=8)
-    x = np.random.default_rng(9).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        want = {k: v.numpy() for k, v in tmodel.features(torch.from_numpy(x)).items()}
-        want_logits = tmodel.fc(torch.from_numpy(want["pool"])).numpy()
-    model = npresnet.build(arch, numpy_state_dict(tmodel), backend="numba")
-    got = model.features(x)
-    for name in npresnet.FEATURE_NAMES:
-        assert_close(got[name], want[name])
-    assert_close(model(x), want_logits)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_default_numba_model_at_imagenet_size(cpu, dtype):
     """The path choice the bench uses (F(4x4) on big maps, F(2x2) and GEMM on small ones), at 224x224."""
     state = random_state_dict(get_spec("resnet18"), seed=6, dtype=dtype)
@@ -230,13 +177,6 @@ def test_auto_picks_numba_when_installed(cpu):
     assert "numba" in npresnet.available_backends()
 
 
-def run_python(code, tmp_path, **env):
-    environment = dict(os.environ, **env)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environment, capture_output=True,
-                          text=True, cwd=tmp_path, timeout=300)
-
-
 def test_without_numba_auto_is_numpy(tmp_path):
     """A machine without numba: 'auto' is NumPy with no error; asking for numba names the fix."""
     fake = tmp_path / "fake"
@@ -258,8 +198,8 @@ def test_without_numba_auto_is_numpy(tmp_path):
             raise AssertionError("numba backend without numba")
         print("ok")
         """,
-        tmp_path,
-        PYTHONPATH=str(fake),
+        cwd=tmp_path,
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))},
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
@@ -267,12 +207,10 @@ def test_without_numba_auto_is_numpy(tmp_path):
 
 def test_kernel_cache_goes_under_npresnet_home(cpu, tmp_path):
     """Without NUMBA_CACHE_DIR the compiled kernels land in $NPRESNET_HOME/numba (site-packages may be read-only)."""
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
-    env.update(NPRESNET_HOME=str(tmp_path / "home"))
-    proc = subprocess.run(
-        [sys.executable, "-c", "import numpy as np, npresnet; b = npresnet.get_backend('numba'); "
-         "b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), np.float32)))"],
-        env=env, capture_output=True, text=True, timeout=300,
+    proc = run_python(
+        "import numpy as np, npresnet; b = npresnet.get_backend('numba'); "
+        "b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), np.float32)))",
+        env={"NUMBA_CACHE_DIR": None, "NPRESNET_HOME": str(tmp_path / "home")},
     )
     assert proc.returncode == 0, proc.stderr
     cached = [f for _, _, files in os.walk(tmp_path / "home" / "numba") for f in files]
@@ -281,7 +219,7 @@ def test_kernel_cache_goes_under_npresnet_home(cpu, tmp_path):
 
 def test_blas_thread_count_is_restored_after_a_conv(cpu):
     """The backend runs BLAS single-threaded inside a conv and leaves the user's setting as it found it."""
-    get_threads = cpu._openblas[1] if cpu._openblas else (lambda: None)  # None: NumPy without OpenBLAS
+    get_threads = cpu._openblas()[1] if cpu._openblas() else (lambda: None)  # None: NumPy without OpenBLAS
     before = get_threads()
     backend = cpu.NumbaBackend(threads=2)
     prepared = backend.prepare_conv(FoldedConv(np.ones((4, 4, 1, 1)), np.zeros(4), 1, 0, 1))

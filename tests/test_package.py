@@ -1,7 +1,8 @@
 """The package runs with only numpy and pillow: torch and numba are never needed to import or run it."""
 import subprocess
-import sys
 import textwrap
+
+from helpers import run_python
 
 BLOCK_IMPORTS = textwrap.dedent(
     """
@@ -16,12 +17,13 @@ BLOCK_IMPORTS = textwrap.dedent(
 )
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_IMPORTS + textwrap.dedent(code)], capture_output=True, text=True)
+def run_blocked(code: str) -> subprocess.CompletedProcess:
+    """Run code where importing torch, numba or torchvision fails, as on a machine without them."""
+    return run_python(BLOCK_IMPORTS + textwrap.dedent(code))
 
 
 def test_import_and_forward_without_torch_or_numba():
-    result = run_python(
+    result = run_blocked(
         """
         import numpy as np
         import npresnet
@@ -38,7 +40,7 @@ def test_import_and_forward_without_torch_or_numba():
 
 
 def test_asking_for_numba_without_it_is_a_clear_error():
-    result = run_python(
+    result = run_blocked(
         """
         import npresnet
         try:
@@ -52,8 +54,30 @@ def test_asking_for_numba_without_it_is_a_clear_error():
     assert "pip install 'npresnet[numba]'" in result.stdout
 
 
+def test_core_runs_without_pillow():
+    """Only the image functions need Pillow: the model, the weights and preprocessed arrays run without it."""
+    result = run_blocked(
+        """
+        sys.modules["PIL"] = None  # import PIL now fails, as where Pillow is not installed
+        import numpy as np
+        import npresnet
+        model = npresnet.resnet18(num_classes=3)
+        x = np.zeros((1, 3, 32, 32), dtype=np.float32)
+        top = npresnet.classify(x, model, topk=2)[0]
+        assert len(top) == 2 and npresnet.embed(x, model).shape == (1, 512)
+        assert npresnet.ResNet50_Weights.DEFAULT.transforms().resize_size == 232
+        try:
+            npresnet.preprocess(["photo.jpg"])
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reading images needs Pillow" in result.stdout and "pip install pillow" in result.stdout
+
+
 def test_cli_version():
-    result = subprocess.run([sys.executable, "-m", "npresnet", "--version"], capture_output=True, text=True)
+    result = run_python(["-m", "npresnet", "--version"])
     assert result.returncode == 0
     import npresnet
 

@@ -62,6 +62,13 @@ def test_classify_photos_matches_torch():
         assert_close(np.array([p.probability for p in row]), want_p, tol=1e-4)
 
 
+def test_prediction_unpacks_as_a_tuple():
+    (prediction,) = top_k(np.array([[0.0, 2.0, 1.0]]), ["a", "b", "c"], k=1)[0]
+    index, label, probability = prediction
+    assert (index, label) == (1, "b") and probability == prediction.probability
+    assert prediction == (prediction.index, prediction.label, prediction.probability)
+
+
 def test_classify_one_image_and_a_preprocessed_batch():
     _, model = models()
     path = photos()[0]

@@ -129,6 +129,35 @@ def test_preset_matches_torch_bit_for_bit(size, preset_sizes):
     np.testing.assert_array_equal(got, want)
 
 
+def torchvision_squash(image: Image.Image, height: int, width: int):
+    """TorchVision's Resize((height, width)) on a PIL image (PIL bilinear; antialias is PIL's own), then
+    ToTensor and Normalize in torch: what a model fine-tuned with that plain pipeline saw."""
+    torch = pytest.importorskip("torch")
+    t = torch.from_numpy(np.array(image.resize((width, height), Image.Resampling.BILINEAR))).permute(2, 0, 1)
+    t = t.to(torch.float32).div(255)
+    return t.sub(torch.tensor(IMAGENET_MEAN)[:, None, None]).div(torch.tensor(IMAGENET_STD)[:, None, None]).numpy()
+
+
+@pytest.mark.parametrize("size", [(640, 427), (97, 131), (300, 2), (1, 1)], ids=lambda s: "%dx%d" % s)
+@pytest.mark.parametrize("squash", [(224, 224), (48, 80)], ids=lambda s: "squash%dx%d" % s)
+def test_squash_matches_torch_bit_for_bit(size, squash):
+    image = gradient_image(*size, seed=size[1])
+    got = ImageClassification(squash_size=squash)(image)
+    assert got.dtype == np.float32 and got.shape == (3, *squash)
+    np.testing.assert_array_equal(got, torchvision_squash(image, *squash))
+    # The whole image, aspect ratio not kept: no crop, so the corners of the input are the corners of the output.
+    pixels = ImageClassification(squash_size=squash).resize_and_crop(image)
+    assert pixels.shape == (*squash, 3)
+    np.testing.assert_array_equal(pixels, np.asarray(image.resize(squash[::-1], Image.Resampling.BILINEAR)))
+
+
+def test_squash_size_is_checked():
+    with pytest.raises(ValueError, match="squash_size must be"):
+        ImageClassification(squash_size=(224, 0))
+    assert ImageClassification(squash_size=[32, 48]).squash_size == (32, 48)
+    assert preprocess([], ImageClassification(squash_size=(32, 48))).shape == (0, 3, 32, 48)
+
+
 @pytest.mark.parametrize("path", photos(), ids=lambda p: p.name)
 def test_photos_match_torch_bit_for_bit(path):
     with Image.open(path) as image:

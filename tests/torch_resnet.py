@@ -69,24 +69,27 @@ class Bottleneck(nn.Module):
 
 
 class TorchResNet(nn.Module):
-    def __init__(self, block, layers, num_classes=1000, groups=1, width_per_group=64, cifar_stem=False):
+    def __init__(
+        self, block, layers, num_classes=1000, groups=1, width_per_group=64, cifar_stem=False, planes=(64, 128, 256, 512)
+    ):
+        # planes: TorchVision's stage widths, a parameter here so that tests can build small networks.
         super().__init__()
-        self.inplanes = 64
+        self.inplanes = planes[0]
         self.groups = groups
         self.base_width = width_per_group
         if cifar_stem:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, planes[0], kernel_size=3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+            self.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes[0])
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
+        self.layer1 = self._make_layer(block, planes[0], layers[0])
+        self.layer2 = self._make_layer(block, planes[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, planes[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, planes[3], layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc = nn.Linear(planes[3] * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -126,6 +129,7 @@ def torch_resnet(spec: ResNetSpec) -> TorchResNet:
         groups=spec.groups,
         width_per_group=spec.width_per_group,
         cifar_stem=spec.stem == CIFAR_STEM,
+        planes=spec.planes,
     )
 
 

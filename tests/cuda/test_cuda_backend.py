@@ -14,8 +14,9 @@ import npresnet  # noqa: E402
 import npresnet_kernels.cuda as kc  # noqa: E402
 from helpers import assert_close  # noqa: E402
 from npresnet import functional as F  # noqa: E402
-from npresnet.backends import FoldedConv, NumpyBackend, get_backend  # noqa: E402
-from npresnet.model import PreparedNet, ResNet  # noqa: E402
+from npresnet.backends import FoldedConv, get_backend  # noqa: E402
+from npresnet.model import random_state_dict  # noqa: E402
+from npresnet.specs import BASIC, BOTTLENECK, ResNetSpec  # noqa: E402
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 DTYPES = {"f32": np.float32, "f64": np.float64}
@@ -32,10 +33,7 @@ def run_conv(x, weight, bias, stride, padding, groups, relu, residual, tiling=No
 
 
 def reference_conv(x, weight, bias, stride, padding, groups, relu, residual):
-    out = F.conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups)
-    if residual is not None:
-        out += residual
-    return F.relu(out) if relu else out
+    return F.conv2d_bias_act(x, weight, bias, stride, padding, groups, residual, relu)
 
 
 # (N, C, H, W, K, kernel, stride, padding, groups): the convolutions a ResNet has, at toy sizes.
@@ -146,71 +144,44 @@ def test_linear_matches_reference(batch, dtype_id):
 
 # --- a whole network --------------------------------------------------------------------------
 
-
-def tiny_state(rng, dtype):
-    """A four-stage network with every kind of block, at 4 to 16 channels.
-
-    layer1: BasicBlock 8 -> 8; layer2: BasicBlock 8 -> 12, stride 2, downsample;
-    layer3: grouped Bottleneck 12 -> 16 (width 8, 4 groups), stride 2, downsample;
-    layer4: grouped Bottleneck 16 -> 16 (width 8, 4 groups). fc: 16 -> 10.
-    """
-    def conv(K, C, R, stride, padding, groups=1):
-        return FoldedConv(
-            randn(rng, (K, C // groups, R, R), dtype) * dtype(np.sqrt(2.0 / (C // groups * R * R))),
-            randn(rng, K, dtype) * dtype(0.1),
-            stride, padding, groups,
-        )
-
-    def basic(inplanes, planes, stride):
-        block = {"conv1": conv(planes, inplanes, 3, stride, 1), "conv2": conv(planes, planes, 3, 1, 1)}
-        if stride != 1 or inplanes != planes:
-            block["downsample"] = conv(planes, inplanes, 1, stride, 0)
-        return block
-
-    def bottleneck(inplanes, width, outplanes, stride, groups):
-        block = {
-            "conv1": conv(width, inplanes, 1, 1, 0),
-            "conv2": conv(width, width, 3, stride, 1, groups),
-            "conv3": conv(outplanes, width, 1, 1, 0),
-        }
-        if stride != 1 or inplanes != outplanes:
-            block["downsample"] = conv(outplanes, inplanes, 1, stride, 0)
-        return block
-
-    stem = conv(8, 3, 7, 2, 3)
-    stages = [[basic(8, 8, 1)], [basic(8, 12, 2)], [bottleneck(12, 8, 16, 2, 4)], [bottleneck(16, 8, 16, 1, 4)]]
-    fc = (randn(rng, (10, 16), dtype) * dtype(0.25), randn(rng, 10, dtype))
-    return stem, stages, fc
+# Networks of every kind of block at 4 to 16 channels: the full-width family carries 11M to 88M
+# weights, which the simulator would take many minutes to stream through its Python threads.
+TINY_SPECS = {
+    # stem 8; layer1 8 -> 8; layer2 8 -> 8, stride 2; layer3 8 -> 12, stride 2, downsample; layer4 12 -> 16.
+    "basic": ResNetSpec("tiny_basic", BASIC, (1, 1, 1, 1), num_classes=10, planes=(8, 8, 12, 16)),
+    # stem 4; every block a Bottleneck of width 8 in 4 groups, 16 channels out, with a downsample.
+    "grouped_bottleneck": ResNetSpec(
+        "tiny_resnext", BOTTLENECK, (1, 1, 1, 1), groups=4, width_per_group=32, num_classes=10, planes=(4, 4, 4, 4)
+    ),
+}
 
 
-class TinyResNet(ResNet):
-    """ResNet's own forward pass (stem, max pool, residual blocks, pooling, fc, features) over tiny_state.
-
-    The full-width family carries 11M to 88M weights, which the simulator would take many minutes
-    to stream through its Python threads; only the prepared network is swapped here.
-    """
-
-    def _prepare(self, dtype):
-        dtype = np.dtype(dtype)
-        if dtype not in self._prepared:
-            stem, stages, fc = tiny_state(np.random.default_rng(7), dtype.type)
-            ops = self.backend
-            self._prepared[dtype] = PreparedNet(
-                stem=ops.prepare_conv(stem),
-                max_pool=True,
-                stages=[[{role: ops.prepare_conv(c) for role, c in block.items()} for block in stage] for stage in stages],
-                fc=ops.prepare_linear(*fc),
-            )
-        return self._prepared[dtype]
+def tiny_state(spec, dtype, seed=7):
+    """Random parameters, batch-norm statistics included, so that folding matters."""
+    rng = np.random.default_rng(seed)
+    state = random_state_dict(spec, seed=seed, dtype=dtype)
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            state[key] = rng.uniform(0.5, 2.0, value.shape).astype(dtype)
+        elif key.endswith(("running_mean", ".bias")) and not key.startswith("fc"):
+            state[key] = (0.1 * rng.standard_normal(value.shape)).astype(dtype)
+        elif value.ndim == 1 and key.endswith(".weight"):
+            state[key] = rng.uniform(0.5, 1.5, value.shape).astype(dtype)
+    return state
 
 
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
-@pytest.mark.parametrize("shape", [(2, 3, 19, 16), (1, 3, 1, 1)], ids=lambda s: "N{}_{}x{}".format(s[0], *s[2:]))
-def test_tiny_network_matches_numpy_backend(shape, dtype_id):
-    spec = npresnet.get_spec("resnet18")  # unused by TinyResNet's forward; fresh state is only validated
-    gpu = TinyResNet(spec, backend="cuda")
-    ref = TinyResNet(spec, backend=NumpyBackend())
-    x = randn(np.random.default_rng(8), shape, DTYPES[dtype_id])
+@pytest.mark.parametrize(
+    "spec_id, shape",
+    [("basic", (2, 3, 19, 16)), ("grouped_bottleneck", (1, 3, 1, 1))],
+    ids=lambda v: v if isinstance(v, str) else "N{}_{}x{}".format(v[0], *v[2:]),
+)
+def test_tiny_network_matches_numpy_backend(spec_id, shape, dtype_id):
+    spec, dtype = TINY_SPECS[spec_id], DTYPES[dtype_id]
+    state = tiny_state(spec, dtype)
+    gpu = npresnet.build(spec, state, backend="cuda")
+    ref = npresnet.build(spec, state, backend="numpy")
+    x = randn(np.random.default_rng(8), shape, dtype)
     assert_close(gpu(x), ref(x))
     got, want = gpu.features(x), ref.features(x)
     assert list(got) == list(npresnet.FEATURE_NAMES)
@@ -219,7 +190,7 @@ def test_tiny_network_matches_numpy_backend(shape, dtype_id):
 
 
 def test_one_copy_in_and_one_copy_out_per_forward(monkeypatch):
-    model = TinyResNet(npresnet.get_spec("resnet18"), backend="cuda")
+    model = npresnet.build(TINY_SPECS["basic"], backend="cuda")
     x = randn(np.random.default_rng(9), (1, 3, 9, 9), np.float32)
     model(x)  # the first call uploads the weights
     copies = {"to_device": 0, "to_host": 0}
@@ -241,8 +212,7 @@ def test_one_copy_in_and_one_copy_out_per_forward(monkeypatch):
     assert copies == {"to_device": 1, "to_host": 1}
 
 
-# Measured once by hand under the simulator, on a shared 2-core machine, at 1x3x16x16 float32:
-# resnet18 in about 380 s and resnext50_32x4d in about 730 s, both within 1.1e-6 of the NumPy backend.
+# Minutes each under the simulator (bench/results/notes.md): on a GPU only.
 @pytest.mark.skipif(SIMULATOR, reason="full-width networks take 6 to 12 minutes each under the simulator")
 @pytest.mark.parametrize("dtype_id", list(DTYPES))
 @pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
