@@ -36,22 +36,24 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from .preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    INTERPOLATIONS,
     ImageClassification,
     ImageError,
     describe,
     load_image,
+    pil,
 )
-from .specs import CIFAR_STEM, IMAGENET_STEM
 from .errors import DataError
+from .specs import CIFAR_STEM, IMAGENET_STEM
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -181,10 +183,10 @@ class RandomResizedCrop:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def __call__(self, image: "Image.Image", rng: np.random.Generator) -> "Image.Image":
         top, left, h, w = self.get_params(*image.size, rng)
         box = image.crop((left, top, left + w, top + h))
-        return box.resize((self.size, self.size), INTERPOLATIONS[self.interpolation])
+        return box.resize((self.size, self.size), getattr(pil().Resampling, self.interpolation.upper()))
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,10 @@ class RandomCrop:
             return 0, 0
         return int(rng.integers(0, height - self.size + 1)), int(rng.integers(0, width - self.size + 1))
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def __call__(self, image: "Image.Image", rng: np.random.Generator) -> "Image.Image":
         if self.padding:
+            from PIL import ImageOps
+
             image = ImageOps.expand(image, border=self.padding, fill=0)
         top, left = self.get_params(*image.size, rng)
         return image.crop((left, top, left + self.size, top + self.size))
@@ -213,9 +217,9 @@ class RandomCrop:
 class RandomHorizontalFlip:
     p: float = 0.5
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def __call__(self, image: "Image.Image", rng: np.random.Generator) -> "Image.Image":
         if rng.random() < self.p:
-            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return image.transpose(pil().Transpose.FLIP_LEFT_RIGHT)
         return image
 
 
@@ -251,12 +255,12 @@ class TrainTransform:
         # TorchVision's ratio: resize 256 for a 224 crop.
         return ImageClassification(crop_size=self.size, resize_size=round(self.size * 256 / 224), mean=self.mean, std=self.std)
 
-    def augment(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    def augment(self, image: "Image.Image", rng: np.random.Generator) -> "Image.Image":
         """An RGB PIL image -> the size x size RGB PIL image the network will see."""
         if self.stem == CIFAR_STEM:
             if image.size != (self.size, self.size):
                 preset = self.eval_preset
-                image = Image.fromarray(preset.resize_and_crop(image))
+                image = pil().fromarray(preset.resize_and_crop(image))
             padding = self.padding if self.padding is not None else max(1, self.size // 8)
             image = RandomCrop(self.size, padding)(image, rng)
         else:

@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
+from .errors import DataError
 from .predict import Prediction, labels_for, softmax
 from .preprocess import ImageClassification, ImageError, describe, load_image, preset_for
 from .weights import atomic_write
+
+if TYPE_CHECKING:  # Pillow is imported where an image is drawn, so that `import npresnet` does without it
+    from PIL import Image
 
 # The colour ramp: positions in [0, 1] and the RGB colour at each, linear in between.
 RAMP_POSITIONS = (0.0, 0.125, 0.375, 0.625, 1.0)
@@ -76,7 +79,7 @@ def class_activation(model: Any, x: np.ndarray, class_index: int | None = None) 
     if class_index is None:
         class_index = int(np.argmax(logits))
     elif not 0 <= class_index < len(logits):
-        raise ValueError(f"class index {class_index} is out of range: the model has {len(logits)} classes (0..{len(logits) - 1})")
+        raise DataError(f"class index {class_index} is out of range: the model has {len(logits)} classes (0..{len(logits) - 1})")
     height, width = activations.shape[1:]
     # d logit_c / d A_k(i, j) = W[c, k] / (h w) everywhere (avgpool then fc), so its spatial mean is that constant.
     alpha = fc_weight[class_index] / (height * width)  # (K,)
@@ -132,10 +135,12 @@ class Explanation:
     prediction: Prediction  # the class the heatmap explains
     top: Prediction  # the most probable class
 
-    def render(self) -> Image.Image:
+    def render(self) -> "Image.Image":
         """The crop with the heatmap blended over it, and a strip below naming the class: (W, H + CAPTION_HEIGHT)."""
         blend = (1 - OVERLAY_ALPHA) * self.pixels + OVERLAY_ALPHA * colormap(self.heatmap)  # (H, W, 3)
         height, width = self.heatmap.shape
+        from PIL import Image, ImageDraw, ImageFont
+
         canvas = Image.new("RGB", (width, height + CAPTION_HEIGHT))
         canvas.paste(Image.fromarray(np.round(blend).astype(np.uint8)), (0, 0))
         p = self.prediction
@@ -146,6 +151,8 @@ class Explanation:
 
 def _fit(text: str, width: int) -> str:
     """`text`, cut short with an ellipsis where PIL's default font would draw it wider than `width` pixels."""
+    from PIL import ImageFont
+
     font = ImageFont.load_default()
     if font.getlength(text) <= width:
         return text
@@ -179,15 +186,17 @@ def explain(
 
 
 def image_format(path: str | os.PathLike) -> str:
-    """The PIL format that writes `path` (by its suffix: .png, .jpg, ...), or ValueError naming the suffix."""
+    """The PIL format that writes `path` (by its suffix: .png, .jpg, ...), or DataError naming the suffix."""
+    from PIL import Image
+
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     found = Image.registered_extensions().get(suffix)
     if found is None or found not in Image.SAVE:
-        raise ValueError(f"{os.fspath(path)}: cannot write a {suffix or 'suffix-less'!r} image; use .png or .jpg")
+        raise DataError(f"{os.fspath(path)}: cannot write a {suffix or 'suffix-less'!r} image; use .png or .jpg")
     return found
 
 
-def save_image(path: str | os.PathLike, image: Image.Image) -> None:
+def save_image(path: str | os.PathLike, image: "Image.Image") -> None:
     """Write a PIL image, its format by suffix, atomically."""
     fmt = image_format(path)
     atomic_write(path, lambda f: image.save(f, format=fmt))

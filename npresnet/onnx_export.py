@@ -46,6 +46,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import functional as F
+from .errors import DataError
 from .predict import labels_for
 from .preprocess import preset_for
 from .specs import IMAGENET_STEM, ConvSpec, ResNetSpec, block_convs, stem_conv
@@ -310,7 +311,7 @@ def build_onnx_model(
     onnx = require_onnx()
     helper = onnx.helper
     if not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise ValueError(
+        raise DataError(
             f"opset must be an integer from {MIN_OPSET} to {onnx.defs.onnx_opset_version()} "
             f"(the newest this onnx package knows), not {opset!r}"
         )

@@ -22,6 +22,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from .errors import DataError
 from .preprocess import ImageClassification, describe, is_pil_image, preprocess, preset_for
 from .weights import atomic_write
 
@@ -45,9 +46,9 @@ def load_labels(path: str | os.PathLike | None = None) -> list[str]:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except FileNotFoundError:
-            raise ValueError(f"{os.fspath(path)}: no such labels file") from None
+            raise DataError(f"{os.fspath(path)}: no such labels file") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{os.fspath(path)}: cannot read labels ({exc})") from None
+            raise DataError(f"{os.fspath(path)}: cannot read labels ({exc})") from None
     labels = text.splitlines()
     while labels and not labels[-1].strip():
         labels.pop()
@@ -71,7 +72,7 @@ def labels_for(model: Any, labels: str | os.PathLike | Sequence[str] | None = No
     else:
         names, source = [str(name) for name in labels], "the labels given"
     if len(names) != num_classes:
-        raise ValueError(f"{source} name {len(names)} classes, but the model's head has num_classes={num_classes}")
+        raise DataError(f"{source} name {len(names)} classes, but the model's head has num_classes={num_classes}")
     return names
 
 
