@@ -167,7 +167,7 @@ def conv2d_backward(
     G = groups
     P, Q = grad_out.shape[2:]
     w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
-    grad_w = np.zeros((G, K // G, C_per_group * R * S), dtype=x.dtype)
+    grad_w_t = np.zeros((G, C_per_group * R * S, K // G), dtype=x.dtype)  # grad_w transposed, see below
     grad_x = np.empty_like(x) if input_grad else None
     chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
     for n0 in range(0, N, chunk):
@@ -175,12 +175,14 @@ def conv2d_backward(
         n = n1 - n0
         go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
         cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
-        grad_w += np.matmul(go, cols.transpose(0, 2, 1))  # (G, K/G, C/G*R*S)
+        # grad_w^T = cols @ go^T: OpenBLAS runs this orientation several times faster than
+        # go @ cols^T when K/G is small (64 rows against 25088-long columns: 8x on AVX2).
+        grad_w_t += np.matmul(cols, go.transpose(0, 2, 1))  # (G, C/G*R*S, K/G)
         del cols
         if input_grad:
             grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
             grad_x[n0:n1] = col2im(grad_cols.transpose(3, 0, 1, 2, 4, 5), H, W, stride, padding)
-    return grad_x, grad_w.reshape(weight.shape)
+    return grad_x, np.ascontiguousarray(grad_w_t.transpose(0, 2, 1)).reshape(weight.shape)
 
 
 def batch_norm(
