@@ -72,21 +72,20 @@ def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, group
 
 
 def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.ndarray:
-    """The adjoint of im2col: add every patch column back onto the input position it was read from.
+    """The adjoint of patch_matrix: add every patch column back onto the input pixel it was read from.
 
-    cols: (N, C, R, S, P, Q) -> (N, C, H, W). One strided addition per kernel offset
-    (r, s): within one offset, distinct output positions read distinct input pixels.
+    cols: (C, R, S, N, P, Q), patch_matrix's layout -> (N, C, H, W). One strided addition per
+    kernel offset (r, s): within one offset, distinct output positions read distinct pixels.
+    The sums are made channel-major, as cols is laid out, then transposed once.
     """
-    N, C, R, S, P, Q = cols.shape
+    C, R, S, N, P, Q = cols.shape
     if R == 1 and S == 1 and padding == 0 and stride == 1:
-        return np.ascontiguousarray(cols.reshape(N, C, H, W))
-    out = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
+        return np.ascontiguousarray(cols.reshape(C, N, H, W).transpose(1, 0, 2, 3))
+    out = np.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
     for r in range(R):
         for s in range(S):
-            out[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride] += cols[:, :, r, s]
-    if padding:
-        out = np.ascontiguousarray(out[:, :, padding : padding + H, padding : padding + W])
-    return out
+            out[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride] += cols[:, r, s]
+    return np.ascontiguousarray(out[:, :, padding : padding + H, padding : padding + W].transpose(1, 0, 2, 3))
 
 
 # conv2d and conv2d_backward take a few images at a time: one chunk's patch matrix stays
@@ -181,7 +180,7 @@ def conv2d_backward(
         del cols
         if input_grad:
             grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
-            grad_x[n0:n1] = col2im(grad_cols.transpose(3, 0, 1, 2, 4, 5), H, W, stride, padding)
+            grad_x[n0:n1] = col2im(grad_cols, H, W, stride, padding)
     return grad_x, np.ascontiguousarray(grad_w_t.transpose(0, 2, 1)).reshape(weight.shape)
 
 
