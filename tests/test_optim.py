@@ -273,10 +273,14 @@ def test_state_dict_with_counts_loads_strictly_into_torch_and_round_trips(tmp_pa
 
 
 def test_short_fine_tuning_run_ends_at_torchs_weights():
-    """Five SGD steps in train mode from the same start on the same batches, float32."""
+    """Five SGD steps in train mode from the same start on the same batches: npresnet in float32
+    ends within 1e-4 of torch's weights. The reference is torch in float64, the exact answer: torch's
+    own float32 run ends up to 6e-4 from it here (layer4's train-mode batch norm over 8 values per
+    channel amplifies rounding), npresnet's float32 run about 2e-6."""
     spec = npresnet.get_spec("resnet18", num_classes=5)
     tmodel = randomise(torch_resnet(spec), seed=2).train()
     model = npresnet.build("resnet18", numpy_state_dict(tmodel), backend="numpy").train()
+    tmodel.double()
     opt = npresnet.SGD(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
     torch_opt = torch.optim.SGD(tmodel.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     rng = np.random.default_rng(7)
@@ -286,14 +290,14 @@ def test_short_fine_tuning_run_ends_at_torchs_weights():
         loss, grads = npresnet.value_and_grad(model, x, labels)
         opt.step(grads)
         torch_opt.zero_grad()
-        torch_loss = TF.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(labels))
+        torch_loss = TF.cross_entropy(tmodel(torch.from_numpy(x.astype(np.float64))), torch.from_numpy(labels))
         torch_loss.backward()
         torch_opt.step()
-        assert abs(loss - torch_loss.item()) < 1e-4 * abs(torch_loss.item())
+        assert abs(loss - torch_loss.item()) < 1e-5 * abs(torch_loss.item())
     want = numpy_state_dict(tmodel)
     got = model.state_dict()
     for k, v in want.items():
         if k.endswith("num_batches_tracked"):
             assert int(got[k]) == int(v) == 5
         else:
-            assert_close(got[k], v)
+            assert_close(got[k], v, dtype=np.float32, tol=1e-4)
