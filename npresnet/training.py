@@ -52,7 +52,7 @@ CHECKPOINT_VERSION = 1
 MODEL_PREFIX = "model."
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(DataError):
     """The loss became NaN or infinite; the message names the step and what to try."""
 
 

@@ -266,7 +266,7 @@ def write_weights(
     reads) or .safetensors (with meta)."""
     suffix = check_suffix(path)
     if suffix == NPZ_SUFFIX:
-        save_npz(path, state, meta, dtype)
+        save_npz(path, torchvision_state_dict(state, spec, num_batches_tracked), meta, dtype)
     elif suffix == SAFETENSORS_SUFFIX:
         save_safetensors(path, torchvision_state_dict(state, spec, num_batches_tracked), meta)
     else:

@@ -148,7 +148,7 @@ def test_train_progress_is_a_bar_on_a_terminal_and_quiet_when_piped():
         report.close()
     assert "\repoch 1/2 [#######.......................] 1/4 steps  loss 1.2500  acc 50.0%" in tty.getvalue()
     assert pipe.getvalue() == "npresnet: warning: skipped (and will skip) x.jpg: empty file (0 bytes)\n"
-    progress = Progress(4, Terminal())
+    progress = Progress(4, stream=Terminal())
     progress.advance(2)
     assert progress.stream.getvalue() == "\r[###############...............] 2/4 images"  # classify's bar is unchanged
 
