@@ -14,6 +14,7 @@ from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
+from .quantize import QuantizedResNet, quantize
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
 from .weights import WeightsError, convert
 
@@ -57,6 +58,7 @@ __all__ = [
     "ImageError",
     "Prediction",
     "ResNet",
+    "QuantizedResNet",
     "ResNetSpec",
     "WeightsError",
     "available_backends",
@@ -73,6 +75,7 @@ __all__ = [
     "load_labels",
     "preprocess",
     "preset_for",
+    "quantize",
     "save",
     "save_embeddings",
     *ARCHITECTURES,
