@@ -15,8 +15,11 @@ of a user command: interpreter start, `import npresnet`, loading a resnet18
 .npz and classifying one image, wall time from outside the process.
 
 Runners: every npresnet backend that can run here (numpy, numba), torch eager
-when torch is installed, ONNX Runtime (the torch model exported to ONNX) when
-onnxruntime and onnx are installed. Thread counts are pinned through the
+when torch is installed, ONNX Runtime when onnxruntime and onnx are installed,
+on the file `npresnet export` writes (npresnet.export_onnx: batch norm folded,
+dynamic axes; until 2026-12 this was torch.onnx.export of the torch model, which
+folds batch norm the same way, so the rows compare). The sizes of the files a
+user ships (.npz in float32 and float16, .onnx) are listed under the table. Thread counts are pinned through the
 environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and each library's own knob.
 
 On a shared machine the load comes and goes: by default every case runs in
@@ -153,6 +156,22 @@ def startup_worker(weights: str, backend: str, threads: int) -> dict:
     return {"backend": model.backend.name, "top": top, "peak_rss_mb": _peak_rss_mb()}
 
 
+def sizes_worker(arch: str, folder: str) -> dict:
+    """MB on disk of `arch` (random weights) as .npz in float32 and float16, and as .onnx (float32) when onnx is here."""
+    import npresnet
+
+    model = npresnet.build(arch, backend="numpy")
+    paths = {kind: os.path.join(folder, f"{arch}-{name}") for kind, name in
+             (("npz float32", "f32.npz"), ("npz float16", "f16.npz"), ("onnx float32", "f32.onnx"))}
+    npresnet.save(model, paths["npz float32"])
+    npresnet.save(model, paths["npz float16"], dtype="float16")
+    if _has("onnx"):
+        npresnet.export_onnx(model, paths["onnx float32"])
+    else:
+        del paths["onnx float32"]
+    return {kind: os.path.getsize(path) / 1e6 for kind, path in paths.items()}
+
+
 # --- parent side: which runners exist, one process each, the tables ----------------------------
 
 
@@ -169,9 +188,14 @@ def available_runners() -> list[str]:
     runners = [b for b in available_backends() if b != "cuda"]
     if _has("torch"):
         runners.append("torch")
-        if _has("onnxruntime") and _has("onnx"):
-            runners.append("onnxruntime")
+    if _has("onnxruntime") and _has("onnx"):
+        runners.append("onnxruntime")
     return runners
+
+
+def file_sizes(archs: list[str], tmp: str, threads: int) -> dict:
+    """{arch: {file kind: MB}} for the files a user ships, each architecture written in a process of its own."""
+    return {arch: _run_json(["--sizes-worker", arch, tmp], threads) for arch in archs}
 
 
 def _env(threads: int) -> dict:
@@ -196,12 +220,8 @@ def _run_json(args: list[str], threads: int, timeout: float = 900, env: dict | N
 
 
 def export_onnx(arch: str, path: str, threads: int) -> dict:
-    code = (
-        "import sys, torch; sys.argv=['x']; import runpy; "
-        f"m = runpy.run_path({str(Path(__file__).resolve())!r})['_torch_model']({arch!r}); "
-        f"torch.onnx.export(m, torch.zeros(1, 3, {SIZE}, {SIZE}), {path!r}, input_names=['x'], output_names=['logits'], "
-        "dynamic_axes={'x': {0: 'n'}, 'logits': {0: 'n'}}, opset_version=17, dynamo=False); print('{}')"
-    )
+    """npresnet's own export (no torch), in a process of its own."""
+    code = f"import npresnet; npresnet.export_onnx(npresnet.build({arch!r}, backend='numpy'), {path!r})"
     proc = subprocess.run([sys.executable, "-c", code], env=_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "export failed"}
@@ -241,7 +261,7 @@ def measure_startup(threads: int, tmp: str) -> dict:
     return results
 
 
-def markdown(results: list[dict], startup: dict, meta: dict) -> str:
+def markdown(results: list[dict], startup: dict, meta: dict, sizes: dict | None = None) -> str:
     torch_ms = {(r["arch"], r["batch"]): r["ms_per_batch"] for r in results if r["runner"] == "torch" and "error" not in r}
     lines = [
         f"Machine: {meta['machine']}; {meta['threads']} threads; {SIZE}x{SIZE} float32; "
@@ -270,6 +290,12 @@ def markdown(results: list[dict], startup: dict, meta: dict) -> str:
                 lines.append(f"- {label}: error: {s['error']}")
             else:
                 lines.append(f"- {label}: {s['wall_s']:.2f} s (backend {s['backend']}, peak RSS {s['peak_rss_mb']:.0f} MB)")
+    if sizes:
+        kinds = list(dict.fromkeys(kind for row in sizes.values() for kind in row if kind != "error"))
+        lines += ["", "File sizes, MB:", "", "| model | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
+        for arch, row in sizes.items():
+            cells = [f"{row[k]:.1f}" if k in row else row.get("error", "") for k in kinds]
+            lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     parser.add_argument("--startup-worker", metavar="WEIGHTS", help=argparse.SUPPRESS)
     parser.add_argument("--startup-backend", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes-worker", nargs=2, metavar=("ARCH", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-sizes", action="store_true", help="skip the file sizes (.npz float32/float16, .onnx)")
     args = parser.parse_args(argv)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
@@ -322,6 +350,9 @@ def main(argv=None) -> int:
     if args.worker:
         runner, arch, batch = args.worker
         print(json.dumps(worker(runner, arch, int(batch), args.threads, warmup, repeats, args.onnx)))
+        return 0
+    if args.sizes_worker:
+        print(json.dumps(sizes_worker(*args.sizes_worker)))
         return 0
     if args.startup_worker:
         print(json.dumps(startup_worker(args.startup_worker, args.startup_backend, args.threads)))
@@ -367,10 +398,11 @@ def main(argv=None) -> int:
                         print(f"round {round_ + 1} {arch:10s} b{batch:<3d} {runner:12s} {shown}", flush=True)
         results = list(results.values())
         startup = {} if args.no_startup else measure_startup(args.threads, tmp)
+        sizes = {} if args.no_sizes else file_sizes(archs, tmp, args.threads)
     meta["load_average_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results, "startup": startup}, indent=1) + "\n")
-    table = markdown(results, startup, meta)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results, "startup": startup, "file_sizes_mb": sizes}, indent=1) + "\n")
+    table = markdown(results, startup, meta, sizes)
     (RESULTS / f"{name}.md").write_text(table)
     chart(results, RESULTS / f"{name}.png")
     print(table)

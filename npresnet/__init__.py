@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 from .backends import BackendUnavailable, available_backends, get_backend
+from .evaluation import Evaluation, evaluate
 from .hub import FetchError, fetch
 from .model import FEATURE_NAMES, ResNet, build, load, save
+from .onnx_export import export_onnx
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, ImageError, preprocess, preset_for
 from .quantize import QuantizedResNet, quantize
@@ -53,6 +55,7 @@ __all__ = [
     "ARCHITECTURES",
     "FEATURE_NAMES",
     "BackendUnavailable",
+    "Evaluation",
     "FetchError",
     "ImageClassification",
     "ImageError",
@@ -66,6 +69,8 @@ __all__ = [
     "classify",
     "convert",
     "embed",
+    "evaluate",
+    "export_onnx",
     "count_params",
     "fetch",
     "get_backend",

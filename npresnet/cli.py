@@ -306,17 +306,108 @@ and prepared exactly as TorchVision prepares them for its ResNet weights.
 
 
 def cmd_convert(args) -> int:
-    meta = convert(args.src, args.dst)
+    meta = convert(args.src, args.dst, dtype=args.dtype)
     known = f", crop {meta['crop_size']}, resize {meta['resize_size']}" if "crop_size" in meta else ""
     print(f"{args.dst}: {meta['arch']}, num_classes {meta['num_classes']}, stem {meta['stem']}{known}")
     if "source_sha256" in meta:
         print(f"source sha256: {meta['source_sha256']}")
+    if args.dtype:
+        print(f"weights stored as {args.dtype} ({os.path.getsize(args.dst) / 1e6:.1f} MB); they load as float32")
     return 0
 
 
 def cmd_fetch(args) -> int:
     print(fetch(args.arch, args.weights))
     return 0
+
+
+def cmd_export(args) -> int:
+    from .onnx_export import DYNAMIC, FEATURE_OUTPUTS, LOGITS_NAME, export_onnx
+
+    if args.size == [DYNAMIC]:
+        size = DYNAMIC
+    elif len(args.size) == 2 and all(v.isdigit() and int(v) > 0 for v in args.size):
+        size = (int(args.size[0]), int(args.size[1]))
+    else:
+        raise ValueError(f"--size takes HEIGHT WIDTH (two positive integers) or {DYNAMIC}, not {' '.join(args.size)!r}")
+    model = model_from_args(args)
+    try:
+        export_onnx(model, args.output, features=args.features, opset=args.opset, batch=args.batch, size=size)
+    except ImportError as exc:
+        error(str(exc))
+        return 1
+    shape = ", ".join(map(str, ["batch" if args.batch == DYNAMIC else args.batch, 3, *(("height", "width") if size == DYNAMIC else size)]))
+    outputs = [LOGITS_NAME, *(FEATURE_OUTPUTS if args.features else ())]
+    print(
+        f"{args.output}: {model.arch}, {os.path.getsize(args.output) / 1e6:.1f} MB, opset {args.opset}, "
+        f"input 'input' ({shape}), outputs {', '.join(outputs)}; batch norm folded"
+    )
+    return 0
+
+
+def batch_or_dynamic(text: str) -> int | str:
+    return text if text == "dynamic" else positive_int(text)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, image_folder, interleave_classes, read_class_map
+
+    class_to_idx = read_class_map(args.labels) if args.labels else None
+    folder = image_folder(args.data, class_to_idx)
+    num_images = len(interleave_classes(folder.samples, args.limit))
+    model = model_from_args(args, num_images)
+    compare = None
+    if args.compare:
+        # The second file's own architecture (fine-tuned, quantized, another model), unless it is a weights name.
+        arch = args.arch if is_weights_name(args.compare) else None
+        compare = model_from_args(argparse.Namespace(**{**vars(args), "weights": args.compare, "arch": arch}), num_images)
+    progress = Progress(num_images)
+    errors = ImageErrors(progress)
+    result = evaluate(
+        model, folder, topk=args.topk, limit=args.limit, class_to_idx=class_to_idx, batch_size=args.batch_size,
+        compare=compare, exif_transpose=args.exif_transpose, on_error=errors.report, on_progress=progress.advance,
+    )
+    progress.close()
+    for warning in result.warnings:
+        print(f"npresnet: warning: {warning}", file=sys.stderr)
+    k = result.topk
+
+    def figures(r, weights, arch) -> dict:
+        return {"weights": weights, "arch": arch, "top1": r.top1, f"top{k}": r.topk_accuracy, "loss": r.loss}
+
+    if args.json:
+        out = {
+            "data": args.data, "images": result.images, "skipped": [p for p, _ in result.skipped], "topk": k,
+            **figures(result, args.weights, model.arch),
+            "classes": [
+                {"name": c.name, "index": c.index, "images": c.count, "top1": c.top1, f"top{k}": c.topk_accuracy}
+                for c in result.per_class
+            ],
+        }
+        if compare is not None:
+            out["compare"] = {**figures(result.compared, args.compare, compare.arch), "agreement": result.agreement}
+        print(json.dumps(out))
+        return 1 if result.skipped else 0
+    skipped = f" ({len(result.skipped)} unreadable, left out)" if result.skipped else ""
+    print(f"{args.data}: {result.images} images in {len(result.per_class)} classes{skipped}; {model.arch}, weights {args.weights}")
+    hits = int(round(result.top1 * result.images)), int(round(result.topk_accuracy * result.images))
+    print(f"top-1 accuracy  {result.top1:8.2%}  ({hits[0]}/{result.images})")
+    print(f"top-{k} accuracy  {result.topk_accuracy:8.2%}  ({hits[1]}/{result.images})")
+    print(f"loss            {result.loss:8.4f}  (mean cross-entropy)")
+    width = max(len("class"), *(len(c.name) for c in result.per_class))
+    print()
+    print(f"{'class':<{width}}  index  images    top-1    top-{k}")
+    for c in result.per_class:
+        accuracy = f"{c.top1:8.2%} {c.topk_accuracy:8.2%}" if c.count else f"{'-':>8} {'-':>8}"
+        print(f"{c.name:<{width}}  {c.index:5d}  {c.count:6d} {accuracy}")
+    if compare is not None:
+        other = result.compared
+        agree = int(round(result.agreement * result.images))
+        print()
+        print(f"compared with {args.compare} ({compare.arch}): top-1 {other.top1:.2%}, top-{k} {other.topk_accuracy:.2%}, "
+              f"loss {other.loss:.4f}")
+        print(f"top-1 agreement {result.agreement:8.2%}  ({agree}/{result.images} images get the same class from both)")
+    return 1 if result.skipped else 0
 
 
 def calibration_paths(directory: str, samples: int) -> tuple[list[str], int]:
@@ -424,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_.add_argument("src", help="the weights file to read (.pth, .pt, .safetensors, .npz)")
     convert_.add_argument("dst", help="the .npz to write (atomically)")
+    convert_.add_argument("--dtype", choices=["float16", "float32"], help="store the conv and fc weights in this "
+                          "dtype: float16 halves the file (batch norm stays float32; models compute in float32)")
     convert_.set_defaults(run=cmd_convert)
 
     fetch_ = commands.add_parser(
@@ -432,6 +525,45 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="e.g. resnet50")
     fetch_.add_argument("--weights", default=DEFAULT, help="IMAGENET1K_V1, IMAGENET1K_V2 or DEFAULT (default)")
     fetch_.set_defaults(run=cmd_fetch)
+
+    export = commands.add_parser(
+        "export",
+        help="write a model as ONNX (standard operators, batch norm folded), for ONNX Runtime and other runtimes",
+        description="Write the network of a weights file as an ONNX model, from npresnet's own architecture table "
+        "(no torch): input 'input' (N, 3, H, W), output 'logits'; the preprocessing and the class names are in its "
+        "metadata. Needs the onnx package: pip install \"npresnet[onnx]\".",
+    )
+    export.add_argument("weights", metavar="WEIGHTS", help="a weights file (.npz, .pth, .safetensors) or official "
+                        "weights of --arch by name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2)")
+    export.add_argument("output", metavar="OUT.onnx", help="the ONNX file to write (atomically)")
+    export.add_argument("--arch", choices=list(ARCHITECTURES), metavar="ARCH",
+                        help=f"architecture (default: read from the weights; {DEFAULT_ARCH} for a weights name)")
+    export.add_argument("--features", action="store_true",
+                        help="also output layer1..layer4 (C2-C5, strides 4-32), for detection and FPN backbones")
+    export.add_argument("--opset", type=int, default=17, metavar="N", help="ONNX opset, 13 or newer (default 17)")
+    export.add_argument("--batch", type=batch_or_dynamic, default="dynamic", metavar="N|dynamic",
+                        help="a fixed batch size, or dynamic (default)")
+    export.add_argument("--size", nargs="+", default=["dynamic"], metavar="SIZE",
+                        help="a fixed input size, HEIGHT WIDTH (e.g. --size 800 800), or dynamic (default)")
+    export.set_defaults(run=cmd_export, backend="numpy", threads=None)
+
+    evaluate_ = commands.add_parser(
+        "evaluate",
+        help="top-1/top-5 accuracy and loss on a labelled folder (DATA/<class>/*.jpg); --compare two weights files",
+        description="Accuracy and mean cross-entropy on a folder in TorchVision's ImageFolder layout: one sub-folder "
+        "per class, classes in sorted order of the folder names (or as --labels maps them), with a per-class table.",
+    )
+    evaluate_.add_argument("data", metavar="DATA", help="the folder: DATA/<class>/<image> (sub-folders searched)")
+    evaluate_.add_argument("--topk", type=positive_int, default=5, metavar="K", help="also report top-K accuracy (default 5)")
+    evaluate_.add_argument("--limit", type=positive_int, metavar="N",
+                           help="evaluate N images, taken in turn from each class (a quick check)")
+    evaluate_.add_argument("--labels", metavar="FILE", help="class map: lines 'FOLDER INDEX', or folder names in index "
+                           "order, one a line (e.g. ImageNet's LOC_synset_mapping.txt); default: sorted folder i is class i")
+    evaluate_.add_argument("--compare", metavar="WEIGHTS2", help="a second weights file run on the same images: its "
+                           "figures, and how often its top-1 class equals the first's")
+    evaluate_.add_argument("--json", action="store_true", help="one JSON object with every figure, for scripts")
+    add_model_options(evaluate_)
+    evaluate_.set_defaults(run=cmd_evaluate)
 
     quantize_ = commands.add_parser(
         "quantize",

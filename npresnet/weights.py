@@ -114,10 +114,27 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def save_npz(path: str | os.PathLike, state: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> None:
-    """Write `state` and `meta` (JSON-able) to an .npz, atomically."""
+def save_npz(
+    path: str | os.PathLike, state: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None, dtype=None
+) -> None:
+    """Write `state` and `meta` (JSON-able) to an .npz, atomically.
+
+    dtype (e.g. "float16": half the bytes): store the convolution and fc weights, nearly all the bytes, in it,
+    and say so in meta["stored_dtype"]; batch-norm parameters and statistics and the fc bias stay as they are,
+    because a float16 running_var overflows above 65504 and a float16 running_mean (steps of 1/2048 relative)
+    shifts the folded bias by mean error x scale; they are a fraction of a percent of the bytes. Loading widens every tensor back to float32 (see _as_float_array), so the model computes in float32.
+    """
     if META_KEY in state:
         raise WeightsError(f"a state dict key may not be {META_KEY!r}")
+    meta = {k: v for k, v in (meta or {}).items() if k != "stored_dtype"}
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        with np.errstate(over="ignore"):  # reported below, naming the tensors
+            state = {k: v.astype(dtype) if np.ndim(v) > 1 else v for k, v in state.items()}
+        overflowed = [k for k, v in state.items() if not np.all(np.isfinite(v))]
+        if overflowed:
+            raise WeightsError(f"{', '.join(overflowed)}: values out of {dtype.name}'s range (or not finite)")
+        meta["stored_dtype"] = dtype.name
     arrays = {k: np.asarray(v, order="C") for k, v in state.items()}  # C order; 0-d arrays stay 0-d
     arrays[META_KEY] = np.array(json.dumps(dict(meta or {}), sort_keys=True))
     atomic_write(path, lambda f: np.savez(f, **arrays))
@@ -248,13 +265,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def convert(
+    src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, Any] | None = None, dtype=None
+) -> dict[str, Any]:
     """Convert a weights file (.pth, .safetensors, .npz) to an .npz npresnet loads without pickle; return its metadata.
 
     The .npz holds the validated state dict under TorchVision's key names and
     __meta__: arch, num_classes, stem, the source's name and sha256, and for an
     official TorchVision file its weights name, crop_size and resize_size.
     `meta` adds or overrides facts the file cannot tell (e.g. crop_size). The write is atomic.
+    dtype="float16" stores the weights in half the bytes (see save_npz).
     """
     if Path(dst).suffix != ".npz":
         raise WeightsError(f"{dst}: the converted file must end in .npz")
@@ -262,5 +282,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, meta: Mapping[str, A
     spec = infer_spec_from_state(state, str(src))
     state = validate_state_dict(state, spec, str(src))
     meta = {**found, **(meta or {}), "arch": spec.name, "num_classes": spec.num_classes, "stem": spec.stem}
-    save_npz(dst, state, meta)
+    meta.pop("stored_dtype", None)  # the source's own; save_npz records what this file stores
+    save_npz(dst, state, meta, dtype)
+    if dtype is not None:
+        meta["stored_dtype"] = np.dtype(dtype).name
     return meta
