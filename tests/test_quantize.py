@@ -295,6 +295,32 @@ def test_quantized_model_in_classify_embed_and_the_command(trained, int8_files):
     assert result.returncode == 0 and f"({png.parent.name})" in result.stdout
 
 
+@pytest.mark.parametrize("method", ["minmax", "entropy"])
+def test_onnxruntime_on_the_qdq_export_agrees_with_npresnet_int8(trained, int8_files, method, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / f"digits_int8_{method}.onnx"
+    result = run("export", int8_files[method], path)  # onnx.checker's full check runs before the file is written
+    assert result.returncode == 0, result.stderr
+    proto = onnx.load(path)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    weights = {i.name: i for i in proto.graph.initializer}
+    assert weights["layer1.0.conv1.weight_quantized"].data_type == onnx.TensorProto.INT8
+    assert weights["layer1.0.conv1.bias_quantized"].data_type == onnx.TensorProto.INT32
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 20  # every conv of resnet18 runs as onnxruntime's int8 kernel
+    int8 = npresnet.load(int8_files[method])
+    ours = int8(trained["x"]).argmax(axis=1)
+    theirs = session.run(None, {"input": trained["x"]})[0].argmax(axis=1)
+    agreement = float(np.mean(ours == theirs))
+    print(f"\n{method}: npresnet int8 and onnxruntime on the QDQ export agree on {agreement:.2%}")
+    assert agreement >= 0.99
+
+
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 
