@@ -35,7 +35,7 @@ without VNNI (numpy's integer matmul is not BLAS; bench/ has the figures).
 Calibration (``quantize``): the float model, batch norm folded, runs on the calibration images
 preprocessed as at inference (the model's preset); every quantized activation is observed, and its
 scale is threshold / qmax (127 for int8, 255 for uint8; 1.0 for a tensor that was always 0). The
-threshold, from |x| (int8) or max(x, 0) (uint8), per method:
+threshold, from |x| (int8) or the positive x (uint8: a ReLU's zeros are exact at any scale), per method:
 - "minmax": the largest value seen.
 - "percentile": the `percentile`-th percentile (99.99 by default), the upper edge of its histogram bin.
 - "entropy": the clipping threshold whose quantized histogram is closest to the observed one in
@@ -227,7 +227,7 @@ def forward(
 
 class TensorObserver:
     """What calibration keeps of one activation tensor: its largest magnitude and, for percentile and
-    entropy, a histogram of magnitudes (|x| for int8, max(x, 0) for uint8, whose quantizer clips at 0)."""
+    entropy, a histogram of magnitudes (|x| for int8; for uint8, whose quantizer clips at 0, the x > 0)."""
 
     def __init__(self, dtype: np.dtype, histogram: bool = True, bins: int = HISTOGRAM_BINS):
         self.dtype = np.dtype(dtype)
@@ -242,7 +242,10 @@ class TensorObserver:
         return int(np.iinfo(self.dtype).max)
 
     def observe(self, x: np.ndarray) -> None:
-        magnitude = np.abs(x) if self.dtype == INT8 else np.maximum(x, 0)
+        # uint8 (a ReLU's output): only the positive values. Its zeros quantize to 0 at any scale, so they
+        # say nothing about the threshold, and their spike, in the histogram, would make entropy favour the
+        # narrowest range (where the first level is one bin wide, so the spike is represented exactly).
+        magnitude = np.abs(x) if self.dtype == INT8 else x[x > 0]
         top = float(magnitude.max()) if magnitude.size else 0.0
         if not np.isfinite(top):
             raise ValueError("calibration: an activation is not finite (NaN or inf in the input or the weights)")
