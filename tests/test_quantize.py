@@ -110,9 +110,10 @@ def test_per_channel_weight_quantization_as_onnx(runner):
     weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
     weight[2] = 0  # an all-zero channel gets scale 1.0, not a division by zero
     q, scale = quantize_weight(weight)
-    np.testing.assert_array_equal(scale[[0, 1, 3]], (np.abs(weight[[0, 1, 3]]).reshape(3, -1).max(1) / 127).astype(np.float32))
+    # 7-bit weights (WEIGHT_QMAX = 63: onnxruntime's int16 pair sums on AVX2 saturate with 8-bit ones).
+    np.testing.assert_array_equal(scale[[0, 1, 3]], (np.abs(weight[[0, 1, 3]]).reshape(3, -1).max(1) / 63).astype(np.float32))
     assert scale[2] == 1.0
-    assert np.abs(q).reshape(4, -1).max(1).tolist() == [127, 127, 0, 127]
+    assert np.abs(q).reshape(4, -1).max(1).tolist() == [63, 63, 0, 63]
     np.testing.assert_array_equal(q, onnx_quantize_linear(runner, weight, scale, np.zeros(4, np.int8), axis=0))
 
 
