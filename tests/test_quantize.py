@@ -290,7 +290,7 @@ def test_onnxruntime_on_the_qdq_export_agrees_with_npresnet_int8(trained, int8_f
 
 def test_quantized_file_refused_where_it_cannot_run(int8_files, tmp_path):
     path = int8_files["minmax"]
-    with pytest.raises(npresnet.BackendUnavailable, match="'numba' backend cannot run it.*'numpy'"):
+    with pytest.raises(npresnet.BackendUnavailable, match="'numba' backend cannot run.*'numpy'"):
         npresnet.load(path, backend="numba")
     result = run("classify", "--weights", path, "--backend", "cuda", path)
     assert result.returncode == 1 and "int8 quantized model" in result.stderr and "'numpy'" in result.stderr
