@@ -22,6 +22,11 @@ folds batch norm the same way, so the rows compare). The sizes of the files a
 user ships (.npz in float32 and float16, .onnx) are listed under the table. Thread counts are pinned through the
 environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and each library's own knob.
 
+INT8 rows: "numpy-int8" is npresnet's quantized network (npresnet.quantize: int8 weights, activation
+scales calibrated on the two photos in tests/data, which is enough for timing), "onnxruntime-int8" the
+QDQ ONNX file `npresnet export` writes of it, which onnxruntime fuses into QLinearConv int8 kernels.
+Both files are made once per architecture, before the rounds; their sizes join the file-size table.
+
 On a shared machine the load comes and goes: by default every case runs in
 two rounds, in turn, and the faster round is kept (all round medians are in the JSON).
 
@@ -101,14 +106,27 @@ def _onnxruntime_runner(arch: str, threads: int, onnx_path: str):
     return lambda x: session.run(None, {name: x})[0], None
 
 
+def int8_paths(folder: str, arch: str) -> tuple[str, str]:
+    """Where the int8 .npz and its QDQ .onnx of `arch` are written (quantize_files) and read (worker)."""
+    return os.path.join(folder, f"{arch}-int8.npz"), os.path.join(folder, f"{arch}-int8.onnx")
+
+
 def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeats: int, onnx_path: str) -> dict:
     import numpy as np
 
     start = time.perf_counter()
+    int8_npz, int8_onnx = int8_paths(os.path.dirname(onnx_path), arch)  # beside the float32 .onnx
     if runner == "torch":
         run, _ = _torch_runner(arch, threads)
     elif runner == "onnxruntime":
         run, _ = _onnxruntime_runner(arch, threads, onnx_path)
+    elif runner == "onnxruntime-int8":
+        run, _ = _onnxruntime_runner(arch, threads, int8_onnx)
+    elif runner == "numpy-int8":
+        import npresnet
+
+        model = npresnet.load(int8_npz, backend="numpy", threads=threads)
+        run = model
     else:
         run, _ = _npresnet_runner(runner, arch, threads)
     build_s = time.perf_counter() - start
@@ -190,7 +208,25 @@ def available_runners() -> list[str]:
         runners.append("torch")
     if _has("onnxruntime") and _has("onnx"):
         runners.append("onnxruntime")
+    runners.append("numpy-int8")
+    if _has("onnxruntime") and _has("onnx"):
+        runners.append("onnxruntime-int8")
     return runners
+
+
+def quantize_files(arch: str, folder: str, threads: int) -> dict:
+    """The int8 .npz of `arch` (random weights, calibrated on tests/data's photos) and, with onnx, its QDQ export."""
+    npz, onnx = int8_paths(folder, arch)
+    photos = sorted(str(p) for p in (ROOT / "tests" / "data").iterdir() if p.suffix in (".png", ".jpg"))
+    code = (
+        f"import npresnet, importlib.util; m = npresnet.build({arch!r}, backend='numpy'); "
+        f"q = npresnet.quantize(m, {photos!r}); npresnet.save(q, {npz!r}); "
+        f"importlib.util.find_spec('onnx') and npresnet.export_onnx(q, {onnx!r})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(threads), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "quantize failed"}
+    return {}
 
 
 def file_sizes(archs: list[str], tmp: str, threads: int) -> dict:
@@ -374,15 +410,20 @@ def main(argv=None) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         exported = {}
+        quantized = {}
         for arch in archs:
             if "onnxruntime" in runners:
                 exported[arch] = export_onnx(arch, os.path.join(tmp, f"{arch}.onnx"), args.threads)
+            if "numpy-int8" in runners or "onnxruntime-int8" in runners:
+                quantized[arch] = quantize_files(arch, tmp, args.threads)
         for round_ in range(args.rounds):
             for arch in archs:
                 for batch in batches:
                     for runner in runners:
                         if runner == "onnxruntime" and "error" in exported[arch]:
                             result = {"runner": runner, "arch": arch, "batch": batch, **exported[arch]}
+                        elif runner.endswith("-int8") and "error" in quantized[arch]:
+                            result = {"runner": runner, "arch": arch, "batch": batch, **quantized[arch]}
                         else:
                             worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads),
                                            "--warmup", str(warmup), "--repeats", str(repeats),
@@ -399,6 +440,10 @@ def main(argv=None) -> int:
         results = list(results.values())
         startup = {} if args.no_startup else measure_startup(args.threads, tmp)
         sizes = {} if args.no_sizes else file_sizes(archs, tmp, args.threads)
+        for arch in sizes:
+            for kind, path in zip(("npz int8", "onnx int8 (QDQ)"), int8_paths(tmp, arch)):
+                if os.path.exists(path):
+                    sizes[arch][kind] = os.path.getsize(path) / 1e6
     meta["load_average_after"] = os.getloadavg()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results, "startup": startup, "file_sizes_mb": sizes}, indent=1) + "\n")

@@ -33,6 +33,7 @@ from .optim import (
 )
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, preprocess, preset_for
+from .quantize import QuantizedResNet, quantize
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
 from .training import TrainConfig, fit
 
@@ -91,6 +92,7 @@ __all__ = [
     "ImageError",
     "Prediction",
     "ResNet",
+    "QuantizedResNet",
     "ResNetSpec",
     "WeightsEntry",
     "WeightsError",
@@ -134,6 +136,7 @@ __all__ = [
     "load_labels",
     "preprocess",
     "preset_for",
+    "quantize",
     "save",
     "save_embeddings",
     *ARCHITECTURES,

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +28,7 @@ from .errors import BackendUnavailable, DataError, FetchError, ImageError, Weigh
 from .explain import explain, image_format, save_image
 from .formats import convert, read_weights
 from .hub import fetch, is_weights_name
-from .model import ResNet, build, load
+from .model import ResNet, build, load, save
 from .predict import labels_for, save_embeddings, top_k
 from .preprocess import IMAGE_FORMATS, ImageClassification, preset_for
 from .progress import Progress
@@ -587,6 +588,69 @@ def cmd_serve(args) -> int:
     return 1 if failed else 0
 
 
+def calibration_paths(directory: str, samples: int) -> tuple[list[str], int]:
+    """(up to `samples` image paths found under `directory`, recursing, and how many there are in all).
+
+    More than `samples`: a fixed pseudo-random choice (seed 0), kept in name order, so that every
+    class folder of an ImageFolder layout is likely represented and the same files are chosen each time.
+    """
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: not a directory (--calibrate takes a folder of images)")
+    extensions = image_extensions()
+    found = sorted(
+        os.path.join(root, name)
+        for root, dirs, files in os.walk(directory)
+        for name in files
+        if not name.startswith(".") and Path(name).suffix.lower() in extensions
+    )
+    if len(found) > samples:
+        chosen = np.random.default_rng(0).choice(len(found), size=samples, replace=False)
+        return [found[i] for i in sorted(chosen)], len(found)
+    return found, len(found)
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import quantize
+
+    if Path(args.output).suffix != ".npz":
+        raise ValueError(f"{args.output}: the quantized file must end in .npz")
+    if is_weights_name(args.weights):
+        model = build(args.arch or DEFAULT_ARCH, args.weights, backend="numpy")
+    elif args.arch:
+        model = build(args.arch, args.weights, backend="numpy")
+    else:
+        model = load(args.weights, backend="numpy")
+    if getattr(model, "quantized", False):
+        raise ValueError(f"{args.weights} is already quantized (int8); quantize the float weights it was made from")
+    paths, available = calibration_paths(args.calibrate, args.samples)
+    if not paths:
+        raise ValueError(f"{args.calibrate}: no image files to calibrate on (searched its subfolders too)")
+    if available < args.samples:
+        print(f"npresnet: warning: {args.calibrate} has {available} images, fewer than --samples {args.samples}; "
+              f"calibrating on {available}", file=sys.stderr)
+    progress = Progress(len(paths))
+    errors = ImageErrors(progress)
+    reader = preprocessed_batches(paths, preset_for(model), args.batch_size, progress, errors.report)
+    batches = (batch for _, batch in reader)  # (B, 3, crop, crop), bad images reported and skipped
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            int8 = quantize(model, batches, method=args.method, samples=len(paths), percentile=args.percentile)
+        except ValueError:
+            progress.close()
+            if errors.count:
+                raise ValueError(f"no image in {args.calibrate} could be read; {args.output} not written") from None
+            raise
+    progress.close()
+    for warning in caught:
+        print(f"npresnet: warning: {warning.message}", file=sys.stderr)
+    save(int8, args.output)
+    size = os.path.getsize(args.output)
+    print(f"{args.output}: {int8.arch} int8 ({size / 1e6:.1f} MB), activations calibrated on "
+          f"{int8.meta['samples']} images ({args.method})")
+    return 1 if errors.count else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npresnet",
@@ -767,6 +831,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=int, metavar="N", help="CPU threads for the compiled backends")
     train.add_argument("--workers", type=positive_int, metavar="N", help="threads decoding images ahead of training (default: up to 4)")
     train.set_defaults(run=cmd_train)
+
+    quantize_ = commands.add_parser(
+        "quantize",
+        help="int8 weights and calibrated activation scales: a file about 4x smaller (see README, INT8)",
+        description="Fold batch norm, quantize every conv and fc weight to int8 per output channel, and "
+        "calibrate per-tensor activation scales on images preprocessed as at inference. npresnet runs the "
+        "file (numpy backend) and `npresnet export` writes it as an ONNX QDQ model.",
+    )
+    quantize_.add_argument("weights", metavar="WEIGHTS", help="float weights (.npz, .pth, .safetensors) or official weights of --arch")
+    quantize_.add_argument("--calibrate", required=True, metavar="DIR", help="a folder of images (subfolders searched too)")
+    quantize_.add_argument("--samples", type=positive_int, default=256, metavar="N",
+                           help="calibration images to use (default 256; fewer is a warning)")
+    quantize_.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                           help="how an activation's range is chosen: its largest value (default), a percentile "
+                           "of its magnitudes, or the KL-divergence threshold TensorRT uses")
+    quantize_.add_argument("--percentile", type=float, default=99.99, metavar="P", help="for --method percentile (default 99.99)")
+    quantize_.add_argument("--arch", choices=list(ARCHITECTURES), metavar="ARCH", help="architecture (default: read from the file)")
+    quantize_.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
+    quantize_.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="the int8 .npz to write (atomically)")
+    quantize_.set_defaults(run=cmd_quantize)
     return parser
 
 

@@ -531,3 +531,34 @@ def cross_entropy(
     loss = float(-(target * log_p).sum() / N)
     grad = (np.exp(log_p) - target) / N
     return loss, grad.astype(logits.dtype)
+
+
+def quantize_linear(x: np.ndarray, scale, zero_point, axis: int = 1) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round(x / scale) + zero_point), in zero_point's integer dtype.
+
+    round is half to even (np.rint), saturate clips to the dtype's range (int8 [-128, 127],
+    uint8 [0, 255], int32). scale and zero_point are scalars (per tensor) or (x.shape[axis],)
+    (per axis, e.g. axis=0 for a conv weight's output channels). x / scale is computed in
+    x's dtype, as the ONNX reference computes it. Returns an array of x's shape.
+    """
+    zero_point = np.asarray(zero_point)
+    info = np.iinfo(zero_point.dtype)
+    scale, zero_point = _per_axis(np.asarray(scale), x.ndim, axis), _per_axis(zero_point, x.ndim, axis)
+    q = np.rint(x / scale.astype(x.dtype)) + zero_point
+    return np.clip(q, info.min, info.max).astype(zero_point.dtype)
+
+
+def dequantize_linear(q: np.ndarray, scale, zero_point, axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in scale's dtype (float32 in ONNX)."""
+    scale = np.asarray(scale)
+    scale, zero_point = _per_axis(scale, q.ndim, axis), _per_axis(np.asarray(zero_point), q.ndim, axis)
+    return (q.astype(scale.dtype) - zero_point.astype(scale.dtype)) * scale
+
+
+def _per_axis(value: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A per-tensor scalar as it is; a per-axis (C,) vector shaped to broadcast along `axis`."""
+    if value.ndim == 0:
+        return value
+    shape = [1] * ndim
+    shape[axis] = -1
+    return value.reshape(shape)

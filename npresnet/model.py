@@ -330,6 +330,10 @@ class ResNet:
 def load(path: str | os.PathLike, **options) -> ResNet:
     """A model from a weights file, its architecture inferred from the keys and shapes."""
     state, meta = read_weights(path)
+    if meta.get("quantized"):  # an int8 file from npresnet.quantize: its own network (quantize.py)
+        from .quantize import QuantizedResNet
+
+        return QuantizedResNet.from_state_dict(state, meta, source=str(path), **options)
     model = ResNet.from_state_dict(state, source=str(path), meta=meta, **options)
     return model
 
@@ -374,6 +378,8 @@ def build(
                 weights = fetch(spec.name, weights)
             source = str(weights)
             state, meta = read_weights(weights)
+            if meta.get("quantized"):
+                return _build_quantized(spec, state, meta, source, num_classes, stem, backend=backend, threads=threads)
         inferred = infer_spec_from_state(state, source)
         if inferred.replace(name=spec.name, num_classes=spec.num_classes, stem=spec.stem) != spec:
             raise WeightsError(
@@ -385,6 +391,20 @@ def build(
             stem=stem if stem is not None else inferred.stem,
         )
     return ResNet(spec, state, backend=backend, threads=threads, meta=meta, source=source)
+
+
+def _build_quantized(spec, state, meta, source, num_classes, stem, **options):
+    """An int8 file given to build(): its network, if it is the architecture asked for (its head is fixed)."""
+    from .quantize import QuantizedResNet
+
+    model = QuantizedResNet.from_state_dict(state, meta, source=source, **options)
+    asked = spec.replace(num_classes=num_classes or model.num_classes, stem=stem or model.spec.stem)
+    if model.spec.replace(name=spec.name) != asked:
+        raise WeightsError(
+            f"{source} holds int8 weights for {_describe(model.spec)} ({model.num_classes} classes, "
+            f"stem {model.spec.stem}), not {_describe(asked)}; use npresnet.load() to run it as it is"
+        )
+    return model
 
 
 def _describe(spec: ResNetSpec) -> str:

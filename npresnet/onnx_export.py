@@ -300,13 +300,14 @@ def build_onnx_model(
     conv: ConvFn = add_conv,
     linear: LinearFn = add_gemm,
     folded_conv: Callable[[ConvSpec], tuple[np.ndarray, np.ndarray]] | None = None,
+    fc: tuple[np.ndarray, np.ndarray] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ):
     """An onnx.ModelProto of `model` (a ResNet), not yet checked (serialize_checked does that).
 
     features: also output layer1..layer4 (C2-C5). opset: the ONNX opset (13 or newer).
     batch: a fixed batch size or "dynamic"; size: a fixed (height, width) or "dynamic".
-    conv, linear, folded_conv, extra_metadata: for variants of the export (see the module doc).
+    conv, linear, folded_conv, fc, extra_metadata: for variants of the export (see the module doc).
     """
     onnx = require_onnx()
     helper = onnx.helper
@@ -318,16 +319,12 @@ def build_onnx_model(
     batch_dim = _batch_dim(batch)
     fixed_size = _spatial_size(size)
     spec = model.spec
-    state = model._state  # read only; state_dict() would copy every tensor first
+    if folded_conv is None or fc is None:
+        state = model._state  # read only; state_dict() would copy every tensor first
+        folded_conv = folded_conv or folded_parameters(state)
+        fc = fc or (state["fc.weight"].astype(np.float32), state["fc.bias"].astype(np.float32))
     graph = GraphBuilder(onnx)
-    outputs = resnet_graph(
-        graph,
-        spec,
-        folded_conv or folded_parameters(state),
-        (state["fc.weight"].astype(np.float32), state["fc.bias"].astype(np.float32)),
-        conv=conv,
-        linear=linear,
-    )
+    outputs = resnet_graph(graph, spec, folded_conv, fc, conv=conv, linear=linear)
 
     float32 = onnx.TensorProto.FLOAT
     height, width = fixed_size or ("height", "width")
@@ -383,13 +380,99 @@ def export_onnx(
     batch: int | str = DYNAMIC,
     size: tuple[int, int] | str = DYNAMIC,
 ):
-    """Write `model` (a ResNet) to `path` as ONNX, checked by onnx.checker (full check), atomically;
-    return the onnx.ModelProto.
+    """Write `model` (a ResNet, or a QuantizedResNet as a QDQ graph) to `path` as ONNX, checked by
+    onnx.checker (full check), atomically; return the onnx.ModelProto.
 
     Outputs "logits" (N, num_classes), and with features=True also "layer1".."layer4".
     Batch and spatial axes are dynamic unless batch (an int) or size ((height, width)) fix them.
     """
-    proto = build_onnx_model(model, features=features, opset=opset, batch=batch, size=size)
+    if getattr(model, "quantized", False):  # an int8 model (quantize.py): the QDQ graph below
+        proto = build_qdq_model(model, features=features, opset=opset, batch=batch, size=size)
+    else:
+        proto = build_onnx_model(model, features=features, opset=opset, batch=batch, size=size)
     data = serialize_checked(proto)
     atomic_write(path, lambda f: f.write(data))
     return proto
+
+
+# --- int8: the QDQ graph of a quantized model (quantize.py) ------------------------------------------------------
+#
+# The same walk (resnet_graph), its conv and linear wrapped: each gets QuantizeLinear -> DequantizeLinear
+# on its input, its int8 weight (per output channel, axis 0) and int32 bias through DequantizeLinear, and
+# (a conv) QuantizeLinear -> DequantizeLinear on its output; onnxruntime fuses such a group into
+# QLinearConv. Add, Relu, MaxPool and GlobalAveragePool stay float, between dequantized values, exactly
+# as QuantizedResNet computes them, so that the two agree. Initializers carry the .npz's names
+# (layer1.0.conv1.weight_quantized, .weight_scale, .input_scale, ...), plus the zero points ONNX wants.
+
+
+def add_quantize_dequantize(graph: GraphBuilder, name: str, x: str, scale: np.ndarray, dtype: np.dtype) -> str:
+    """QuantizeLinear -> DequantizeLinear of x, per tensor, zero point 0 of `dtype`; the result is named `name`.
+
+    Initializers `name`_scale (float32 scalar) and `name`_zero_point (a scalar of `dtype`, the quantized type).
+    """
+    s = graph.initializer(f"{name}_scale", np.asarray(scale, dtype=np.float32))
+    z = graph.initializer(f"{name}_zero_point", np.zeros((), dtype=dtype))
+    q = graph.node("QuantizeLinear", [x, s, z], f"{name}_quantized")
+    return graph.node("DequantizeLinear", [q, s, z], name)
+
+
+def add_dequantized_initializer(graph: GraphBuilder, name: str, values: np.ndarray, scale: np.ndarray) -> str:
+    """An integer initializer `name`_quantized, per-axis (axis 0) `name`_scale, zero points 0: DequantizeLinear -> `name`."""
+    q = graph.initializer(f"{name}_quantized", values)
+    s = graph.initializer(f"{name}_scale", np.asarray(scale, dtype=np.float32))
+    z = graph.initializer(f"{name}_zero_point", np.zeros(values.shape[0], dtype=values.dtype))
+    return graph.node("DequantizeLinear", [q, s, z], name, axis=0)
+
+
+def qdq_conv(model: Any) -> ConvFn:
+    """add_conv for `model` (a QuantizedResNet): the int8 conv named `name`, its input and output quantized."""
+
+    def conv(graph: GraphBuilder, name: str, x: str, weight, bias, stride: int, padding: int, groups: int) -> str:
+        q = model.convs[name]
+        x = add_quantize_dequantize(graph, f"{name}.input", x, q.input_scale, q.input_dtype)
+        w = add_dequantized_initializer(graph, f"{name}.weight", q.weight, q.weight_scale)
+        b = add_dequantized_initializer(graph, f"{name}.bias", q.bias, q.bias_scale)
+        R, S = q.weight.shape[2:]
+        y = graph.node(
+            "Conv", [x, w, b], f"{name}.output_float", name=name, kernel_shape=[R, S], strides=[stride, stride],
+            pads=[padding, padding, padding, padding], dilations=[1, 1], group=groups,
+        )
+        # uint8 where a ReLU follows: the quantizer clips at 0, so the Relu after it changes nothing.
+        return add_quantize_dequantize(graph, f"{name}.output", y, q.output_scale, q.output_dtype)
+
+    return conv
+
+
+def qdq_gemm(model: Any) -> LinearFn:
+    """add_gemm for `model` (a QuantizedResNet): int8 fc weights, int32 bias, the input quantized; logits float."""
+
+    def linear(graph: GraphBuilder, name: str, x: str, weight, bias, output: str | None = None) -> str:
+        q = model.convs[name]
+        x = add_quantize_dequantize(graph, f"{name}.input", x, q.input_scale, q.input_dtype)
+        w = add_dequantized_initializer(graph, f"{name}.weight", q.weight, q.weight_scale)
+        b = add_dequantized_initializer(graph, f"{name}.bias", q.bias, q.bias_scale)
+        return graph.node("Gemm", [x, w, b], output or name, name=name, transB=1)
+
+    return linear
+
+
+def build_qdq_model(model: Any, **options):
+    """The QDQ onnx.ModelProto of `model` (a QuantizedResNet); options as build_onnx_model's."""
+    meta = model.meta
+    return build_onnx_model(
+        model,
+        conv=qdq_conv(model),
+        linear=qdq_gemm(model),
+        folded_conv=lambda c: (None, None),  # the wrappers read the int8 parameters themselves
+        fc=(None, None),
+        extra_metadata={
+            "batch_norm": "folded into each convolution (float64) before its weights were quantized",
+            "quantization": (
+                "int8 QDQ (QuantizeLinear/DequantizeLinear): weights int8 symmetric per output channel, biases "
+                "int32 (scale input_scale * weight_scale), activations per tensor (uint8 after ReLU, int8 "
+                f"otherwise, zero point 0); calibrated by npresnet, method {meta.get('method')}, "
+                f"{meta.get('samples')} images"
+            ),
+        },
+        **options,
+    )

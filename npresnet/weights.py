@@ -58,12 +58,22 @@ def _as_float_array(key: str, value: Any, source: str) -> np.ndarray:
     return array
 
 
+def refuse_quantized(state: Mapping[str, Any], source: str) -> None:
+    """A clear error for an int8 file (npresnet quantize) where float weights are needed."""
+    if any(k.endswith(".weight_quantized") for k in state):
+        raise WeightsError(
+            f"{source} is an int8 quantized model (npresnet quantize): only npresnet.load() on the numpy "
+            f"backend runs it; this needs float weights (the .npz, .pth or .safetensors it was quantized from)"
+        )
+
+
 def validate_state_dict(state: Mapping[str, Any], spec: ResNetSpec, source: str = "state dict") -> dict[str, np.ndarray]:
     """Check `state` against `spec`; return it as float arrays, num_batches_tracked dropped.
 
     Raises WeightsError listing every missing key, every unexpected key and every
     shape mismatch (expected and actual), so that one run shows all problems.
     """
+    refuse_quantized(state, source)
     state = _drop_ignored(state)
     expected = parameter_shapes(spec)
     missing = [k for k in expected if k not in state]
@@ -94,6 +104,7 @@ def _at_most(lines: list[str], total: int | None = None) -> list[str]:
 
 
 def infer_spec_from_state(state: Mapping[str, Any], source: str = "state dict") -> ResNetSpec:
+    refuse_quantized(state, source)
     try:
         return infer_spec({k: tuple(np.shape(v)) for k, v in _drop_ignored(state).items()})
     except ValueError as exc:
@@ -215,7 +226,7 @@ def save_npz(
             raise WeightsError(f"{', '.join(overflowed)}: values out of {dtype.name}'s range (or not finite)")
         meta["stored_dtype"] = dtype.name
     validate_meta(meta, f"{os.fspath(path)} (not written)")
-    arrays = {k: np.ascontiguousarray(v) for k, v in state.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in state.items()}  # C order; 0-d arrays stay 0-d
     arrays[META_KEY] = np.array(json.dumps(dict(meta or {}), sort_keys=True))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
