@@ -595,7 +595,7 @@ def calibration_paths(directory: str, samples: int) -> tuple[list[str], int]:
     class folder of an ImageFolder layout is likely represented and the same files are chosen each time.
     """
     if not os.path.isdir(directory):
-        raise ValueError(f"{directory}: not a directory (--calibrate takes a folder of images)")
+        raise CommandError(f"{directory}: not a directory (--calibrate takes a folder of images)")
     extensions = image_extensions()
     found = sorted(
         os.path.join(root, name)
@@ -613,7 +613,7 @@ def cmd_quantize(args) -> int:
     from .quantize import quantize
 
     if Path(args.output).suffix != ".npz":
-        raise ValueError(f"{args.output}: the quantized file must end in .npz")
+        raise CommandError(f"{args.output}: the quantized file must end in .npz")
     if is_weights_name(args.weights):
         model = build(args.arch or DEFAULT_ARCH, args.weights, backend="numpy")
     elif args.arch:
@@ -621,10 +621,10 @@ def cmd_quantize(args) -> int:
     else:
         model = load(args.weights, backend="numpy")
     if getattr(model, "quantized", False):
-        raise ValueError(f"{args.weights} is already quantized (int8); quantize the float weights it was made from")
+        raise CommandError(f"{args.weights} is already quantized (int8); quantize the float weights it was made from")
     paths, available = calibration_paths(args.calibrate, args.samples)
     if not paths:
-        raise ValueError(f"{args.calibrate}: no image files to calibrate on (searched its subfolders too)")
+        raise CommandError(f"{args.calibrate}: no image files to calibrate on (searched its subfolders too)")
     if available < args.samples:
         print(f"npresnet: warning: {args.calibrate} has {available} images, fewer than --samples {args.samples}; "
               f"calibrating on {available}", file=sys.stderr)
@@ -639,7 +639,7 @@ def cmd_quantize(args) -> int:
         except ValueError:
             progress.close()
             if errors.count:
-                raise ValueError(f"no image in {args.calibrate} could be read; {args.output} not written") from None
+                raise CommandError(f"no image in {args.calibrate} could be read; {args.output} not written") from None
             raise
     progress.close()
     for warning in caught:

@@ -77,6 +77,7 @@ import numpy as np
 
 from . import functional as F
 from .backends import Backend, BackendUnavailable, NumpyBackend
+from .errors import DataError
 from .predict import _batches
 from .specs import IMAGENET_STEM, ConvSpec, ResNetSpec, all_convs, block_convs, count_params, infer_spec, stem_conv
 from .weights import WeightsError
@@ -255,7 +256,7 @@ class TensorObserver:
         magnitude = np.abs(x) if self.dtype == INT8 else x[x > 0]
         top = float(magnitude.max()) if magnitude.size else 0.0
         if not np.isfinite(top):
-            raise ValueError("calibration: an activation is not finite (NaN or inf in the input or the weights)")
+            raise DataError("calibration: an activation is not finite (NaN or inf in the input or the weights)")
         self.max = max(self.max, top)
         if self.histogram is None:
             return
@@ -395,13 +396,13 @@ def quantize(
     "percentile" (at `percentile`) or "entropy" (see the module doc).
     """
     if isinstance(model, QuantizedResNet):
-        raise ValueError("the model is already quantized (int8); quantize its float32 weights instead")
+        raise DataError("the model is already quantized (int8); quantize its float32 weights instead")
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
     if int(samples) < 1:
-        raise ValueError(f"samples must be at least 1, not {samples}")
+        raise DataError(f"samples must be at least 1, not {samples}")
     if method == "percentile" and not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be in (0, 100], not {percentile}")
+        raise DataError(f"percentile must be in (0, 100], not {percentile}")
     spec = model.spec
     state = model.state_dict()
     folded = {}
@@ -440,7 +441,7 @@ def quantize(
         if used >= samples:
             break
     if used == 0:
-        raise ValueError("no calibration images: quantize needs at least one image to measure activations on")
+        raise DataError("no calibration images: quantize needs at least one image to measure activations on")
     if used < samples:
         warnings.warn(f"calibrating on {used} images, fewer than the {samples} asked for", UserWarning, stacklevel=2)
 
