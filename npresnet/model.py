@@ -71,6 +71,19 @@ def residual_block(x, block: Mapping[str, Any], ops: Backend):
     return ops.conv(out, block[roles[-1]], relu=True, residual=identity)
 
 
+def check_input(x) -> np.ndarray:
+    """x as a contiguous (N, 3, H, W) float32 or float64 array, or a TypeError/ValueError saying what it is."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"input must be a NumPy array of shape (N, 3, H, W), not {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"input must have shape (N, 3, H, W), got {x.shape}")
+    if x.dtype not in (np.float32, np.float64):
+        raise TypeError(f"input dtype must be float32 or float64, got {x.dtype}")
+    if min(x.shape[0], x.shape[2], x.shape[3]) < 1:
+        raise ValueError(f"input has an empty dimension: {x.shape}")
+    return np.ascontiguousarray(x)
+
+
 def random_state_dict(spec: ResNetSpec, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
     """Fresh parameters initialised as TorchVision does.
 
@@ -287,15 +300,7 @@ class ResNet:
         return ops.to_numpy(h)
 
     def _check_input(self, x) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"input must be a NumPy array of shape (N, 3, H, W), not {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"input must have shape (N, 3, H, W), got {x.shape}")
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"input dtype must be float32 or float64, got {x.dtype}")
-        if min(x.shape[0], x.shape[2], x.shape[3]) < 1:
-            raise ValueError(f"input has an empty dimension: {x.shape}")
-        return np.ascontiguousarray(x)
+        return check_input(x)
 
     def _prepare(self, dtype: np.dtype) -> PreparedNet:
         """Fold every batch norm into its conv, in `dtype`, and let the backend prepare it (cached)."""

@@ -78,6 +78,7 @@ import numpy as np
 from . import functional as F
 from .backends import Backend, BackendUnavailable, NumpyBackend
 from .errors import DataError
+from .model import check_input
 from .predict import _batches
 from .specs import IMAGENET_STEM, ConvSpec, ResNetSpec, all_convs, block_convs, count_params, infer_spec, stem_conv
 from .weights import WeightsError
@@ -555,15 +556,8 @@ class QuantizedResNet:
         return F.linear(fake_quantize(pooled, q.input_scale, q.input_dtype), weight, bias)
 
     def _check_input(self, x) -> np.ndarray:
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"input must be a NumPy array of shape (N, 3, H, W), not {type(x).__name__}")
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"input must have shape (N, 3, H, W), got {x.shape}")
-        if x.dtype not in (np.float32, np.float64):
-            raise TypeError(f"input dtype must be float32 or float64, got {x.dtype}")
-        if min(x.shape[0], x.shape[2], x.shape[3]) < 1:
-            raise ValueError(f"input has an empty dimension: {x.shape}")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        # Checked as the float model checks it; the int8 network computes in float32 whatever comes in.
+        return check_input(x).astype(np.float32, copy=False)
 
 
 def read_quantized_state(
