@@ -92,6 +92,16 @@ def find_classes(root: str | os.PathLike) -> list[str]:
     return classes
 
 
+def class_images(folder: str | os.PathLike) -> list[str]:
+    """The image files under one class folder, searched recursively, in sorted order (as TorchVision lists them)."""
+    return [
+        os.path.join(dirpath, fname)
+        for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True))
+        for fname in sorted(fnames)
+        if fname.lower().endswith(IMG_EXTENSIONS)
+    ]
+
+
 def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> ImageFolder:
     """The ImageFolder at `root`, numbering its classes by `classes` (default: its own, sorted).
 
@@ -113,13 +123,7 @@ def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) 
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for name in found:
-        folder = os.path.join(root, name)
-        paths = [
-            os.path.join(dirpath, fname)
-            for dirpath, _, fnames in sorted(os.walk(folder, followlinks=True))
-            for fname in sorted(fnames)
-            if fname.lower().endswith(IMG_EXTENSIONS)
-        ]
+        paths = class_images(os.path.join(root, name))
         if not paths:
             empty.append(name)
         samples.extend((path, class_to_idx[name]) for path in paths)

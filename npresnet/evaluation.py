@@ -36,11 +36,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .datasets import IMG_EXTENSIONS, class_images, find_classes
 from .errors import DataError, ImageError
 from .preprocess import ImageClassification, load_image, preset_for
 
-# torchvision.datasets.folder.IMG_EXTENSIONS
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -61,11 +60,7 @@ def image_folder(root: str | os.PathLike, class_to_idx: Mapping[str, int] | None
     every class folder must be in it. Raises ValueError naming the problem.
     """
     root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: no such directory")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    if not classes:
-        raise DataError(f"{root}: no class folders; expected the ImageFolder layout {root}/<class>/<image>")
+    classes = find_classes(root)  # the class folders, sorted, as training lists them
     if class_to_idx is None:
         class_to_idx = {name: index for index, name in enumerate(classes)}
     else:
@@ -80,9 +75,7 @@ def image_folder(root: str | os.PathLike, class_to_idx: Mapping[str, int] | None
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for name in classes:
-        found = []
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            found += [os.path.join(folder, f) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
+        found = class_images(os.path.join(root, name))
         if not found:
             empty.append(name)
         samples += [(path, class_to_idx[name]) for path in found]

@@ -134,7 +134,7 @@ def test_class_maps(data, tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(ValueError, match="no such directory"):
+    with pytest.raises(ValueError, match="no such folder"):
         image_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match="no class folders"):
         image_folder(tmp_path)
