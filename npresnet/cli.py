@@ -468,9 +468,13 @@ def cmd_export(args) -> int:
         return 1
     shape = ", ".join(map(str, ["batch" if args.batch == DYNAMIC else args.batch, 3, *(("height", "width") if size == DYNAMIC else size)]))
     outputs = [LOGITS_NAME, *(FEATURE_OUTPUTS if args.features else ())]
+    if getattr(model, "quantized", False):  # an int8 file has no batch norm left: it was folded when quantizing
+        graph = "int8 QDQ (QuantizeLinear/DequantizeLinear around each Conv and Gemm)"
+    else:
+        graph = "batch norm folded"
     print(
         f"{args.output}: {model.arch}, {os.path.getsize(args.output) / 1e6:.1f} MB, opset {args.opset}, "
-        f"input 'input' ({shape}), outputs {', '.join(outputs)}; batch norm folded"
+        f"input 'input' ({shape}), outputs {', '.join(outputs)}; {graph}"
     )
     return 0
 

@@ -218,7 +218,7 @@ def test_cli_export_end_to_end(weights, tmp_path):
     result = run_cli("export", weights, out, "--features", "--opset", 13, "--size", 96, 128)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{out}: resnet18, ") and "opset 13" in result.stdout
-    assert "outputs logits, layer1, layer2, layer3, layer4" in result.stdout
+    assert result.stdout.rstrip().endswith("outputs logits, layer1, layer2, layer3, layer4; batch norm folded")
     onnx.checker.check_model(str(out), full_check=True)
     assert [p.name for p in tmp_path.iterdir()] == ["backbone.onnx"]  # no temporary file left behind
     model = npresnet.load(weights, backend="numpy")
@@ -226,6 +226,20 @@ def test_cli_export_end_to_end(weights, tmp_path):
     got = run_onnx(session(str(out), optimize=True), x)
     assert_close(got["logits"], model(x))
     assert_close(got["layer3"], model.features(x)["layer3"])
+
+
+def test_cli_export_of_an_int8_file_says_what_it_wrote(tmp_path):
+    """An int8 file has no batch norm to fold (quantizing folded it): the line names the QDQ graph instead."""
+    model = npresnet.build("resnet18", random_state("resnet18", num_classes=10), backend="numpy")
+    int8 = npresnet.quantize(model, images((2, 3, 32, 32)), samples=2)
+    npresnet.save(int8, tmp_path / "int8.npz")
+    out = tmp_path / "int8.onnx"
+    result = run_cli("export", tmp_path / "int8.npz", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("outputs logits; int8 QDQ (QuantizeLinear/DequantizeLinear around each Conv and Gemm)")
+    assert "folded" not in result.stdout
+    ops = {node.op_type for node in onnx.load(out).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops and "BatchNormalization" not in ops
 
 
 @pytest.mark.parametrize(
