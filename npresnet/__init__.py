@@ -33,7 +33,7 @@ from .optim import (
 )
 from .predict import Prediction, classify, embed, load_embeddings, load_labels, save_embeddings
 from .preprocess import ImageClassification, preprocess, preset_for
-from .quantize import QuantizedResNet, quantize
+from .quantization import QuantizedResNet, quantize
 from .specs import ARCHITECTURES, ResNetSpec, count_params, get_spec
 from .training import TrainConfig, fit
 

@@ -614,7 +614,7 @@ def calibration_paths(directory: str, samples: int) -> tuple[list[str], int]:
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import quantize
+    from .quantization import quantize
 
     if Path(args.output).suffix != ".npz":
         raise CommandError(f"{args.output}: the quantized file must end in .npz")

@@ -335,8 +335,8 @@ class ResNet:
 def load(path: str | os.PathLike, **options) -> ResNet:
     """A model from a weights file, its architecture inferred from the keys and shapes."""
     state, meta = read_weights(path)
-    if meta.get("quantized"):  # an int8 file from npresnet.quantize: its own network (quantize.py)
-        from .quantize import QuantizedResNet
+    if meta.get("quantized"):  # an int8 file from npresnet.quantize: its own network (quantization.py)
+        from .quantization import QuantizedResNet
 
         return QuantizedResNet.from_state_dict(state, meta, source=str(path), **options)
     model = ResNet.from_state_dict(state, source=str(path), meta=meta, **options)
@@ -400,7 +400,7 @@ def build(
 
 def _build_quantized(spec, state, meta, source, num_classes, stem, **options):
     """An int8 file given to build(): its network, if it is the architecture asked for (its head is fixed)."""
-    from .quantize import QuantizedResNet
+    from .quantization import QuantizedResNet
 
     model = QuantizedResNet.from_state_dict(state, meta, source=source, **options)
     asked = spec.replace(num_classes=num_classes or model.num_classes, stem=stem or model.spec.stem)

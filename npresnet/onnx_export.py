@@ -386,7 +386,7 @@ def export_onnx(
     Outputs "logits" (N, num_classes), and with features=True also "layer1".."layer4".
     Batch and spatial axes are dynamic unless batch (an int) or size ((height, width)) fix them.
     """
-    if getattr(model, "quantized", False):  # an int8 model (quantize.py): the QDQ graph below
+    if getattr(model, "quantized", False):  # an int8 model (quantization.py): the QDQ graph below
         proto = build_qdq_model(model, features=features, opset=opset, batch=batch, size=size)
     else:
         proto = build_onnx_model(model, features=features, opset=opset, batch=batch, size=size)
@@ -395,7 +395,7 @@ def export_onnx(
     return proto
 
 
-# --- int8: the QDQ graph of a quantized model (quantize.py) ------------------------------------------------------
+# --- int8: the QDQ graph of a quantized model (quantization.py) --------------------------------------------------
 #
 # The same walk (resnet_graph), its conv and linear wrapped: each gets QuantizeLinear -> DequantizeLinear
 # on its input, its int8 weight (per output channel, axis 0) and int32 bias through DequantizeLinear, and

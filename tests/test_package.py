@@ -82,3 +82,21 @@ def test_cli_version():
     import npresnet
 
     assert result.stdout.strip() == f"npresnet {npresnet.__version__}"
+
+
+def test_quantize_is_the_function_and_quantization_its_module():
+    """`npresnet.quantize` is one thing, the function: its module is `npresnet.quantization`, so that
+    `import npresnet.quantize as q` cannot give the function while `from npresnet.quantize import X`
+    gives the module's names."""
+    result = run_python(
+        """
+        import importlib.util
+        import npresnet
+        import npresnet.quantization
+        assert npresnet.quantize is npresnet.quantization.quantize, npresnet.quantize
+        assert npresnet.QuantizedResNet is npresnet.quantization.QuantizedResNet
+        print(importlib.util.find_spec("npresnet.quantize"))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "None"  # no submodule of that name

@@ -17,7 +17,7 @@ import digits  # noqa: E402
 
 import npresnet  # noqa: E402
 from npresnet import functional as F  # noqa: E402
-from npresnet.quantize import (  # noqa: E402
+from npresnet.quantization import (  # noqa: E402
     HISTOGRAM_BINS,
     INT8,
     UINT8,
