@@ -486,7 +486,13 @@ def batch_or_dynamic(text: str) -> int | str:
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, image_folder, interleave_classes, read_class_map
 
-    class_to_idx = read_class_map(args.labels) if args.labels else None
+    if args.labels_deprecated:
+        if args.class_map:
+            raise CommandError("give --class-map once (--labels is its old name)")
+        print("npresnet: warning: evaluate's --labels is now --class-map (classify's --labels is class names to print)",
+              file=sys.stderr)
+    class_map = args.class_map or args.labels_deprecated
+    class_to_idx = read_class_map(class_map) if class_map else None
     folder = image_folder(args.data, class_to_idx)
     num_images = len(interleave_classes(folder.samples, args.limit))
     model = model_from_args(args, num_images)
@@ -759,14 +765,17 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="top-1/top-5 accuracy and loss on a labelled folder (DATA/<class>/*.jpg); --compare two weights files",
         description="Accuracy and mean cross-entropy on a folder in TorchVision's ImageFolder layout: one sub-folder "
-        "per class, classes in sorted order of the folder names (or as --labels maps them), with a per-class table.",
+        "per class, classes in sorted order of the folder names (or as --class-map maps them), with a per-class table.",
     )
     evaluate_.add_argument("data", metavar="DATA", help="the folder: DATA/<class>/<image> (sub-folders searched)")
     evaluate_.add_argument("--topk", type=positive_int, default=5, metavar="K", help="also report top-K accuracy (default 5)")
     evaluate_.add_argument("--limit", type=positive_int, metavar="N",
                            help="evaluate N images, taken in turn from each class (a quick check)")
-    evaluate_.add_argument("--labels", metavar="FILE", help="class map: lines 'FOLDER INDEX', or folder names in index "
-                           "order, one a line (e.g. ImageNet's LOC_synset_mapping.txt); default: sorted folder i is class i")
+    evaluate_.add_argument("--class-map", metavar="FILE", help="folder name -> class index: lines 'FOLDER INDEX', or "
+                           "folder names in index order, one a line (e.g. ImageNet's LOC_synset_mapping.txt); default: "
+                           "sorted folder i is class i")
+    evaluate_.add_argument("--labels", dest="labels_deprecated", metavar="FILE",
+                           help="deprecated: the old name of --class-map (classify's --labels is class names to print)")
     evaluate_.add_argument("--compare", metavar="WEIGHTS2", help="a second weights file run on the same images: its "
                            "figures, and how often its top-1 class equals the first's")
     evaluate_.add_argument("--json", action="store_true", help="one JSON object with every figure, for scripts")

@@ -187,6 +187,25 @@ def test_cli_text_with_a_bad_image(data, models, tmp_path):
     assert [row.split()[:3] for row in table[1:]] == [[name, str(i), "3"] for i, name in enumerate(CLASSES)]
 
 
+def test_cli_class_map_and_its_deprecated_name(data, models, tmp_path):
+    """--class-map FILE maps folders to indices; --labels, its old name (classify's --labels is class names
+    to print), still works with a warning; giving both is an error."""
+    class_map = tmp_path / "map.txt"
+    class_map.write_text("cherry 0\napple 2\nbanana 1\n")
+    result = cli("evaluate", data, "--weights", models[0], "--class-map", class_map, "--limit", 3, "--json", "--topk", 1)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    out = json.loads(result.stdout)
+    assert [(c["name"], c["index"]) for c in out["classes"]] == [("apple", 2), ("banana", 1), ("cherry", 0)]
+    old = cli("evaluate", data, "--weights", models[0], "--labels", class_map, "--limit", 3, "--json", "--topk", 1)
+    assert old.returncode == 0 and old.stdout == result.stdout
+    assert old.stderr == "npresnet: warning: evaluate's --labels is now --class-map (classify's --labels is class names to print)\n"
+    both = cli("evaluate", data, "--weights", models[0], "--labels", class_map, "--class-map", class_map)
+    assert both.returncode != 0 and both.stderr.startswith("npresnet: error: give --class-map once")
+    help_text = " ".join(cli("evaluate", "--help").stdout.split())
+    assert "--class-map FILE folder name -> class index" in help_text
+    assert "--labels FILE deprecated: the old name of --class-map" in help_text
+
+
 @pytest.mark.parametrize(
     "make, words",
     [
