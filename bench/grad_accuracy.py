@@ -8,6 +8,8 @@ backward in both, and prints, over every parameter tensor, the largest absolute 
 relative to the largest magnitude of torch's gradient for that tensor (the tests' measure). The
 "torch f32 vs f64" column is torch's own float32 gradients against its float64 ones: how well the
 problem is conditioned, the floor no float32 implementation can beat. Needs torch (the oracle).
+The table for every architecture, and why its float32 columns are what they are (ReLU decisions that
+float32 rounding flips, in both libraries): bench/results/grad_accuracy.md.
 """
 from __future__ import annotations
 
