@@ -10,10 +10,17 @@ whatever it runs fastest (``prepare_conv``), once per model and dtype.
 The optional compiled backends live in the ``npresnet_kernels`` package (the
 repository's ``kernels/`` folder); each module there registers its backend
 with ``register_backend`` when, and only when, its compiler imports.
+
+``backend="auto"`` is one rule (``choose_backend``), used by the Python API and the
+command line alike: the backend expected to finish the whole job first, start-up
+and kernel compilation included, from the measured costs in ``AUTO_COSTS``
+(where each figure comes from: bench/results/notes.md).
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -124,8 +131,34 @@ _OPTIONAL = {
     "numba": ("npresnet_kernels.cpu", "numba"),
     "cuda": ("npresnet_kernels.cuda", "cuda"),
 }
-# What "auto" tries, fastest first. CUDA is not tried: it is only used when asked for.
-AUTO_ORDER = ("numba", "numpy")
+
+
+@dataclass(frozen=True)
+class BackendCosts:
+    """What a backend costs on a job, relative to the NumPy backend (the figures: bench/results/notes.md).
+
+    startup_s: seconds a fresh process spends on it beyond NumPy's (import, loading cached kernels);
+    compile_s: seconds more when its kernel cache is empty (compiling the kernels once);
+    per_image: its time per image over NumPy's, at batch 1 and at batch 8 and above (between: linear).
+    """
+
+    startup_s: float
+    compile_s: float
+    per_image_batch1: float
+    per_image_batched: float
+
+    def per_image(self, batch_size: int) -> float:
+        share = min(max(batch_size - 1, 0), 7) / 7
+        return self.per_image_batch1 + share * (self.per_image_batched - self.per_image_batch1)
+
+
+# NumPy backend seconds per image per 1e9 multiply-adds (specs.count_macs), at 2 threads.
+NUMPY_SECONDS_PER_GMAC = 0.025
+# The backends "auto" chooses between. CUDA is not among them: it is only used when asked for.
+AUTO_COSTS = {
+    "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image_batch1=1.0, per_image_batched=1.0),
+    "numba": BackendCosts(startup_s=1.3, compile_s=8.0, per_image_batch1=0.97, per_image_batched=0.5),
+}
 
 
 def register_backend(name: str, factory: Callable[..., Backend]) -> None:
@@ -163,18 +196,91 @@ def _load_optional(name: str) -> None:
         raise BackendUnavailable(f"backend {name!r} is not available on this machine")
 
 
-def get_backend(name: str | Backend = "auto", threads: int | None = None) -> Backend:
-    """A backend by name: "numpy", "numba", "cuda", or "auto" (the fastest that works here)."""
+def kernel_cache_dir() -> str:
+    """Where the compiled kernels are cached: $NUMBA_CACHE_DIR when the user set it, else
+    $NPRESNET_HOME/numba, else $XDG_CACHE_HOME/npresnet/numba (~/.cache/npresnet/numba)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    home = os.environ.get("NPRESNET_HOME")
+    if home:
+        return os.path.join(home, "numba")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "npresnet", "numba")
+
+
+def kernels_cached(name: str) -> bool:
+    """Whether backend `name`'s kernels are in the kernel cache, newer than their source (numba's index
+    files, ``<module>.<kernel>-<line>.py3x.nbi``; numba drops an index older than its source), without
+    importing the compiler. False for a backend without a kernel module."""
+    if name not in _OPTIONAL:
+        return False
+    try:
+        spec = importlib.util.find_spec(_OPTIONAL[name][0])
+    except ImportError:
+        return False
+    if spec is None or not spec.origin:
+        return False
+    module = os.path.splitext(os.path.basename(spec.origin))[0]
+    source_time = os.path.getmtime(spec.origin)
+    indexes = glob.glob(os.path.join(glob.escape(kernel_cache_dir()), "**", f"{module}.*.nbi"), recursive=True)
+    return any(os.path.getmtime(path) >= source_time for path in indexes)
+
+
+def choose_backend(
+    macs: float | None = None,
+    num_images: int | None = None,
+    batch_size: int = 1,
+    *,
+    costs: dict[str, BackendCosts] | None = None,
+    cached: dict[str, bool] | None = None,
+    available: list[str] | None = None,
+) -> str:
+    """The rule behind backend="auto": of the backends that can run here, the one expected to finish
+    the whole job first: start-up (+ compiling, where its kernel cache is empty) + time per image.
+
+    macs: multiply-adds of one image (specs.count_macs); num_images: the job's images, None for a
+    job too long for start-up to count (a model kept for many calls: what the Python API assumes);
+    batch_size: images per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached)
+    and available (default: those whose compiler imports) are for tests and what-ifs.
+    """
+    costs = AUTO_COSTS if costs is None else costs
+    best, best_s = "numpy", float("inf")
+    for name, cost in costs.items():
+        if available is not None and name not in available:
+            continue
+        if available is None and name != "numpy" and not _importable(name):
+            continue
+        per_image_s = cost.per_image(batch_size) * NUMPY_SECONDS_PER_GMAC * (macs or 1e9) / 1e9
+        if num_images is None:
+            total_s = per_image_s
+        else:
+            warm = cached[name] if cached is not None and name in cached else kernels_cached(name)
+            total_s = cost.startup_s + (0.0 if warm else cost.compile_s) + num_images * per_image_s
+        if total_s < best_s:
+            best, best_s = name, total_s
+    return best
+
+
+def _importable(name: str) -> bool:
+    """Whether backend `name` can be tried: registered, or its compiler (numba) is installed. Found,
+    not imported: importing numba takes a while."""
+    if name in _REGISTRY:
+        return True
+    return name in _OPTIONAL and importlib.util.find_spec("numba") is not None
+
+
+def get_backend(name: str | Backend = "auto", threads: int | None = None, macs: float | None = None,
+                num_images: int | None = None, batch_size: int = 1) -> Backend:
+    """A backend by name: "numpy", "numba", "cuda", or "auto": choose_backend's pick for the job
+    (macs per image, num_images, batch_size; without num_images, a long job at batch_size)."""
     if isinstance(name, Backend):
         return name
     threads = default_threads(threads)
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            try:
-                return get_backend(candidate, threads)
-            except BackendUnavailable:
-                continue
-        return NumpyBackend(threads)
+        try:
+            return get_backend(choose_backend(macs, num_images, batch_size), threads)
+        except BackendUnavailable:  # installed but not working here (numba without a usable LLVM, say)
+            return NumpyBackend(threads)
     if name not in _REGISTRY:
         if name not in _OPTIONAL:
             known = ", ".join(["auto", *_REGISTRY, *(n for n in _OPTIONAL if n not in _REGISTRY)])

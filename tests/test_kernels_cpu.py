@@ -205,16 +205,24 @@ def test_without_numba_auto_is_numpy(tmp_path):
     assert proc.stdout.strip() == "ok"
 
 
-def test_kernel_cache_goes_under_npresnet_home(cpu, tmp_path):
-    """Without NUMBA_CACHE_DIR the compiled kernels land in $NPRESNET_HOME/numba (site-packages may be read-only)."""
-    proc = run_python(
+def test_kernel_cache_goes_under_npresnet_home_and_compiling_is_announced(cpu, tmp_path):
+    """Without NUMBA_CACHE_DIR the compiled kernels land in $NPRESNET_HOME/numba (site-packages may be read-only).
+    The process that compiles says so once on stderr (a first run must not look like a hang); one that
+    finds the kernels cached says nothing, and backends.kernels_cached sees the cache."""
+    code = (
         "import numpy as np, npresnet; b = npresnet.get_backend('numba'); "
-        "b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), np.float32)))",
-        env={"NUMBA_CACHE_DIR": None, "NPRESNET_HOME": str(tmp_path / "home")},
+        "[b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), dtype))) for dtype in (np.float32, np.float64)]"
     )
-    assert proc.returncode == 0, proc.stderr
+    env = {"NUMBA_CACHE_DIR": None, "NPRESNET_HOME": str(tmp_path / "home")}
+    assert not run_python("from npresnet.backends import kernels_cached; assert not kernels_cached('numba')", env=env).returncode
+    first = run_python(code, env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.count("compiling the Numba kernels") == 1, first.stderr  # two kernels compiled, one notice
     cached = [f for _, _, files in os.walk(tmp_path / "home" / "numba") for f in files]
     assert any(f.endswith(".nbi") for f in cached), cached
+    second = run_python(code + "; from npresnet.backends import kernels_cached; assert kernels_cached('numba')", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "compiling" not in second.stderr, second.stderr
 
 
 def test_blas_thread_count_is_restored_after_a_conv(cpu):
