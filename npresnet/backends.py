@@ -157,7 +157,7 @@ NUMPY_SECONDS_PER_GMAC = 0.025
 # The backends "auto" chooses between. CUDA is not among them: it is only used when asked for.
 AUTO_COSTS = {
     "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image_batch1=1.0, per_image_batched=1.0),
-    "numba": BackendCosts(startup_s=1.3, compile_s=8.0, per_image_batch1=0.97, per_image_batched=0.5),
+    "numba": BackendCosts(startup_s=1.2, compile_s=7.0, per_image_batch1=0.97, per_image_batched=0.5),
 }
 
 
@@ -266,7 +266,10 @@ def _importable(name: str) -> bool:
     not imported: importing numba takes a while."""
     if name in _REGISTRY:
         return True
-    return name in _OPTIONAL and importlib.util.find_spec("numba") is not None
+    try:
+        return name in _OPTIONAL and importlib.util.find_spec("numba") is not None
+    except ImportError:
+        return False
 
 
 def get_backend(name: str | Backend = "auto", threads: int | None = None, macs: float | None = None,
