@@ -22,6 +22,7 @@ import glob
 import importlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -209,9 +210,10 @@ def kernel_cache_dir() -> str:
 
 
 def kernels_cached(name: str) -> bool:
-    """Whether backend `name`'s kernels are in the kernel cache, newer than their source (numba's index
-    files, ``<module>.<kernel>-<line>.py3x.nbi``; numba drops an index older than its source), without
-    importing the compiler. False for a backend without a kernel module."""
+    """Whether every kernel of backend `name` is in the kernel cache, newer than its source: numba's index
+    files (``<module>.<kernel>-<line>.py3x.nbi``; numba drops an index older than the source), one per
+    ``@kernel`` function of the module, found without importing the compiler. False for a backend without
+    a kernel module."""
     if name not in _OPTIONAL:
         return False
     try:
@@ -222,8 +224,15 @@ def kernels_cached(name: str) -> bool:
         return False
     module = os.path.splitext(os.path.basename(spec.origin))[0]
     source_time = os.path.getmtime(spec.origin)
-    indexes = glob.glob(os.path.join(glob.escape(kernel_cache_dir()), "**", f"{module}.*.nbi"), recursive=True)
-    return any(os.path.getmtime(path) >= source_time for path in indexes)
+    with open(spec.origin, encoding="utf-8") as source:
+        kernels = set(re.findall(r"^@kernel\(.*\)\ndef (\w+)\(", source.read(), flags=re.MULTILINE))
+    root = glob.escape(kernel_cache_dir())
+    fresh = {
+        os.path.basename(path)[len(module) + 1 :].rsplit("-", 1)[0]
+        for path in glob.glob(os.path.join(root, "**", f"{module}.*.nbi"), recursive=True)
+        if os.path.getmtime(path) >= source_time
+    }
+    return bool(kernels) and kernels <= fresh
 
 
 def choose_backend(

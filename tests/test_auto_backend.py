@@ -56,20 +56,24 @@ def test_a_backend_that_cannot_run_here_is_never_chosen():
 
 
 def test_kernels_cached_reads_numba_index_files_newer_than_the_kernel_source(tmp_path, monkeypatch):
-    import importlib.util
-
+    """Warm only when every kernel has an index file, and only one written after the kernel source."""
+    cpu = pytest.importorskip("npresnet_kernels.cpu")
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("NPRESNET_HOME", str(tmp_path))
     assert backends.kernel_cache_dir() == str(tmp_path / "numba")
     assert not backends.kernels_cached("numba")
-    index = tmp_path / "numba" / "kernels_0123" / "cpu.im2col-105.py311.nbi"
-    index.parent.mkdir(parents=True)
-    index.write_bytes(b"")
-    source = importlib.util.find_spec("npresnet_kernels.cpu").origin
-    os.utime(index, (time.time(), os.path.getmtime(source) - 60))  # written before the source changed: stale
+    folder = tmp_path / "numba" / "kernels_0123"
+    folder.mkdir(parents=True)
+    names = sorted(cpu._KERNELS)
+    assert len(names) >= 5
+    after = os.path.getmtime(cpu.__file__) + 60
+    for i, name in enumerate(names):
+        index = folder / f"cpu.{name}-{100 + i}.py311.nbi"
+        index.write_bytes(b"")
+        os.utime(index, (time.time(), after))
+        assert backends.kernels_cached("numba") == (name == names[-1])  # one missing kernel: cold
+    os.utime(index, (time.time(), after - 120))  # written before the source changed: stale
     assert not backends.kernels_cached("numba")
-    os.utime(index, (time.time(), os.path.getmtime(source) + 60))
-    assert backends.kernels_cached("numba")
     assert not backends.kernels_cached("numpy")  # no kernels to cache
 
 

@@ -208,7 +208,7 @@ def test_without_numba_auto_is_numpy(tmp_path):
 def test_kernel_cache_goes_under_npresnet_home_and_compiling_is_announced(cpu, tmp_path):
     """Without NUMBA_CACHE_DIR the compiled kernels land in $NPRESNET_HOME/numba (site-packages may be read-only).
     The process that compiles says so once on stderr (a first run must not look like a hang); one that
-    finds the kernels cached says nothing, and backends.kernels_cached sees the cache."""
+    finds the kernels cached says nothing."""
     code = (
         "import numpy as np, npresnet; b = npresnet.get_backend('numba'); "
         "[b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), dtype))) for dtype in (np.float32, np.float64)]"
@@ -220,7 +220,8 @@ def test_kernel_cache_goes_under_npresnet_home_and_compiling_is_announced(cpu, t
     assert first.stderr.count("compiling the Numba kernels") == 1, first.stderr  # two kernels compiled, one notice
     cached = [f for _, _, files in os.walk(tmp_path / "home" / "numba") for f in files]
     assert any(f.endswith(".nbi") for f in cached), cached
-    second = run_python(code + "; from npresnet.backends import kernels_cached; assert kernels_cached('numba')", env=env)
+    # Only max pooling was compiled: the cache is not warm for a model (backend "auto" reads this).
+    second = run_python(code + "; from npresnet.backends import kernels_cached; assert not kernels_cached('numba')", env=env)
     assert second.returncode == 0, second.stderr
     assert "compiling" not in second.stderr, second.stderr
 
