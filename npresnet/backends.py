@@ -158,7 +158,7 @@ NUMPY_SECONDS_PER_GMAC = 0.025
 # The backends "auto" chooses between. CUDA is not among them: it is only used when asked for.
 AUTO_COSTS = {
     "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image_batch1=1.0, per_image_batched=1.0),
-    "numba": BackendCosts(startup_s=1.2, compile_s=7.0, per_image_batch1=0.97, per_image_batched=0.5),
+    "numba": BackendCosts(startup_s=1.2, compile_s=6.2, per_image_batch1=0.97, per_image_batched=0.5),
 }
 
 
