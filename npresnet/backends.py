@@ -30,6 +30,7 @@ import numpy as np
 
 from . import functional as F
 from .errors import BackendUnavailable  # noqa: F401  (defined in errors.py; imported from here by kernels and users)
+from .specs import count_macs
 
 
 @dataclass(frozen=True)
@@ -140,25 +141,29 @@ class BackendCosts:
 
     startup_s: seconds a fresh process spends on it beyond NumPy's (import, loading cached kernels);
     compile_s: seconds more when its kernel cache is empty (compiling the kernels once);
-    per_image: its time per image over NumPy's, at batch 1 and at batch 8 and above (between: linear).
+    per_image: block ("basic", "bottleneck") -> its time per image over NumPy's at batch 1 and at
+    batch 8 and above (between: linear).
     """
 
     startup_s: float
     compile_s: float
-    per_image_batch1: float
-    per_image_batched: float
+    per_image: dict[str, tuple[float, float]]
 
-    def per_image(self, batch_size: int) -> float:
+    def per_image_ratio(self, block: str | None, batch_size: int) -> float:
+        """Time per image over NumPy's; block None (architecture unknown): the worst block's."""
         share = min(max(batch_size - 1, 0), 7) / 7
-        return self.per_image_batch1 + share * (self.per_image_batched - self.per_image_batch1)
+        ratios = [batch1 + share * (batched - batch1) for b, (batch1, batched) in self.per_image.items() if block in (None, b)]
+        return max(ratios) if ratios else 1.0
 
 
 # NumPy backend seconds per image per 1e9 multiply-adds (specs.count_macs), at 2 threads.
 NUMPY_SECONDS_PER_GMAC = 0.025
 # The backends "auto" chooses between. CUDA is not among them: it is only used when asked for.
 AUTO_COSTS = {
-    "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image_batch1=1.0, per_image_batched=1.0),
-    "numba": BackendCosts(startup_s=1.2, compile_s=6.2, per_image_batch1=0.97, per_image_batched=0.5),
+    "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image={}),
+    "numba": BackendCosts(
+        startup_s=1.2, compile_s=6.2, per_image={"basic": (0.88, 0.46), "bottleneck": (1.07, 0.57)}
+    ),
 }
 
 
@@ -236,9 +241,10 @@ def kernels_cached(name: str) -> bool:
 
 
 def choose_backend(
-    macs: float | None = None,
+    spec: Any = None,
     num_images: int | None = None,
     batch_size: int = 1,
+    size: tuple[int, int] = (224, 224),
     *,
     costs: dict[str, BackendCosts] | None = None,
     cached: dict[str, bool] | None = None,
@@ -247,19 +253,22 @@ def choose_backend(
     """The rule behind backend="auto": of the backends that can run here, the one expected to finish
     the whole job first: start-up (+ compiling, where its kernel cache is empty) + time per image.
 
-    macs: multiply-adds of one image (specs.count_macs); num_images: the job's images, None for a
-    job too long for start-up to count (a model kept for many calls: what the Python API assumes);
-    batch_size: images per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached)
-    and available (default: those whose compiler imports) are for tests and what-ifs.
+    spec: the architecture (a ResNetSpec: its multiply-adds at `size` and its block), None if not known
+    (1e9 multiply-adds, the worst block's costs); num_images: the job's images, None for a job too long
+    for start-up to count (a model kept for many calls: what the Python API assumes); batch_size: images
+    per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached) and available
+    (default: those whose compiler is installed) are for tests and what-ifs.
     """
     costs = AUTO_COSTS if costs is None else costs
+    macs = count_macs(spec, *size) if spec is not None else 1e9
+    block = spec.block if spec is not None else None
     best, best_s = "numpy", float("inf")
     for name, cost in costs.items():
         if available is not None and name not in available:
             continue
         if available is None and name != "numpy" and not _importable(name):
             continue
-        per_image_s = cost.per_image(batch_size) * NUMPY_SECONDS_PER_GMAC * (macs or 1e9) / 1e9
+        per_image_s = cost.per_image_ratio(block, batch_size) * NUMPY_SECONDS_PER_GMAC * macs / 1e9
         if num_images is None:
             total_s = per_image_s
         else:
@@ -281,16 +290,16 @@ def _importable(name: str) -> bool:
         return False
 
 
-def get_backend(name: str | Backend = "auto", threads: int | None = None, macs: float | None = None,
+def get_backend(name: str | Backend = "auto", threads: int | None = None, spec: Any = None,
                 num_images: int | None = None, batch_size: int = 1) -> Backend:
     """A backend by name: "numpy", "numba", "cuda", or "auto": choose_backend's pick for the job
-    (macs per image, num_images, batch_size; without num_images, a long job at batch_size)."""
+    (the architecture `spec`, num_images, batch_size; without num_images, a long job at batch_size)."""
     if isinstance(name, Backend):
         return name
     threads = default_threads(threads)
     if name == "auto":
         try:
-            return get_backend(choose_backend(macs, num_images, batch_size), threads)
+            return get_backend(choose_backend(spec, num_images, batch_size), threads)
         except BackendUnavailable:  # installed but not working here (numba without a usable LLVM, say)
             return NumpyBackend(threads)
     if name not in _REGISTRY:

@@ -184,8 +184,8 @@ def positive_int(text: str) -> int:
 
 def backend_for(model: ResNet, num_images: int, batch_size: int, size: tuple[int, int]) -> str:
     """What --backend auto runs `num_images` images on: backends.choose_backend (the Python API's rule) for this
-    job, the model's multiply-adds at `size` and the batches it will run (start-up outweighs speed on short runs)."""
-    return choose_backend(count_macs(model.spec, *size), num_images, min(batch_size, num_images))
+    job: the model's architecture at `size` and the batches it will run (start-up outweighs speed on short runs)."""
+    return choose_backend(model.spec, num_images, min(batch_size, num_images), size)
 
 
 def model_from_args(args, num_images: int | None = None) -> ResNet:

@@ -142,7 +142,7 @@ class ResNet:
             if count is not None and np.size(count) == 1:
                 self._num_batches_tracked[bn] = int(np.asarray(count).reshape(()))
         self.meta = dict(meta or {})
-        self.backend = get_backend(backend, threads)
+        self.backend = get_backend(backend, threads, spec=spec)
         self._prepared: dict[np.dtype, PreparedNet] = {}
         self.training = False
         self._frozen: str | None = None
@@ -195,7 +195,7 @@ class ResNet:
 
     def use_backend(self, backend: str | Backend, threads: int | None = None) -> "ResNet":
         """Run on `backend` from the next call (its prepared weights made then). Returns the model."""
-        self.backend = get_backend(backend, threads)
+        self.backend = get_backend(backend, threads, spec=self.spec)
         self.invalidate()
         return self
 

@@ -16,20 +16,22 @@ from npresnet.backends import NUMPY_SECONDS_PER_GMAC, BackendCosts, choose_backe
 from npresnet.model import ResNet
 from npresnet.specs import count_macs, get_spec
 
-# numba: 2 s to start, 6 s more to compile, half NumPy's time per image from batch 8 on, 0.9x at batch 1.
+# numba: 2 s to start, 6 s more to compile; on basic blocks 0.9x NumPy's time per image at batch 1 and
+# half from batch 8 on; on bottlenecks 1.1x at batch 1 (slower than NumPy), 0.6x from batch 8 on.
 COSTS = {
-    "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image_batch1=1.0, per_image_batched=1.0),
-    "numba": BackendCosts(startup_s=2.0, compile_s=6.0, per_image_batch1=0.9, per_image_batched=0.5),
+    "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image={}),
+    "numba": BackendCosts(startup_s=2.0, compile_s=6.0, per_image={"basic": (0.9, 0.5), "bottleneck": (1.1, 0.6)}),
 }
-MACS = 2e9  # NumPy: 2 x NUMPY_SECONDS_PER_GMAC seconds per image
+SPEC = get_spec("resnet18")
+NUMPY_S = count_macs(SPEC) / 1e9 * NUMPY_SECONDS_PER_GMAC  # NumPy's seconds per image for resnet18
 
 
-def pick(num_images, batch_size=8, cached=True, available=("numpy", "numba")):
-    return choose_backend(MACS, num_images, batch_size, costs=COSTS, cached={"numba": cached}, available=list(available))
+def pick(num_images, batch_size=8, cached=True, available=("numpy", "numba"), spec=SPEC):
+    return choose_backend(spec, num_images, batch_size, costs=COSTS, cached={"numba": cached}, available=list(available))
 
 
 def test_short_jobs_run_on_numpy_and_long_ones_where_they_finish_first():
-    numpy_s = 2 * NUMPY_SECONDS_PER_GMAC
+    numpy_s = NUMPY_S
     # Warm cache at batch 8: numba wins once the 2 s start-up is repaid by 0.5 x numpy_s per image.
     break_even = 2.0 / (0.5 * numpy_s)
     assert pick(int(break_even) - 1) == "numpy"
@@ -40,15 +42,17 @@ def test_short_jobs_run_on_numpy_and_long_ones_where_they_finish_first():
     assert pick(1) == "numpy"
 
 
-def test_per_image_cost_follows_the_batch_size():
-    numpy_s = 2 * NUMPY_SECONDS_PER_GMAC
-    images = int(2.0 / (0.5 * numpy_s)) + 2  # enough at batch 8, too few at batch 1 (0.9 x)
+def test_per_image_cost_follows_the_batch_size_and_the_block():
+    images = int(2.0 / (0.5 * NUMPY_S)) + 2  # enough at batch 8, too few at batch 1 (0.9 x)
     assert pick(images, batch_size=8) == "numba"
     assert pick(images, batch_size=1) == "numpy"
-    slower = {**COSTS, "numba": BackendCosts(0.5, 6.0, per_image_batch1=1.1, per_image_batched=0.5)}
-    # A job with no end (the Python API's model): only the time per image counts.
-    assert choose_backend(MACS, None, 1, costs=slower, cached={}, available=["numpy", "numba"]) == "numpy"
-    assert choose_backend(MACS, None, 8, costs=slower, cached={}, available=["numpy", "numba"]) == "numba"
+    # A job with no end (the Python API's model): only the time per image counts, which for
+    # bottlenecks at batch 1 is NumPy's, and for basic blocks numba's.
+    resnet50 = get_spec("resnet50")
+    assert pick(None, batch_size=1, spec=resnet50) == "numpy"
+    assert pick(None, batch_size=8, spec=resnet50) == "numba"
+    assert pick(None, batch_size=1) == "numba"
+    assert pick(None, batch_size=1, spec=None) == "numpy"  # architecture unknown: the worst block's costs
 
 
 def test_a_backend_that_cannot_run_here_is_never_chosen():
@@ -81,16 +85,17 @@ def test_kernels_cached_reads_numba_index_files_newer_than_the_kernel_source(tmp
 def test_cli_and_python_api_follow_the_same_rule_and_table(monkeypatch, table):
     """Both read backends.AUTO_COSTS through choose_backend: change the table and both change their pick."""
     numba = {
-        "numba_cheap": BackendCosts(startup_s=0.0, compile_s=0.0, per_image_batch1=0.1, per_image_batched=0.1),
-        "numba_dear": BackendCosts(startup_s=30.0, compile_s=60.0, per_image_batch1=2.0, per_image_batched=2.0),
+        "numba_cheap": BackendCosts(startup_s=0.0, compile_s=0.0, per_image={"basic": (0.1, 0.1)}),
+        "numba_dear": BackendCosts(startup_s=30.0, compile_s=60.0, per_image={"basic": (2.0, 2.0)}),
     }[table]
     monkeypatch.setattr(backends, "AUTO_COSTS", {"numpy": COSTS["numpy"], "numba": numba})
     monkeypatch.setattr(backends, "_importable", lambda name: True)
     expected = "numba" if table == "numba_cheap" else "numpy"
     model = ResNet(get_spec("resnet18").replace(num_classes=3), backend="numpy")
     assert cli.backend_for(model, 5, 16, (224, 224)) == expected
-    assert choose_backend(count_macs(model.spec), None, 1) == expected  # what get_backend("auto") asks
+    assert choose_backend(model.spec, None, 1) == expected  # what ResNet(backend="auto") asks
     if table == "numba_dear":  # no numba import needed to check the API's backend object
-        assert backends.get_backend("auto").name == "numpy"
+        assert backends.get_backend("auto", spec=model.spec).name == "numpy"
+        assert ResNet(model.spec, backend="auto").backend.name == "numpy"
         args = argparse.Namespace(backend="auto", threads=None, weights=None, arch="resnet18", batch_size=4, resize=(32, 32))
         assert cli.model_from_args(args, num_images=3).backend.name == "numpy"
