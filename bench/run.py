@@ -10,9 +10,15 @@ first-call time (compilation, cache loading, weight preparation) and peak
 resident memory (ru_maxrss) belong to that runner alone. Each process builds
 the model, runs one first call, `--warmup` more calls, then `--repeats` timed
 calls; the median is reported. All runners compute the same architecture with
-random weights at 224x224 float32. One more process measures the startup path
-of a user command: interpreter start, `import npresnet`, loading a resnet18
-.npz and classifying one image, wall time from outside the process.
+random weights at 224x224 float32. Before it is timed, each runner's first output is
+checked against the NumPy backend's logits for the same input (the int8 runners against
+npresnet's int8 network): off by more than float32 tolerance (1e-4 of the largest logit),
+the bench stops, naming the runner (`check_output`); a wrong answer is never timed.
+
+Start-up, for every CPU backend (numpy, numba), torch and ONNX Runtime: a fresh process
+imports, loads resnet18 (.npz; the exported .onnx for ONNX Runtime) and classifies one
+photo, wall time from outside, twice: with an empty kernel cache (a new $NPRESNET_HOME)
+and then with the cache the first run left. Then `npresnet classify` one photo, backend auto.
 
 Runners: every npresnet backend that can run here (numpy, numba), torch eager
 when torch is installed, ONNX Runtime when onnxruntime and onnx are installed,
@@ -77,8 +83,13 @@ def _torch_model(arch: str):
 
     from npresnet.specs import get_spec
 
-    torch.manual_seed(0)
-    return torch_resnet(get_spec(arch)).eval()
+    import npresnet
+
+    # npresnet's random weights (build's seed), so that its logits can be checked against the NumPy backend's.
+    model = torch_resnet(get_spec(arch)).eval()
+    state = npresnet.build(arch, backend="numpy").state_dict()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return model
 
 
 def _torch_runner(arch: str, threads: int):
@@ -111,7 +122,50 @@ def int8_paths(folder: str, arch: str) -> tuple[str, str]:
     return os.path.join(folder, f"{arch}-int8.npz"), os.path.join(folder, f"{arch}-int8.onnx")
 
 
-def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeats: int, onnx_path: str) -> dict:
+# Logits within this much of the NumPy backend's, relative to their largest magnitude (float32: tests/helpers.py),
+# else the runner is not timed. The int8 runners are checked against npresnet's int8 network instead.
+FLOAT32_TOLERANCE = 1e-4
+INT8_TOLERANCE = 2e-2  # two quantized networks that round some activations differently (1-2 steps of a scale)
+
+
+def bench_input(batch: int):
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+
+
+def reference_worker(arch: str, batch: int, int8_npz: str, path: str) -> dict:
+    """The logits every runner is checked against: the NumPy backend's (float), npresnet's int8 network (int8)."""
+    import numpy as np
+
+    import npresnet
+
+    x = bench_input(batch)
+    logits = {"float": npresnet.build(arch, backend="numpy")(x)}
+    if os.path.exists(int8_npz):
+        logits["int8"] = npresnet.load(int8_npz, backend="numpy")(x)
+    np.savez(path, **logits)
+    return {}
+
+
+def check_output(runner: str, out, reference_path: str) -> None:
+    """SystemExit naming the runner when its logits are off the reference by more than the tolerance."""
+    import numpy as np
+
+    if not reference_path:
+        return
+    with np.load(reference_path) as references:
+        int8 = runner.endswith("-int8")
+        want = references["int8" if int8 else "float"]
+    tolerance = INT8_TOLERANCE if int8 else FLOAT32_TOLERANCE
+    error = float(np.max(np.abs(np.asarray(out, dtype=np.float64) - want)) / max(float(np.max(np.abs(want))), 1e-30))
+    if not error <= tolerance:  # NaN fails too
+        reference = "npresnet's int8 network" if int8 else "the NumPy backend"
+        raise SystemExit(f"bench: runner {runner!r} is off {reference} by {error:.2e} (relative; allowed {tolerance:.0e}): not timed")
+
+
+def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeats: int, onnx_path: str,
+           reference_path: str = "") -> dict:
     import numpy as np
 
     start = time.perf_counter()
@@ -130,11 +184,12 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeat
     else:
         run, _ = _npresnet_runner(runner, arch, threads)
     build_s = time.perf_counter() - start
-    x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
+    x = bench_input(batch)
     start = time.perf_counter()
     out = run(x)
     first_s = time.perf_counter() - start
     assert out.shape == (batch, 1000), out.shape
+    check_output(runner, out, reference_path)
     for _ in range(warmup):
         run(x)
     times, cpu_times = [], []
@@ -162,16 +217,43 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeat
     }
 
 
-def startup_worker(weights: str, backend: str, threads: int) -> dict:
-    """What `npresnet classify photo.jpg` costs in a fresh process: import, load, one forward."""
+def startup_worker(weights: str, runner: str, threads: int, photo: str) -> dict:
+    """What classifying one photo costs in a fresh process: import, load the weights (.npz; .onnx for
+    ONNX Runtime; torch reads the .npz's arrays), preprocess and one forward pass (wall, from inside)."""
+    start = time.perf_counter()
     import numpy as np
 
-    import npresnet
+    from npresnet.preprocess import preprocess
 
-    model = npresnet.load(weights, backend=backend, threads=threads)
-    x = np.random.default_rng(0).random((1, 3, SIZE, SIZE), dtype=np.float32)
-    top = int(np.argmax(model(x)[0]))
-    return {"backend": model.backend.name, "top": top, "peak_rss_mb": _peak_rss_mb()}
+    if runner == "onnxruntime":
+        run, _ = _onnxruntime_runner("", threads, weights)
+        name = runner
+    elif runner == "torch":
+        import torch
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from torch_resnet import torch_resnet
+
+        from npresnet.specs import get_spec
+
+        torch.set_num_threads(threads)
+        with np.load(weights, allow_pickle=False) as arrays:
+            state = {k: torch.from_numpy(arrays[k]) for k in arrays.files if k != "__meta__"}
+        model = torch_resnet(get_spec("resnet18")).eval()
+        model.load_state_dict(state)
+
+        def run(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).numpy()
+
+        name = runner
+    else:
+        import npresnet
+
+        model = npresnet.load(weights, backend=runner, threads=threads)
+        run, name = model, model.backend.name
+    top = int(np.argmax(run(preprocess([photo]))[0]))
+    return {"backend": name, "top": top, "inside_s": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
 
 
 def sizes_worker(arch: str, folder: str) -> dict:
@@ -264,37 +346,56 @@ def export_onnx(arch: str, path: str, threads: int) -> dict:
     return {}
 
 
-def measure_startup(threads: int, tmp: str) -> dict:
+STARTUP_PHOTO = ROOT / "tests" / "data" / "chelsea_small.png"
+
+
+def measure_startup(runners: list[str], threads: int, tmp: str) -> dict:
+    """{runner: {"empty": ..., "warm": ...}}: a fresh process classifying one photo with resnet18, wall time
+    from outside, first with an empty kernel cache (a new $NPRESNET_HOME), then again with what it left
+    (the same for runners that compile nothing: their row shows the noise). Then the CLI, backend auto."""
     weights = os.path.join(tmp, "resnet18.npz")
+    onnx = os.path.join(tmp, "resnet18-startup.onnx")
     code = "import sys; sys.path.insert(0, %r); import npresnet; npresnet.save(npresnet.resnet18(backend='numpy'), %r)"
     subprocess.run([sys.executable, "-c", code % (str(ROOT), weights)], env=_env(threads), check=True)
-    # A fresh kernel cache: the first process compiles (if the backend compiles), the second is what
-    # a user sees from then on.
     results = {}
-    env = {"NPRESNET_HOME": os.path.join(tmp, "home")}
-    if "NUMBA_CACHE_DIR" in os.environ:
-        env["NUMBA_CACHE_DIR"] = os.path.join(tmp, "home", "numba")
-    for label, backend in (("auto, empty kernel cache", "auto"), ("auto, kernels cached", "auto"), ("numpy", "numpy")):
-        start = time.perf_counter()
-        result = _run_json(["--startup-worker", weights, "--startup-backend", backend], threads, env=env)
-        result["wall_s"] = time.perf_counter() - start
-        results[label] = result
-    # The command itself, as a user runs it: `npresnet classify --weights W photo.png` (backend auto).
-    photo = str(ROOT / "tests" / "data" / "chelsea_small.png")
+    for runner in runners:
+        path = weights
+        if runner == "onnxruntime":
+            if "error" in export_onnx("resnet18", onnx, threads):
+                continue
+            path = onnx
+        home = os.path.join(tmp, f"home-{runner}")
+        env = {"NPRESNET_HOME": home}
+        if "NUMBA_CACHE_DIR" in os.environ:
+            env["NUMBA_CACHE_DIR"] = os.path.join(home, "numba")
+        row = {}
+        for cache in ("empty", "warm"):
+            start = time.perf_counter()
+            result = _run_json(["--startup-worker", path, "--startup-backend", runner, "--startup-photo", str(STARTUP_PHOTO)],
+                               threads, env=env)
+            row[cache] = {**result, "wall_s": time.perf_counter() - start}
+        results[runner] = row
+    # The command itself, as a user runs it (backend auto), with the numba runner's warm cache.
     code = (
         "import json, resource, sys; from npresnet.cli import main; "
-        f"status = main(['classify', '--weights', {weights!r}, '--topk', '1', {photo!r}]); "
+        f"status = main(['classify', '--weights', {weights!r}, '--topk', '1', {str(STARTUP_PHOTO)!r}]); "
         "print(json.dumps({'status': status, 'backend': 'cli auto', "
         "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))"
     )
+    env = {"NPRESNET_HOME": os.path.join(tmp, "home-numba")}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env={**_env(threads), **env}, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
     if proc.returncode == 0:
-        results["`npresnet classify` one photo"] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall_s}
+        results["`npresnet classify` one photo"] = {"warm": {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall_s}}
     else:
-        results["`npresnet classify` one photo"] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        results["`npresnet classify` one photo"] = {"warm": {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}}
     return results
+
+
+def startup_runners(runners: list[str]) -> list[str]:
+    """The runners whose start-up is measured: npresnet's CPU backends, torch, ONNX Runtime (float32)."""
+    return [r for r in ("numpy", "numba", "torch", "onnxruntime") if r in runners]
 
 
 def markdown(results: list[dict], startup: dict, meta: dict, sizes: dict | None = None) -> str:
@@ -319,13 +420,24 @@ def markdown(results: list[dict], startup: dict, meta: dict, sizes: dict | None 
             f"{ratio} | {r['cpu_ms_per_batch']:.1f} | {r['first_call_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     if startup:
-        lines.append("")
-        lines.append("Fresh process, `import npresnet` + load resnet18 .npz + classify one 224x224 image (wall, from outside):")
-        for label, s in startup.items():
-            if "error" in s:
-                lines.append(f"- {label}: error: {s['error']}")
-            else:
-                lines.append(f"- {label}: {s['wall_s']:.2f} s (backend {s['backend']}, peak RSS {s['peak_rss_mb']:.0f} MB)")
+        numpy_warm = startup.get("numpy", {}).get("warm", {}).get("wall_s")
+        lines += [
+            "",
+            "Start-up: a fresh process imports, loads resnet18 (.npz; .onnx for ONNX Runtime) and classifies one "
+            "photo (224x224); wall s from outside, with an empty kernel cache and with the one the first run left:",
+            "",
+            "| runner | empty cache s | warm cache s | warm minus numpy s | peak RSS MB (warm) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for label, row in startup.items():
+            cells = []
+            for cache in ("empty", "warm"):
+                r = row.get(cache)
+                cells.append("" if r is None else f"error: {r['error']}" if "error" in r else f"{r['wall_s']:.2f}")
+            warm = row.get("warm", {})
+            extra = f"{warm['wall_s'] - numpy_warm:+.2f}" if numpy_warm and "wall_s" in warm and "error" not in warm else ""
+            rss = f"{warm['peak_rss_mb']:.0f}" if "peak_rss_mb" in warm else ""
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} | {extra} | {rss} |")
     if sizes:
         kinds = list(dict.fromkeys(kind for row in sizes.values() for kind in row if kind != "error"))
         lines += ["", "File sizes, MB:", "", "| model | " + " | ".join(kinds) + " |", "| --- |" + " ---: |" * len(kinds)]
@@ -376,6 +488,9 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx", default="", help=argparse.SUPPRESS)
     parser.add_argument("--startup-worker", metavar="WEIGHTS", help=argparse.SUPPRESS)
     parser.add_argument("--startup-backend", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--startup-photo", default=str(STARTUP_PHOTO), help=argparse.SUPPRESS)
+    parser.add_argument("--reference-worker", nargs=3, metavar=("ARCH", "BATCH", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--reference", default="", help=argparse.SUPPRESS)
     parser.add_argument("--sizes-worker", nargs=2, metavar=("ARCH", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--no-sizes", action="store_true", help="skip the file sizes (.npz float32/float16, .onnx)")
     args = parser.parse_args(argv)
@@ -385,13 +500,17 @@ def main(argv=None) -> int:
 
     if args.worker:
         runner, arch, batch = args.worker
-        print(json.dumps(worker(runner, arch, int(batch), args.threads, warmup, repeats, args.onnx)))
+        print(json.dumps(worker(runner, arch, int(batch), args.threads, warmup, repeats, args.onnx, args.reference)))
+        return 0
+    if args.reference_worker:
+        arch, batch, path = args.reference_worker
+        print(json.dumps(reference_worker(arch, int(batch), int8_paths(os.path.dirname(path), arch)[0], path)))
         return 0
     if args.sizes_worker:
         print(json.dumps(sizes_worker(*args.sizes_worker)))
         return 0
     if args.startup_worker:
-        print(json.dumps(startup_worker(args.startup_worker, args.startup_backend, args.threads)))
+        print(json.dumps(startup_worker(args.startup_worker, args.startup_backend, args.threads, args.startup_photo)))
         return 0
 
     archs = args.archs or (["resnet18"] if args.quick else ["resnet18", "resnet50"])
@@ -416,6 +535,13 @@ def main(argv=None) -> int:
                 exported[arch] = export_onnx(arch, os.path.join(tmp, f"{arch}.onnx"), args.threads)
             if "numpy-int8" in runners or "onnxruntime-int8" in runners:
                 quantized[arch] = quantize_files(arch, tmp, args.threads)
+        references = {}
+        for arch in archs:
+            for batch in batches:
+                path = references[arch, batch] = os.path.join(tmp, f"reference-{arch}-{batch}.npz")
+                made = _run_json(["--reference-worker", arch, str(batch), path], args.threads)
+                if "error" in made:
+                    raise SystemExit(f"bench: the NumPy backend's reference logits failed: {made['error']}")
         for round_ in range(args.rounds):
             for arch in archs:
                 for batch in batches:
@@ -427,8 +553,10 @@ def main(argv=None) -> int:
                         else:
                             worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads),
                                            "--warmup", str(warmup), "--repeats", str(repeats),
-                                           "--onnx", os.path.join(tmp, f"{arch}.onnx")]
+                                           "--onnx", os.path.join(tmp, f"{arch}.onnx"), "--reference", references[arch, batch]]
                             result = {"runner": runner, "arch": arch, "batch": batch, **_run_json(worker_args, args.threads)}
+                            if result.get("error", "").startswith("bench: runner"):
+                                raise SystemExit(result["error"])  # a wrong answer is never timed, nor left in a table
                         key = (arch, batch, runner)
                         kept = results.get(key)
                         medians = (kept or {}).get("round_medians_ms", []) + [result.get("ms_per_batch")]
@@ -438,7 +566,7 @@ def main(argv=None) -> int:
                         shown = f"{result['ms_per_batch']:8.1f} ms" if "error" not in result else "error: " + result["error"]
                         print(f"round {round_ + 1} {arch:10s} b{batch:<3d} {runner:12s} {shown}", flush=True)
         results = list(results.values())
-        startup = {} if args.no_startup else measure_startup(args.threads, tmp)
+        startup = {} if args.no_startup else measure_startup(startup_runners(runners), args.threads, tmp)
         sizes = {} if args.no_sizes else file_sizes(archs, tmp, args.threads)
         for arch in sizes:
             for kind, path in zip(("npz int8", "onnx int8 (QDQ)"), int8_paths(tmp, arch)):

@@ -29,18 +29,21 @@ one thread for the duration of each convolution. A small thread pool (BLAS and
 the nogil Numba kernels release the GIL) hands each thread one share of the
 layer, which it gathers or transforms, multiplies and finishes alone: one thread
 synchronisation per convolution (each costs a thread wake-up: bench/results/notes.md),
-and OpenBLAS's own threads (which spin after each call) stay idle. Max pooling is a parallel Numba loop.
+and OpenBLAS's own threads (which spin after each call) stay idle. Max pooling is split the same way: no
+kernel is a parallel Numba loop, whose threading layer and parfor compilation cost seconds of start-up.
 
 Numerics: no fastmath (NaN and inf behave as in the reference); the Winograd
 weight transform is done in float64 and rounded once. Measured against the
 float64 reference: see bench/ and tests/test_kernels_cpu.py.
 
-Compiled kernels are cached on disk (``cache=True``) under $NUMBA_CACHE_DIR
-when the user set it, else $NPRESNET_HOME/numba, else
-$XDG_CACHE_HOME/npresnet/numba (~/.cache/npresnet/numba), so a read-only
+Compiled kernels are cached on disk (``cache=True``) under
+``npresnet.backends.kernel_cache_dir()`` ($NUMBA_CACHE_DIR when the user set it, else
+$NPRESNET_HOME/numba, else ~/.cache/npresnet/numba), so a read-only
 site-packages still gets a cache and a second process does not recompile.
 Numba fixes a function's cache directory when it is decorated, so the kernels
-are decorated (``njit``) in ``_process_setup``, not at import.
+are decorated (``njit``) in ``_process_setup``, not at import. Each kernel is compiled (or
+loaded from the cache) at its first call, for the types of that call only; the first compile in a
+process says so on stderr (the "npresnet" logger), so a first run does not look like a hang.
 
 References: Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"
 (2015) for the Winograd matrices; CS231n ``fast_layers.py`` for im2col.
@@ -51,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -58,9 +62,10 @@ from types import SimpleNamespace
 
 import numba  # ImportError here keeps the backend unregistered: the point of this module
 import numpy as np
-from numba import njit, prange
+from numba import njit
+from numba.core import event
 
-from npresnet.backends import Backend, FoldedConv, register_backend
+from npresnet.backends import Backend, FoldedConv, kernel_cache_dir, register_backend
 from npresnet.functional import conv_output_size
 
 # The kernels, as Python functions: name -> (function, njit options). _process_setup compiles them.
@@ -77,14 +82,6 @@ def kernel(**options):
     return mark
 
 
-def _cache_dir() -> str:
-    home = os.environ.get("NPRESNET_HOME")
-    if home:
-        return os.path.join(home, "numba")
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "npresnet", "numba")
-
-
 @contextlib.contextmanager
 def _our_cache_dir():
     """Point numba's cache at npresnet's directory while our kernels are decorated.
@@ -95,7 +92,7 @@ def _our_cache_dir():
     if numba.config.CACHE_DIR:
         yield
         return
-    numba.config.CACHE_DIR = _cache_dir()
+    numba.config.CACHE_DIR = kernel_cache_dir()
     try:
         yield
     finally:
@@ -268,12 +265,14 @@ def winograd_output(Mt, AT, bias, residual, has_residual, relu, t_lo, t_hi, out)
                         v = 0
                     out[n, p, q, k] = v
 
-@kernel(parallel=True)
-def max_pool_3x3s2(x, out):
-    """x (N, H, W, C) -> out (N, P, Q, C): 3x3 window, stride 2, padding 1 (never wins), NaN propagates."""
+@kernel(nogil=True)
+def max_pool_3x3s2(x, job_lo, job_hi, out):
+    """x (N, H, W, C) -> output rows job_lo <= (n, p) < job_hi of out (N, P, Q, C): 3x3 window, stride 2,
+    padding 1 (never wins), NaN propagates. Serial and GIL-free: each pool thread pools its own rows
+    (a parallel numba loop would load numba's threading layer and compile parfors: seconds of start-up)."""
     N, H, W, C = x.shape
     _, P, Q, _ = out.shape
-    for job in prange(N * P):
+    for job in range(job_lo, job_hi):
         n = job // P
         p = job % P
         for q in range(Q):
@@ -546,10 +545,9 @@ class NumbaBackend(Backend):
         self._split(rows, N * P)
 
     def max_pool(self, x):
-        self._threads()
         N, H, W, C = x.shape
         out = np.empty((N, conv_output_size(H, 3, 2, 1), conv_output_size(W, 3, 2, 1), C), dtype=x.dtype)
-        self.kernels.max_pool_3x3s2(x, out)
+        self._split(lambda lo, hi: self.kernels.max_pool_3x3s2(x, lo, hi, out), N * out.shape[1])
         return out
 
     def global_avg_pool(self, x):
@@ -612,10 +610,32 @@ def _single_threaded_blas():
 # --- what the first backend sets up ----------------------------------------------------------------
 
 
+class _CompileNotice(event.Listener):
+    """One line on stderr (the "npresnet" logger, which a user can configure or silence) when the first of
+    our kernels is compiled in this process, so that a first run's seconds of compiling do not look like a
+    hang. Numba announces only real compilations ("numba:compile"), not loads from the kernel cache."""
+
+    def __init__(self, dispatchers):
+        self.dispatchers = {id(d) for d in dispatchers}
+        self.said = False
+
+    def on_start(self, ev):
+        if not self.said and id(ev.data["dispatcher"]) in self.dispatchers:
+            self.said = True
+            logging.getLogger("npresnet").warning(
+                "npresnet: compiling the Numba kernels for this machine (once; a few seconds; cached in %s)",
+                numba.config.CACHE_DIR or kernel_cache_dir(),
+            )
+
+    def on_end(self, ev):
+        pass
+
+
 @functools.lru_cache(maxsize=None)
 def _process_setup() -> SimpleNamespace:
-    """The kernels as numba dispatchers (compiled or loaded from the cache at first call), once per process,
-    when the first backend is made.
+    """The kernels as numba dispatchers, once per process, when the first backend is made. Each kernel is
+    compiled, or loaded from the kernel cache, at its first call (for the argument types of that call), so
+    a model compiles only the kernels and specialisations it runs; compiling is announced (_CompileNotice).
 
     Also the process-wide settings the backend needs, made here and not at import: numba's threading
     layer ("workqueue", which sleeps where OpenMP's spins, unless $NUMBA_THREADING_LAYER is set; it takes
@@ -625,7 +645,9 @@ def _process_setup() -> SimpleNamespace:
         numba.config.THREADING_LAYER = "workqueue"
     _openblas()
     with _our_cache_dir():
-        return SimpleNamespace(**{name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS.items()})
+        kernels = {name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS.items()}
+    event.register("numba:compile", _CompileNotice(kernels.values()))
+    return SimpleNamespace(**kernels)
 
 
 register_backend("numba", NumbaBackend)

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .autograd import value_and_grad
-from .backends import available_backends, get_backend
+from .backends import available_backends, choose_backend, get_backend
 from .errors import BackendUnavailable, FetchError, ImageError, WeightsError
 from .evaluation import Evaluation, evaluate
 from .explain import Explanation, explain, gradcam
@@ -120,6 +120,7 @@ __all__ = [
     "Wide_ResNet101_2_Weights",
     "available_backends",
     "build",
+    "choose_backend",
     "classify",
     "convert",
     "embed",

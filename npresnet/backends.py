@@ -10,11 +10,19 @@ whatever it runs fastest (``prepare_conv``), once per model and dtype.
 The optional compiled backends live in the ``npresnet_kernels`` package (the
 repository's ``kernels/`` folder); each module there registers its backend
 with ``register_backend`` when, and only when, its compiler imports.
+
+``backend="auto"`` is one rule (``choose_backend``), used by the Python API and the
+command line alike: the backend expected to finish the whole job first, start-up
+and kernel compilation included, from the measured costs in ``AUTO_COSTS``
+(where each figure comes from: bench/results/notes.md).
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +30,7 @@ import numpy as np
 
 from . import functional as F
 from .errors import BackendUnavailable  # noqa: F401  (defined in errors.py; imported from here by kernels and users)
+from .specs import count_macs
 
 
 @dataclass(frozen=True)
@@ -124,8 +133,38 @@ _OPTIONAL = {
     "numba": ("npresnet_kernels.cpu", "numba"),
     "cuda": ("npresnet_kernels.cuda", "cuda"),
 }
-# What "auto" tries, fastest first. CUDA is not tried: it is only used when asked for.
-AUTO_ORDER = ("numba", "numpy")
+
+
+@dataclass(frozen=True)
+class BackendCosts:
+    """What a backend costs on a job, relative to the NumPy backend (the figures: bench/results/notes.md).
+
+    startup_s: seconds a fresh process spends on it beyond NumPy's (import, loading cached kernels);
+    compile_s: seconds more when its kernel cache is empty (compiling the kernels once);
+    per_image: block ("basic", "bottleneck") -> its time per image over NumPy's at batch 1 and at
+    batch 8 and above (between: linear).
+    """
+
+    startup_s: float
+    compile_s: float
+    per_image: dict[str, tuple[float, float]]
+
+    def per_image_ratio(self, block: str | None, batch_size: int) -> float:
+        """Time per image over NumPy's; block None (architecture unknown): the worst block's."""
+        share = min(max(batch_size - 1, 0), 7) / 7
+        ratios = [batch1 + share * (batched - batch1) for b, (batch1, batched) in self.per_image.items() if block in (None, b)]
+        return max(ratios) if ratios else 1.0
+
+
+# NumPy backend seconds per image per 1e9 multiply-adds (specs.count_macs), at 2 threads.
+NUMPY_SECONDS_PER_GMAC = 0.025
+# The backends "auto" chooses between. CUDA is not among them: it is only used when asked for.
+AUTO_COSTS = {
+    "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image={}),
+    "numba": BackendCosts(
+        startup_s=1.2, compile_s=6.2, per_image={"basic": (0.88, 0.46), "bottleneck": (1.07, 0.57)}
+    ),
+}
 
 
 def register_backend(name: str, factory: Callable[..., Backend]) -> None:
@@ -163,18 +202,106 @@ def _load_optional(name: str) -> None:
         raise BackendUnavailable(f"backend {name!r} is not available on this machine")
 
 
-def get_backend(name: str | Backend = "auto", threads: int | None = None) -> Backend:
-    """A backend by name: "numpy", "numba", "cuda", or "auto" (the fastest that works here)."""
+def kernel_cache_dir() -> str:
+    """Where the compiled kernels are cached: $NUMBA_CACHE_DIR when the user set it, else
+    $NPRESNET_HOME/numba, else $XDG_CACHE_HOME/npresnet/numba (~/.cache/npresnet/numba)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    home = os.environ.get("NPRESNET_HOME")
+    if home:
+        return os.path.join(home, "numba")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "npresnet", "numba")
+
+
+def kernels_cached(name: str) -> bool:
+    """Whether every kernel of backend `name` is in the kernel cache, newer than its source: numba's index
+    files (``<module>.<kernel>-<line>.py3x.nbi``; numba drops an index older than the source), one per
+    ``@kernel`` function of the module, found without importing the compiler. False for a backend without
+    a kernel module."""
+    if name not in _OPTIONAL:
+        return False
+    try:
+        spec = importlib.util.find_spec(_OPTIONAL[name][0])
+    except ImportError:
+        return False
+    if spec is None or not spec.origin:
+        return False
+    module = os.path.splitext(os.path.basename(spec.origin))[0]
+    source_time = os.path.getmtime(spec.origin)
+    with open(spec.origin, encoding="utf-8") as source:
+        kernels = set(re.findall(r"^@kernel\(.*\)\ndef (\w+)\(", source.read(), flags=re.MULTILINE))
+    root = glob.escape(kernel_cache_dir())
+    fresh = {
+        os.path.basename(path)[len(module) + 1 :].rsplit("-", 1)[0]
+        for path in glob.glob(os.path.join(root, "**", f"{module}.*.nbi"), recursive=True)
+        if os.path.getmtime(path) >= source_time
+    }
+    return bool(kernels) and kernels <= fresh
+
+
+def choose_backend(
+    spec: Any = None,
+    num_images: int | None = None,
+    batch_size: int = 1,
+    size: tuple[int, int] = (224, 224),
+    *,
+    costs: dict[str, BackendCosts] | None = None,
+    cached: dict[str, bool] | None = None,
+    available: list[str] | None = None,
+) -> str:
+    """The rule behind backend="auto": of the backends that can run here, the one expected to finish
+    the whole job first: start-up (+ compiling, where its kernel cache is empty) + time per image.
+
+    spec: the architecture (a ResNetSpec: its multiply-adds at `size` and its block), None if not known
+    (1e9 multiply-adds, the worst block's costs); num_images: the job's images, None for a job too long
+    for start-up to count (a model kept for many calls: what the Python API assumes); batch_size: images
+    per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached) and available
+    (default: those whose compiler is installed) are for tests and what-ifs.
+    """
+    costs = AUTO_COSTS if costs is None else costs
+    macs = count_macs(spec, *size) if spec is not None else 1e9
+    block = spec.block if spec is not None else None
+    best, best_s = "numpy", float("inf")
+    for name, cost in costs.items():
+        if available is not None and name not in available:
+            continue
+        if available is None and name != "numpy" and not _importable(name):
+            continue
+        per_image_s = cost.per_image_ratio(block, batch_size) * NUMPY_SECONDS_PER_GMAC * macs / 1e9
+        if num_images is None:
+            total_s = per_image_s
+        else:
+            warm = cached[name] if cached is not None and name in cached else kernels_cached(name)
+            total_s = cost.startup_s + (0.0 if warm else cost.compile_s) + num_images * per_image_s
+        if total_s < best_s:
+            best, best_s = name, total_s
+    return best
+
+
+def _importable(name: str) -> bool:
+    """Whether backend `name` can be tried: registered, or its compiler (numba) is installed. Found,
+    not imported: importing numba takes a while."""
+    if name in _REGISTRY:
+        return True
+    try:
+        return name in _OPTIONAL and importlib.util.find_spec("numba") is not None
+    except ImportError:
+        return False
+
+
+def get_backend(name: str | Backend = "auto", threads: int | None = None, spec: Any = None,
+                num_images: int | None = None, batch_size: int = 1) -> Backend:
+    """A backend by name: "numpy", "numba", "cuda", or "auto": choose_backend's pick for the job
+    (the architecture `spec`, num_images, batch_size; without num_images, a long job at batch_size)."""
     if isinstance(name, Backend):
         return name
     threads = default_threads(threads)
     if name == "auto":
-        for candidate in AUTO_ORDER:
-            try:
-                return get_backend(candidate, threads)
-            except BackendUnavailable:
-                continue
-        return NumpyBackend(threads)
+        try:
+            return get_backend(choose_backend(spec, num_images, batch_size), threads)
+        except BackendUnavailable:  # installed but not working here (numba without a usable LLVM, say)
+            return NumpyBackend(threads)
     if name not in _REGISTRY:
         if name not in _OPTIONAL:
             known = ", ".join(["auto", *_REGISTRY, *(n for n in _OPTIONAL if n not in _REGISTRY)])

@@ -24,6 +24,7 @@ from PIL import Image
 
 from . import __version__
 from .datasets import train_val_folders
+from .backends import choose_backend
 from .errors import BackendUnavailable, DataError, FetchError, ImageError, WeightsError
 from .explain import explain, image_format, save_image
 from .formats import convert, read_weights
@@ -37,7 +38,6 @@ from .training import EpochResult, StepInfo, TrainConfig, TrainingInterrupted, f
 
 DEFAULT_ARCH = "resnet50"
 GLOB_CHARACTERS = "*?["
-SHORT_RUN_IMAGES = 16  # up to this many images, --backend auto runs on NumPy (see backend_for)
 
 
 # --- helpers shared by the subcommands ---------------------------------------------------------------------------
@@ -148,8 +148,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backend",
         default="auto",
-        help=f"numpy, numba, cuda, or auto (default): the fastest here; NumPy for runs of up to "
-        f"{SHORT_RUN_IMAGES} images, where Numba's start-up outweighs its speed",
+        help="numpy, numba, cuda, or auto (default): the one expected to finish these images first here, "
+        "start-up and kernel compilation included",
     )
     group.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for the compiled backends")
     group.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
@@ -182,29 +182,29 @@ def positive_int(text: str) -> int:
     return value
 
 
-def backend_for(requested: str, num_images: int) -> str:
-    """The backend a command uses: `auto` means NumPy for short runs.
-
-    Starting Numba (import, loading cached kernels) costs more in a fresh process than it saves on a
-    few images (bench/results/notes.md), so a short run is fastest on NumPy; a long one gets what
-    backends.get_backend("auto") picks.
-    """
-    if requested == "auto" and num_images <= SHORT_RUN_IMAGES:
-        return "numpy"
-    return requested
+def backend_for(model: ResNet, num_images: int, batch_size: int, size: tuple[int, int]) -> str:
+    """What --backend auto runs `num_images` images on: backends.choose_backend (the Python API's rule) for this
+    job: the model's architecture at `size` and the batches it will run (start-up outweighs speed on short runs)."""
+    return choose_backend(model.spec, num_images, min(batch_size, num_images), size)
 
 
 def model_from_args(args, num_images: int | None = None) -> ResNet:
-    backend = args.backend if num_images is None else backend_for(args.backend, num_images)
-    options = {"backend": backend, "threads": args.threads}
+    """The model the arguments name; with --backend auto and a known number of images, on backend_for's choice
+    (built on NumPy first: the choice needs its architecture, and NumPy costs nothing to start)."""
+    job = args.backend == "auto" and num_images is not None
+    options = {"backend": "numpy" if job else args.backend, "threads": args.threads}
     try:
         if args.weights is None:
             arch = args.arch or DEFAULT_ARCH
             warning(f"no --weights given: {arch} has random parameters, so its answers are meaningless")
-            return build(arch, **options)
-        if is_weights_name(args.weights):  # "DEFAULT", "IMAGENET1K_V2": official weights of --arch
-            return build(args.arch or DEFAULT_ARCH, args.weights, **options)
-        model = load(args.weights, **options)
+            model = build(arch, **options)
+        elif is_weights_name(args.weights):  # "DEFAULT", "IMAGENET1K_V2": official weights of --arch
+            model = build(args.arch or DEFAULT_ARCH, args.weights, **options)
+        else:
+            model = load(args.weights, **options)
+        if job and isinstance(model, ResNet):  # an int8 model runs on NumPy only
+            size = preset_for(model, squash_size=getattr(args, "resize", None)).output_size
+            model.use_backend(backend_for(model, num_images, getattr(args, "batch_size", 1), size), args.threads)
     except WeightsError:
         raise
     except ValueError as exc:  # an unknown weights name, a bad $NPRESNET_NUM_THREADS

@@ -123,12 +123,18 @@ class ResNet:
         threads: int | None = None,
         meta: Mapping[str, Any] | None = None,
         source: str = "state dict",
+        copy: bool = True,
     ):
         self.spec = spec
         if state_dict is None:
-            state_dict = random_state_dict(spec)
-        # Own, writeable copies: training updates them in place, and the caller's arrays must not change.
-        self._state = {k: np.array(v) for k, v in validate_state_dict(state_dict, spec, source).items()}
+            state_dict, copy = random_state_dict(spec), False
+        # Own, writeable arrays: training updates them in place, and the caller's arrays must not change.
+        # copy=False takes the caller's writeable arrays as they are (load() does: nobody else holds what it
+        # read, and a second copy of the weights would be the peak of a small process's memory).
+        self._state = {
+            k: v if not copy and isinstance(v, np.ndarray) and v.flags.writeable else np.array(v)
+            for k, v in validate_state_dict(state_dict, spec, source).items()
+        }
         # bn prefix -> batches seen in training mode (torch's num_batches_tracked), kept from the weights if present.
         self._num_batches_tracked = {c.bn: 0 for c in all_convs(spec)}
         for bn in self._num_batches_tracked:
@@ -136,7 +142,7 @@ class ResNet:
             if count is not None and np.size(count) == 1:
                 self._num_batches_tracked[bn] = int(np.asarray(count).reshape(()))
         self.meta = dict(meta or {})
-        self.backend = get_backend(backend, threads)
+        self.backend = get_backend(backend, threads, spec=spec)
         self._prepared: dict[np.dtype, PreparedNet] = {}
         self.training = False
         self._frozen: str | None = None
@@ -186,6 +192,12 @@ class ResNet:
             for k, v in self._state.items()
             if is_parameter(k) and not (trainable and self.is_frozen(stage_of(k)))
         }
+
+    def use_backend(self, backend: str | Backend, threads: int | None = None) -> "ResNet":
+        """Run on `backend` from the next call (its prepared weights made then). Returns the model."""
+        self.backend = get_backend(backend, threads, spec=self.spec)
+        self.invalidate()
+        return self
 
     def invalidate(self) -> None:
         """Forget the folded, prepared copies: parameters or running statistics changed in place."""
@@ -339,8 +351,7 @@ def load(path: str | os.PathLike, **options) -> ResNet:
         from .quantization import QuantizedResNet
 
         return QuantizedResNet.from_state_dict(state, meta, source=str(path), **options)
-    model = ResNet.from_state_dict(state, source=str(path), meta=meta, **options)
-    return model
+    return ResNet.from_state_dict(state, source=str(path), meta=meta, copy=False, **options)
 
 
 def save(model: ResNet, path: str | os.PathLike, dtype=None) -> None:
@@ -395,7 +406,8 @@ def build(
             num_classes=num_classes if num_classes is not None else inferred.num_classes,
             stem=stem if stem is not None else inferred.stem,
         )
-    return ResNet(spec, state, backend=backend, threads=threads, meta=meta, source=source)
+    # Arrays read from a file here belong to nobody else: the model takes them without a copy.
+    return ResNet(spec, state, backend=backend, threads=threads, meta=meta, source=source, copy=source == "state dict")
 
 
 def _build_quantized(spec, state, meta, source, num_classes, stem, **options):
