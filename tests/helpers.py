@@ -30,12 +30,10 @@ def assert_close(actual, expected, dtype=None, tol=None):
     return err
 
 
-def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subprocess.CompletedProcess:
-    """Run this Python on `args`: code for -c (a string, dedented) or arguments (["-m", "npresnet", ...]).
-
-    env: variables to set on top of this process's, None as a value removing one. Output is captured
-    as text unless `options` redirect it (stdout=...).
-    """
+def python_command(args, env=None) -> tuple[list[str], dict]:
+    """The argv and environment that run this Python on `args`: code for -c (a string, dedented) or
+    arguments (["-m", "npresnet", ...]); env: variables to set on top of this process's, None as a value
+    removing one."""
     environment = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -43,5 +41,18 @@ def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subproces
         else:
             environment[key] = value
     argv = ["-c", textwrap.dedent(args)] if isinstance(args, str) else [str(a) for a in args]
+    return [sys.executable, *argv], environment
+
+
+def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subprocess.CompletedProcess:
+    """Run this Python on `args` (see python_command) and wait. Output is captured as text unless
+    `options` redirect it (stdout=...)."""
+    argv, environment = python_command(args, env)
     streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **options}
-    return subprocess.run([sys.executable, *argv], env=environment, cwd=cwd, text=True, timeout=timeout, **streams)
+    return subprocess.run(argv, env=environment, cwd=cwd, text=True, timeout=timeout, **streams)
+
+
+def start_python(args, *, env=None, cwd=None, **options) -> subprocess.Popen:
+    """Start this Python on `args` (see python_command) without waiting: the caller waits, or kills it."""
+    argv, environment = python_command(args, env)
+    return subprocess.Popen(argv, env=environment, cwd=cwd, text=True, **options)

@@ -6,10 +6,12 @@ already for the CPU backend, so both run in a fresh interpreter.
 import functools
 import os
 import re
+import subprocess
+import tempfile
 
 import pytest
 
-from helpers import run_python
+from helpers import run_python, start_python
 
 pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
 
@@ -20,8 +22,40 @@ def python(code_or_args, simulator: bool):
     return run_python(code_or_args, env={"NUMBA_ENABLE_CUDASIM": "1" if simulator else None}, cwd=ROOT, timeout=900)
 
 
+_simulator_run = None  # (process, its stdout file, its stderr file), once started
+
+
+def start_simulator_run():
+    """tests/cuda under the simulator, started in the background (once): tests/conftest.py starts it when
+    the session's tests are chosen, so that its minute on one core overlaps the rest of the suite."""
+    global _simulator_run
+    if _simulator_run is None:
+        stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        process = start_python(
+            ["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "cuda")],
+            env={"NUMBA_ENABLE_CUDASIM": "1"}, cwd=ROOT, stdout=stdout, stderr=stderr,
+        )
+        _simulator_run = (process, stdout, stderr)
+    return _simulator_run
+
+
+def stop_simulator_run():
+    """At the session's end: a run that its test never waited for (deselected, or the session stopped) is killed."""
+    if _simulator_run is not None and _simulator_run[0].poll() is None:
+        _simulator_run[0].kill()
+        _simulator_run[0].wait()
+
+
 def test_cuda_kernels_pass_under_the_simulator():
-    result = python(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "cuda")], simulator=True)
+    process, stdout, stderr = start_simulator_run()
+    try:
+        process.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        stop_simulator_run()
+        raise
+    for stream in (stdout, stderr):
+        stream.seek(0)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read())
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr
     assert result.returncode == 0, f"tests/cuda failed under the simulator:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     passed = re.search(r"(\d+) passed", summary)
