@@ -1,14 +1,16 @@
 """Wall time and peak memory of a command and all its descendants (e.g. the test suite).
 
-    python bench/suite_memory.py [--interval 0.2] [--log FILE] -- python -m pytest -q
+    python bench/suite_memory.py [--interval 0.2] [--log FILE] [--top 10] -- python -m pytest -q
 
 Polls /proc every `interval` seconds for the summed resident set size (VmRSS) of the command's process
 tree (the pytest process, the subprocesses tests start, their children), and prints the peak and the
-wall time on stderr when the command ends; with --log, one line per poll (seconds, MiB, process count).
+wall time on stderr when the command ends; with --log, one line per poll (seconds, RSS MiB, PSS MiB,
+process count).
 With --top N it also loads itself into pytest as a plugin (PYTEST_PLUGINS), which notes when each test
 starts, and names the N tests during which the tree's memory peaked highest. Summed RSS counts pages
-shared between processes (e.g. the libraries every Python maps) once per process, so it overstates
-slightly: a safe upper bound. Linux only.
+shared between processes (the libraries every Python maps, a browser's processes) once per process: a
+safe upper bound. The peak of the summed PSS (shared pages split between their processes) is printed
+too: what the processes really hold together. Linux only.
 """
 import argparse
 import os
@@ -36,27 +38,28 @@ def children_of() -> dict:
     return tree
 
 
-def rss_kib(pid: int) -> int:
+def memory_kib(pid: int, path: str, field: str) -> int:
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/{path}") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         pass
-    return 0  # gone, or a zombie (no VmRSS line)
+    return 0  # gone, or a zombie (no such line)
 
 
-def tree_rss(root: int) -> tuple:
-    """(summed RSS in KiB, process count) of `root` and all its descendants."""
+def tree_memory(root: int) -> tuple:
+    """(summed RSS, summed PSS, both in KiB, process count) of `root` and all its descendants."""
     tree = children_of()
-    pending, total, count = [root], 0, 0
+    pending, rss, pss, count = [root], 0, 0, 0
     while pending:
         pid = pending.pop()
-        total += rss_kib(pid)
+        rss += memory_kib(pid, "status", "VmRSS:")
+        pss += memory_kib(pid, "smaps_rollup", "Pss:")
         count += 1
         pending.extend(tree.get(pid, ()))
-    return total, count
+    return rss, pss, count
 
 
 # --- the pytest plugin (PYTEST_PLUGINS=suite_memory, with this folder on PYTHONPATH) -----------------
@@ -116,21 +119,23 @@ def main(argv=None) -> int:
     samples = []
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env)
-    peak, peak_at = 0, 0.0
+    peak, peak_at, peak_pss = 0, 0.0, 0
     while process.poll() is None:
-        total, count = tree_rss(process.pid)
+        total, pss, count = tree_memory(process.pid)
         now = time.perf_counter() - start
         if total > peak:
             peak, peak_at = total, now
+        peak_pss = max(peak_pss, pss)
         samples.append((time.time(), total))
         if log:
-            log.write(f"{now:.1f} {total / 1024:.0f} {count}\n")
+            log.write(f"{now:.1f} {total / 1024:.0f} {pss / 1024:.0f} {count}\n")
         time.sleep(args.interval)
     wall = time.perf_counter() - start
     if log:
         log.close()
     print(f"suite_memory: wall {wall:.1f} s, peak RSS {peak / 1024 ** 2:.2f} GiB "
-          f"({peak / 1024:.0f} MiB) at {peak_at:.0f} s, exit status {process.returncode}", file=sys.stderr)
+          f"({peak / 1024:.0f} MiB) at {peak_at:.0f} s, peak PSS {peak_pss / 1024 ** 2:.2f} GiB, "
+          f"exit status {process.returncode}", file=sys.stderr)
     if events_path:
         for mib, nodeid in peaks_by_test(samples, events_path, args.top):
             print(f"suite_memory: {mib:7.0f} MiB  {nodeid}", file=sys.stderr)
