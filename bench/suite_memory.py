@@ -75,6 +75,11 @@ def pytest_configure(config):
         _events = open(path, "a", buffering=1)
 
 
+def pytest_unconfigure(config):
+    if _events:
+        _events.close()
+
+
 def pytest_runtest_logstart(nodeid, location):
     if _events:
         _events.write(f"{time.time():.3f} {nodeid}\n")
