@@ -1,8 +1,11 @@
-"""The one comparison helper every test uses, and the one way tests start a Python process."""
+"""The one comparison helper every test uses, and the one way tests start a Python process (in the background too)."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +16,7 @@ def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) / scale
 
 
+REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
@@ -56,3 +60,51 @@ def start_python(args, *, env=None, cwd=None, **options) -> subprocess.Popen:
     """Start this Python on `args` (see python_command) without waiting: the caller waits, or kills it."""
     argv, environment = python_command(args, env)
     return subprocess.Popen(argv, env=environment, cwd=cwd, text=True, **options)
+
+
+class Background:
+    """A slow Python subprocess that a fixture needs, started early so that it runs on the core the suite
+    leaves idle (the suite runs one thread: tests/conftest.py). A test module maps the fixture's name to
+    it in BACKGROUND; tests/conftest.py starts it once the selected tests are known (when one of them uses
+    the fixture) and stops it at the session's end; the fixture waits for it.
+
+    args: as for run_python; with `folder`, a fresh temporary folder is appended to them (the output goes there).
+    """
+
+    def __init__(self, args, *, env=None, folder=False):
+        self.args, self.env, self.with_folder = list(args), env, folder
+        self.process, self.folder = None, None
+
+    def start(self) -> None:
+        if self.process is not None:
+            return
+        self.streams = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        args = self.args
+        if self.with_folder:
+            self.folder = Path(tempfile.mkdtemp(prefix="npresnet-tests-"))
+            args = [*args, self.folder]
+        self.process = start_python(args, env=self.env, cwd=REPO, stdout=self.streams[0], stderr=self.streams[1])
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Start it if nobody has, wait for it to end (killed after `timeout` seconds), its output."""
+        self.start()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        for stream in self.streams:
+            stream.seek(0)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, *(s.read() for s in self.streams))
+
+    def stop(self) -> None:
+        """Kill it if it still runs (its fixture was never used: the session stopped early); remove its folder."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in self.streams:
+            stream.close()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

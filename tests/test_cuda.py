@@ -6,12 +6,10 @@ already for the CPU backend, so both run in a fresh interpreter.
 import functools
 import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 
-from helpers import run_python, start_python
+from helpers import Background, run_python
 
 pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
 
@@ -22,40 +20,21 @@ def python(code_or_args, simulator: bool):
     return run_python(code_or_args, env={"NUMBA_ENABLE_CUDASIM": "1" if simulator else None}, cwd=ROOT, timeout=900)
 
 
-_simulator_run = None  # (process, its stdout file, its stderr file), once started
+# tests/cuda under the simulator: a minute of one core, started with the session (tests/conftest.py).
+BACKGROUND = {
+    "simulator_run": Background(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "cuda")], env={"NUMBA_ENABLE_CUDASIM": "1"}
+    )
+}
 
 
-def start_simulator_run():
-    """tests/cuda under the simulator, started in the background (once): tests/conftest.py starts it when
-    the session's tests are chosen, so that its minute on one core overlaps the rest of the suite."""
-    global _simulator_run
-    if _simulator_run is None:
-        stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-        process = start_python(
-            ["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "cuda")],
-            env={"NUMBA_ENABLE_CUDASIM": "1"}, cwd=ROOT, stdout=stdout, stderr=stderr,
-        )
-        _simulator_run = (process, stdout, stderr)
-    return _simulator_run
+@pytest.fixture
+def simulator_run():
+    return BACKGROUND["simulator_run"].wait(timeout=900)
 
 
-def stop_simulator_run():
-    """At the session's end: a run that its test never waited for (deselected, or the session stopped) is killed."""
-    if _simulator_run is not None and _simulator_run[0].poll() is None:
-        _simulator_run[0].kill()
-        _simulator_run[0].wait()
-
-
-def test_cuda_kernels_pass_under_the_simulator():
-    process, stdout, stderr = start_simulator_run()
-    try:
-        process.wait(timeout=900)
-    except subprocess.TimeoutExpired:
-        stop_simulator_run()
-        raise
-    for stream in (stdout, stderr):
-        stream.seek(0)
-    result = subprocess.CompletedProcess(process.args, process.returncode, stdout.read(), stderr.read())
+def test_cuda_kernels_pass_under_the_simulator(simulator_run):
+    result = simulator_run
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr
     assert result.returncode == 0, f"tests/cuda failed under the simulator:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     passed = re.search(r"(\d+) passed", summary)

@@ -6,6 +6,7 @@ state dict. Its held-out accuracy is what int8 must keep (within 1 point), and i
 """
 import contextlib
 import io
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("sklearn.datasets")
 
 import digits  # noqa: E402
+from helpers import Background  # noqa: E402
 
 import npresnet  # noqa: E402
 from npresnet import functional as F  # noqa: E402
@@ -45,12 +47,18 @@ def run(*args):
     return result
 
 
+# torch's half a minute of training, in a process of its own started with the session (tests/conftest.py).
+BACKGROUND = {"trained": Background([os.path.join("tests", "digits.py")], folder=True)}
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained():
     """A resnet18 trained on digits (tests/digits.py): its float32 .npz, calibration PNGs, held-out (x, y)."""
-    result = digits.train(tmp_path_factory.mktemp("digits"))
-    print(f"\ntrained fixture: {result['seconds']:.1f} s")
-    return result
+    run = BACKGROUND["trained"]
+    done = run.wait(timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"\ntrained fixture: {done.stdout.strip()}")
+    return digits.result(run.folder)
 
 
 @pytest.fixture(scope="module")
