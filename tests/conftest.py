@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import threading
 
 import pytest
 
@@ -25,12 +26,23 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_collection_finish(session):
     """Start the slow subprocesses the selected tests' fixtures wait for (each module's BACKGROUND: fixture
-    name -> helpers.Background): tests/cuda under the simulator, the digits model torch trains. They run
-    on the second core while this process runs the tests before them."""
+    name -> helpers.Background): tests/cuda under the simulator, the digits fine-tuning, the digits model
+    torch trains. One at a time, from a thread, so that they share the second core and this process
+    keeps the first while it runs the tests before theirs."""
+    runs = []
     for item in session.items:
         for fixture, run in getattr(item.module, "BACKGROUND", {}).items():
-            if fixture in item.fixturenames:
-                run.start()  # once: a started run ignores the call
+            if fixture in item.fixturenames and run not in runs:
+                runs.append(run)
+
+    def one_after_another():
+        for run in runs:
+            run.start()
+            if run.process is not None:  # None: stopped, the session over
+                run.process.wait()
+
+    if runs:
+        threading.Thread(target=one_after_another, daemon=True).start()
 
 
 def pytest_sessionfinish(session):
@@ -55,7 +67,7 @@ def pytest_runtest_teardown(item, nextitem):
     """After a module's last test: drop what its caches hold (functools.lru_cache'd torch networks and
     outputs) and hand the freed memory back to the OS. glibc keeps freed blocks below its mmap threshold
     (which grows to 32 MB) in the heap, so without malloc_trim one module's large arrays stay in the
-    process's memory under the next one's: 0.6 GB by the widest networks' tests."""
+    process's memory under the next one's."""
     if nextitem is not None and nextitem.module is item.module:
         return
     for value in list(vars(item.module).values()):

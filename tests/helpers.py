@@ -5,6 +5,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +66,23 @@ def start_python(args, *, env=None, cwd=None, **options) -> subprocess.Popen:
 class Background:
     """A slow Python subprocess that a fixture needs, started early so that it runs on the core the suite
     leaves idle (the suite runs one thread: tests/conftest.py). A test module maps the fixture's name to
-    it in BACKGROUND; tests/conftest.py starts it once the selected tests are known (when one of them uses
-    the fixture) and stops it at the session's end; the fixture waits for it.
+    it in BACKGROUND; tests/conftest.py starts those the selected tests use one after another once they
+    are known, and stops them at the session's end; the fixture waits for it (starting it if need be).
 
     args: as for run_python; with `folder`, a fresh temporary folder is appended to them (the output goes there).
     """
 
     def __init__(self, args, *, env=None, folder=False):
         self.args, self.env, self.with_folder = list(args), env, folder
-        self.process, self.folder = None, None
+        self.process, self.folder, self.stopped = None, None, False
+        self.lock = threading.Lock()
 
     def start(self) -> None:
-        if self.process is not None:
-            return
+        with self.lock:  # the conftest's thread and the fixture may both start it
+            if self.process is None and not self.stopped:
+                self._start()
+
+    def _start(self) -> None:
         self.streams = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         args = self.args
         if self.with_folder:
@@ -88,6 +93,8 @@ class Background:
     def wait(self, timeout: float) -> subprocess.CompletedProcess:
         """Start it if nobody has, wait for it to end (killed after `timeout` seconds), its output."""
         self.start()
+        if self.process is None:
+            raise RuntimeError("this background run was stopped before it started")
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -99,6 +106,8 @@ class Background:
 
     def stop(self) -> None:
         """Kill it if it still runs (its fixture was never used: the session stopped early); remove its folder."""
+        with self.lock:
+            self.stopped = True
         if self.process is None:
             return
         if self.process.poll() is None:
