@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .backends import default_threads
 from .datasets import train_val_folders
 from .backends import choose_backend
 from .errors import BackendUnavailable, DataError, FetchError, ImageError, WeightsError
@@ -867,6 +868,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_environment() -> None:
+    """The variables npresnet reads, checked before a command runs: a bad value is the user's mistake, one line."""
+    try:
+        default_threads()  # $NPRESNET_NUM_THREADS
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -874,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_environment()
         return args.run(args)
     except BrokenPipeError:
         # The reader went away (`npresnet classify ... | head -1`): stop quietly, as cat does, and point

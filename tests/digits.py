@@ -29,10 +29,8 @@ EPOCHS = 2
 CALIBRATION = 64  # PNGs written for calibration, taken from the training images
 
 
-def train(folder: str | Path) -> dict:
-    """Train, write the float32 .npz and the PNG folders under `folder`; return paths and held-out arrays."""
-    start = time.perf_counter()
-    folder = Path(folder)
+def dataset() -> tuple:
+    """(RGB images, x (1797, 3, 8, 8) preprocessed as inference prepares them, labels, training and held-out indices)."""
     digits = load_digits()
     pixels = np.round(digits.images / 16 * 255).astype(np.uint8)  # (1797, 8, 8)
     images = list(np.repeat(pixels[..., None], 3, axis=-1))  # RGB (8, 8, 3) uint8
@@ -40,7 +38,28 @@ def train(folder: str | Path) -> dict:
     x = npresnet.preprocess(images, preset)  # (1797, 3, 8, 8), as inference prepares them
     y = digits.target
     order = np.random.default_rng(0).permutation(len(y))
-    trained_on, held_out = order[:TRAIN], order[TRAIN:]
+    return images, x, y, order[:TRAIN], order[TRAIN:]
+
+
+def result(folder: str | Path) -> dict:
+    """What train(folder) returns, for a folder it has written (in this process or another): paths and held-out arrays."""
+    folder = Path(folder)
+    _, x, y, trained_on, held_out = dataset()
+    return {
+        "float": folder / "digits.npz",
+        "calibration": folder / "calibration",
+        "held_out": folder / "held_out",
+        "x": x[held_out],
+        "y": y[held_out],
+        "calibration_x": x[trained_on[:CALIBRATION]],
+    }
+
+
+def train(folder: str | Path) -> dict:
+    """Train, write the float32 .npz and the PNG folders under `folder`; return paths and held-out arrays."""
+    start = time.perf_counter()
+    folder = Path(folder)
+    images, x, y, trained_on, held_out = dataset()
 
     torch.manual_seed(0)
     net = torch_resnet(get_spec("resnet18", num_classes=10, stem="cifar"))
@@ -61,18 +80,10 @@ def train(folder: str | Path) -> dict:
         for i in indices:  # ImageFolder layout: <digit>/<index>.png
             (folder / name / str(y[i])).mkdir(parents=True, exist_ok=True)
             Image.fromarray(images[i]).save(folder / name / str(y[i]) / f"{i}.png")
-    return {
-        "float": folder / "digits.npz",
-        "calibration": folder / "calibration",
-        "held_out": folder / "held_out",
-        "x": x[held_out],
-        "y": y[held_out],
-        "calibration_x": x[trained_on[:CALIBRATION]],
-        "seconds": time.perf_counter() - start,
-    }
+    return {**result(folder), "seconds": time.perf_counter() - start}
 
 
 if __name__ == "__main__":
-    result = train(sys.argv[1])
-    print(f"{result['float']}: resnet18 trained on {TRAIN} digits in {result['seconds']:.0f} s; "
-          f"{len(result['y'])} held out in {result['held_out']}, {CALIBRATION} calibration images in {result['calibration']}")
+    trained = train(sys.argv[1])
+    print(f"{trained['float']}: resnet18 trained on {TRAIN} digits in {trained['seconds']:.0f} s; "
+          f"{len(trained['y'])} held out in {trained['held_out']}, {CALIBRATION} calibration images in {trained['calibration']}")

@@ -1,8 +1,12 @@
-"""The one comparison helper every test uses, and the one way tests start a Python process."""
+"""The one comparison helper every test uses, and the one way tests start a Python process (in the background too)."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +17,7 @@ def max_rel_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) / scale
 
 
+REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
@@ -30,12 +35,10 @@ def assert_close(actual, expected, dtype=None, tol=None):
     return err
 
 
-def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subprocess.CompletedProcess:
-    """Run this Python on `args`: code for -c (a string, dedented) or arguments (["-m", "npresnet", ...]).
-
-    env: variables to set on top of this process's, None as a value removing one. Output is captured
-    as text unless `options` redirect it (stdout=...).
-    """
+def python_command(args, env=None) -> tuple[list[str], dict]:
+    """The argv and environment that run this Python on `args`: code for -c (a string, dedented) or
+    arguments (["-m", "npresnet", ...]); env: variables to set on top of this process's, None as a value
+    removing one."""
     environment = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -43,5 +46,74 @@ def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subproces
         else:
             environment[key] = value
     argv = ["-c", textwrap.dedent(args)] if isinstance(args, str) else [str(a) for a in args]
+    return [sys.executable, *argv], environment
+
+
+def run_python(args, *, env=None, cwd=None, timeout=300, **options) -> subprocess.CompletedProcess:
+    """Run this Python on `args` (see python_command) and wait. Output is captured as text unless
+    `options` redirect it (stdout=...)."""
+    argv, environment = python_command(args, env)
     streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **options}
-    return subprocess.run([sys.executable, *argv], env=environment, cwd=cwd, text=True, timeout=timeout, **streams)
+    return subprocess.run(argv, env=environment, cwd=cwd, text=True, timeout=timeout, **streams)
+
+
+def start_python(args, *, env=None, cwd=None, **options) -> subprocess.Popen:
+    """Start this Python on `args` (see python_command) without waiting: the caller waits, or kills it."""
+    argv, environment = python_command(args, env)
+    return subprocess.Popen(argv, env=environment, cwd=cwd, text=True, **options)
+
+
+class Background:
+    """A slow Python subprocess that a fixture needs, started early so that it runs on the core the suite
+    leaves idle (the suite runs one thread: tests/conftest.py). A test module maps the fixture's name to
+    it in BACKGROUND; tests/conftest.py starts those the selected tests use one after another once they
+    are known, and stops them at the session's end; the fixture waits for it (starting it if need be).
+
+    args: as for run_python; with `folder`, a fresh temporary folder is appended to them (the output goes there).
+    """
+
+    def __init__(self, args, *, env=None, folder=False):
+        self.args, self.env, self.with_folder = list(args), env, folder
+        self.process, self.folder, self.stopped = None, None, False
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        with self.lock:  # the conftest's thread and the fixture may both start it
+            if self.process is None and not self.stopped:
+                self._start()
+
+    def _start(self) -> None:
+        self.streams = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        args = self.args
+        if self.with_folder:
+            self.folder = Path(tempfile.mkdtemp(prefix="npresnet-tests-"))
+            args = [*args, self.folder]
+        self.process = start_python(args, env=self.env, cwd=REPO, stdout=self.streams[0], stderr=self.streams[1])
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """Start it if nobody has, wait for it to end (killed after `timeout` seconds), its output."""
+        self.start()
+        if self.process is None:
+            raise RuntimeError("this background run was stopped before it started")
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        for stream in self.streams:
+            stream.seek(0)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, *(s.read() for s in self.streams))
+
+    def stop(self) -> None:
+        """Kill it if it still runs (its fixture was never used: the session stopped early); remove its folder."""
+        with self.lock:
+            self.stopped = True
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for stream in self.streams:
+            stream.close()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -229,6 +229,16 @@ def test_info_missing_file_or_unknown_architecture(cli, tmp_path):
     assert line.startswith("npresnet: error: resnet19: not an architecture (resnet18, resnet34,")
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "2.5"])
+def test_bad_thread_count_variable_is_one_error_line(cli, monkeypatch, value):
+    monkeypatch.setenv("NPRESNET_NUM_THREADS", value)
+    result = cli("info", "resnet18")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"npresnet: error: NPRESNET_NUM_THREADS must be a positive integer, not {value!r}"]
+    monkeypatch.setenv("NPRESNET_NUM_THREADS", "1")
+    assert cli("info", "resnet18").returncode == 0
+
+
 class Terminal(io.StringIO):
     def isatty(self):
         return True

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from helpers import run_python
+from helpers import Background, run_python
 
 pytest.importorskip("numba.cuda", reason="needs numba-cuda: pip install 'npresnet[cuda]'")
 
@@ -20,8 +20,21 @@ def python(code_or_args, simulator: bool):
     return run_python(code_or_args, env={"NUMBA_ENABLE_CUDASIM": "1" if simulator else None}, cwd=ROOT, timeout=900)
 
 
-def test_cuda_kernels_pass_under_the_simulator():
-    result = python(["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "cuda")], simulator=True)
+# tests/cuda under the simulator: a minute of one core, started with the session (tests/conftest.py).
+BACKGROUND = {
+    "simulator_run": Background(
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join("tests", "cuda")], env={"NUMBA_ENABLE_CUDASIM": "1"}
+    )
+}
+
+
+@pytest.fixture
+def simulator_run():
+    return BACKGROUND["simulator_run"].wait(timeout=900)
+
+
+def test_cuda_kernels_pass_under_the_simulator(simulator_run):
+    result = simulator_run
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr
     assert result.returncode == 0, f"tests/cuda failed under the simulator:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     passed = re.search(r"(\d+) passed", summary)

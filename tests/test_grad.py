@@ -269,6 +269,22 @@ def compare(spec, shape, training, dtype, freeze=None, label_smoothing=0.0, back
     return errors
 
 
+# TorchVision's widths for one network of each block kind; every other architecture at a quarter of
+# them. The backward pass is the same code whatever the channel count: what an architecture adds is
+# its depth, block, groups and width ratio, which the narrow spec keeps (ResNeXt's 32 or 64 groups
+# too, at 1 to 8 channels each). All at full width took 3.5 minutes and 6 GB of memory in float64;
+# bench/grad_accuracy.py measures every architecture at full width, and tests/test_model.py checks
+# every full-width architecture's forward pass against torch.
+FULL_WIDTH = ("resnet18", "resnet50")
+NARROW_PLANES = (16, 32, 64, 128)
+
+
+def grad_spec(arch: str) -> ResNetSpec:
+    """`arch` with 10 classes, at TorchVision's widths (FULL_WIDTH) or a quarter of them."""
+    spec = get_spec(arch, num_classes=10)
+    return spec if arch in FULL_WIDTH else spec.replace(name=f"narrow_{arch}", planes=NARROW_PLANES)
+
+
 # 48x48: layer4 maps 2x2, so train-mode batch norm sees 8 values per channel. With 1x1 maps and
 # 2 images train mode is so ill-conditioned that even float64 loses digits (resnet101 at 32x32:
 # gradients 4e-5 apart between torch and npresnet, losses 2e-7, both in float64), so the tiny
@@ -283,17 +299,17 @@ DEEPEST = ("resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wi
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if a not in DEEPEST])
 def test_every_architecture_float64(arch, training):
-    compare(get_spec(arch, num_classes=10), FAMILY_SHAPE, training, np.float64)
+    compare(grad_spec(arch), FAMILY_SHAPE, training, np.float64)
 
 
 @pytest.mark.parametrize("arch", DEEPEST)
 def test_deepest_architectures_float64_eval_mode(arch):
-    compare(get_spec(arch, num_classes=10), TINY_SHAPE, False, np.float64)
+    compare(grad_spec(arch), TINY_SHAPE, False, np.float64)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_architectures_float32_eval(arch):
-    compare(get_spec(arch, num_classes=10), FAMILY_SHAPE, False, np.float32)
+    compare(grad_spec(arch), FAMILY_SHAPE, False, np.float32)
 
 
 @pytest.mark.parametrize("spec", [get_spec("resnet18", num_classes=10), TINY_RESNEXT], ids=lambda s: s.name)

@@ -4,8 +4,10 @@ The trained model (tests/digits.py): TorchVision's resnet18 with the CIFAR stem,
 two epochs on scikit-learn's digits (8x8 grey images as RGB, 10 classes), exported to npresnet by its
 state dict. Its held-out accuracy is what int8 must keep (within 1 point), and its files what int8 must shrink.
 """
-import subprocess
-import sys
+import contextlib
+import io
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +16,11 @@ torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("sklearn.datasets")
 
 import digits  # noqa: E402
+from helpers import Background  # noqa: E402
 
 import npresnet  # noqa: E402
 from npresnet import functional as F  # noqa: E402
+from npresnet.cli import main  # noqa: E402
 from npresnet.quantization import (  # noqa: E402
     HISTOGRAM_BINS,
     INT8,
@@ -33,17 +37,28 @@ from npresnet.weights import WeightsError, load_npz, save_npz  # noqa: E402
 CALIBRATION = digits.CALIBRATION
 
 def run(*args):
-    result = subprocess.run([sys.executable, "-m", "npresnet", *map(str, args)], capture_output=True, text=True, timeout=300)
+    """The command, called in this process as the console script calls it (main(argv)): a process of its
+    own would prove nothing more here, and cost a second or two each of the dozen times."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        returncode = main([str(a) for a in args])
+    result = SimpleNamespace(returncode=returncode, stdout=out.getvalue(), stderr=err.getvalue())
     assert "Traceback" not in result.stderr, result.stderr
     return result
 
 
+# torch's half a minute of training, in a process of its own started with the session (tests/conftest.py).
+BACKGROUND = {"trained": Background([os.path.join("tests", "digits.py")], folder=True)}
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained():
     """A resnet18 trained on digits (tests/digits.py): its float32 .npz, calibration PNGs, held-out (x, y)."""
-    result = digits.train(tmp_path_factory.mktemp("digits"))
-    print(f"\ntrained fixture: {result['seconds']:.1f} s")
-    return result
+    run = BACKGROUND["trained"]
+    done = run.wait(timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(f"\ntrained fixture: {done.stdout.strip()}")
+    return digits.result(run.folder)
 
 
 @pytest.fixture(scope="module")

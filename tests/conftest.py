@@ -1,0 +1,78 @@
+"""What the whole suite shares: one thread per math library, and its slowest subprocesses on the other core.
+
+This file is read before any test module, hence before numpy or torch is imported; the processes the
+tests start inherit the same environment.
+"""
+import ctypes
+import ctypes.util
+import gc
+import os
+import threading
+
+import pytest
+
+# One thread for the BLAS and OpenMP pools numpy and torch start (an explicit setting wins). The tests'
+# arrays are small, so a second thread mostly waits for the first: torch's float64 grouped convolutions
+# ran 5x slower with two on a busy machine. The second core runs the background subprocesses (below).
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The modules whose fixtures wait for a background run go last (each kept whole, in its order), so that
+    their runs have finished by then and this process never waits for them."""
+    items.sort(key=lambda item: bool(getattr(item.module, "BACKGROUND", None)))
+
+
+def pytest_collection_finish(session):
+    """Start the slow subprocesses the selected tests' fixtures wait for (each module's BACKGROUND: fixture
+    name -> helpers.Background): tests/cuda under the simulator, the digits fine-tuning, the digits model
+    torch trains. One at a time, from a thread, so that they share the second core and this process
+    keeps the first while it runs the tests before theirs."""
+    runs = []
+    for item in session.items:
+        for fixture, run in getattr(item.module, "BACKGROUND", {}).items():
+            if fixture in item.fixturenames and run not in runs:
+                runs.append(run)
+
+    def one_after_another():
+        for run in runs:
+            run.start()
+            if run.process is not None:  # None: stopped, the session over
+                run.process.wait()
+
+    if runs:
+        threading.Thread(target=one_after_another, daemon=True).start()
+
+
+def pytest_sessionfinish(session):
+    for module in {item.module for item in getattr(session, "items", [])}:
+        for run in getattr(module, "BACKGROUND", {}).values():
+            run.stop()
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own teardown has finalized the module's fixtures
+def pytest_runtest_teardown(item, nextitem):
+    """After a module's last test: drop what its caches hold (functools.lru_cache'd torch networks and
+    outputs) and hand the freed memory back to the OS. glibc keeps freed blocks below its mmap threshold
+    (which grows to 32 MB) in the heap, so without malloc_trim one module's large arrays stay in the
+    process's memory under the next one's."""
+    if nextitem is not None and nextitem.module is item.module:
+        return
+    for value in list(vars(item.module).values()):
+        if hasattr(value, "cache_clear") and getattr(value, "__module__", None) == item.module.__name__:
+            value.cache_clear()
+    gc.collect()
+    if LIBC is not None and hasattr(LIBC, "malloc_trim"):  # glibc only
+        LIBC.malloc_trim(0)
