@@ -58,7 +58,10 @@ from types import SimpleNamespace
 
 import numba  # ImportError here keeps the backend unregistered: the point of this module
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
 
 from npresnet.backends import Backend, FoldedConv, register_backend
 from npresnet.functional import conv_output_size
@@ -100,6 +103,234 @@ def _our_cache_dir():
         yield
     finally:
         numba.config.CACHE_DIR = ""
+
+
+# --- SIMD vectors for the packed GEMM -------------------------------------------------------------
+# LLVM does not vectorise a register-blocked GEMM tile written with scalars (it keeps 96 scalar
+# accumulators), so the tile is written with explicit vectors: a numba type whose LLVM form is
+# <L x float> (L = 8 for float32, 4 for float64, one AVX2 register) and four intrinsics. Loads and
+# stores take a flat index and skip numba's negative-index wraparound, whose extra instructions in
+# the inner loop cost a third of the speed (bench/results/notes.md); callers keep indices in range.
+
+
+class SimdVector(types.Type):
+    """An AVX2 register of `dtype` values (8 float32 or 4 float64)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        super().__init__(name=f"SimdVector({dtype})")
+
+
+@register_model(SimdVector)
+class _SimdVectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _llvm_vector(fe_type.dtype))
+
+
+def _llvm_vector(dtype):
+    return ir.VectorType(ir.FloatType() if dtype == types.float32 else ir.DoubleType(), 256 // dtype.bitwidth)
+
+
+def _element_pointer(context, builder, array_type, array, index):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [index])
+
+
+@intrinsic
+def simd_load(typingctx, array, index):
+    """The vector at flat[index : index + L] of a C-contiguous array (no bounds or wraparound)."""
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[0], *args)
+        return builder.load(builder.bitcast(pointer, _llvm_vector(sig.args[0].dtype).as_pointer()), align=4)
+
+    return SimdVector(array.dtype)(array, index), codegen
+
+
+@intrinsic
+def simd_store(typingctx, array, index, vector):
+    """flat[index : index + L] = vector."""
+
+    def codegen(context, builder, sig, args):
+        pointer = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(pointer, _llvm_vector(sig.args[0].dtype).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, index, vector), codegen
+
+
+@intrinsic
+def simd_zero(typingctx, array):
+    """A vector of zeros of array's dtype."""
+
+    def codegen(context, builder, sig, args):
+        vector = _llvm_vector(sig.args[0].dtype)
+        return ir.Constant(vector, [0.0] * vector.count)
+
+    return SimdVector(array.dtype)(array), codegen
+
+
+@intrinsic
+def simd_finish(typingctx, vector, bias, column, residual, has_residual, relu, out, index):
+    """out.flat[index : index + L] = [relu](vector + bias[column : column + L] [+ residual.flat[index : ...]]).
+
+    Branch-free: residual is always read (the backend passes out itself when there is none, which
+    the store reads anyway), then chosen or not; ReLU keeps NaN, as np.maximum(x, 0).
+    """
+
+    def codegen(context, builder, sig, args):
+        v, bias_, column_, residual_, has_residual_, relu_, out_, index_ = args
+        vector_type = v.type
+        pointer_type = vector_type.as_pointer()
+
+        def load(array_type, array, i):
+            pointer = _element_pointer(context, builder, array_type, array, i)
+            return builder.load(builder.bitcast(pointer, pointer_type), align=4)
+
+        v = builder.fadd(v, load(sig.args[1], bias_, column_))
+        v = builder.select(has_residual_, builder.fadd(v, load(sig.args[3], residual_, index_)), v)
+        zero = ir.Constant(vector_type, [0.0] * vector_type.count)
+        negative = builder.fcmp_ordered("<", v, zero)
+        negative = builder.select(relu_, negative, ir.Constant(negative.type, [0] * vector_type.count))
+        v = builder.select(negative, zero, v)
+        pointer = _element_pointer(context, builder, sig.args[6], out_, index_)
+        builder.store(v, builder.bitcast(pointer, pointer_type), align=4)
+        return context.get_dummy_value()
+
+    return types.none(vector, bias, column, residual, has_residual, relu, out, index), codegen
+
+
+@intrinsic
+def simd_fma(typingctx, acc, array, index, vector):
+    """acc + flat[index] * vector (the scalar broadcast to every lane), fused, rounded once."""
+
+    def codegen(context, builder, sig, args):
+        vector_type = _llvm_vector(sig.args[0].dtype)
+        scalar = builder.load(_element_pointer(context, builder, sig.args[1], args[1], args[2]))
+        lanes = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count)
+        lanes = builder.shuffle_vector(lanes, ir.Constant(vector_type, ir.Undefined), zeros)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector_type, [vector_type] * 3), f"llvm.fma.v{vector_type.count}f{sig.args[0].dtype.bitwidth}"
+        )
+        return builder.call(fma, [lanes, args[3], args[0]])
+
+    return acc(acc, array, index, vector), codegen
+
+
+@kernel(nogil=True)
+def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out):
+    """out[e] (M, K) = [relu](a[e] (M, D) @ W[e] + bias [+ residual[e] (M, K)]) for every e < E, in the
+    output channels of panels p_lo <= p < p_hi (E = 1 for a convolution, A*A for Winograd's GEMMs).
+
+    Wp (E, ceil(K/NR), D, NR) is each W[e] (D, K) cut into panels of NR = 2L columns (zero-padded):
+    each 6 x NR block of out is summed in 12 vector registers over all of D, then finished (bias,
+    residual, ReLU) in registers on its way out: the only pass over the output. The last rows (fewer
+    than 6) and a last, partial panel go through tile (6, NR) and are finished element by element.
+    Rows go in chunks whose part of `a` stays in L2 while every panel passes over it. a, Wp, out and
+    residual C-contiguous. Serial and GIL-free: each pool thread runs its own rows or panels.
+    """
+    E, M, D = a.shape
+    K = out.shape[2]
+    NR = Wp.shape[3]
+    L = NR // 2
+    tf = tile.reshape(-1)
+    chunk = max(6, (1 << 17) // (D * a.itemsize) // 6 * 6)
+    af = a.reshape(-1)
+    wf = Wp.reshape(-1)
+    of = out.reshape(-1)
+    rf = residual.reshape(-1)
+    panels = Wp.shape[1]
+    for e in range(E):
+        a0 = e * M * D  # a[e], Wp[e], out[e] and residual[e] in the flat arrays
+        o0 = e * M * K
+        for i_lo in range(0, M, chunk):
+            i_hi = min(i_lo + chunk, M)
+            for p in range(p_lo, p_hi):
+                w0 = (e * panels + p) * D * NR
+                col = p * NR
+                width = min(NR, K - col)
+                i0 = i_lo
+                while i0 < i_hi:
+                    rows = min(6, i_hi - i0)
+                    if rows == 6:
+                        c00 = simd_zero(a)
+                        c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = c00
+                        r0 = a0 + i0 * D
+                        for k in range(D):
+                            b0 = simd_load(wf, w0 + k * NR)
+                            b1 = simd_load(wf, w0 + k * NR + L)
+                            r = r0 + k
+                            c00 = simd_fma(c00, af, r, b0)
+                            c01 = simd_fma(c01, af, r, b1)
+                            r += D
+                            c10 = simd_fma(c10, af, r, b0)
+                            c11 = simd_fma(c11, af, r, b1)
+                            r += D
+                            c20 = simd_fma(c20, af, r, b0)
+                            c21 = simd_fma(c21, af, r, b1)
+                            r += D
+                            c30 = simd_fma(c30, af, r, b0)
+                            c31 = simd_fma(c31, af, r, b1)
+                            r += D
+                            c40 = simd_fma(c40, af, r, b0)
+                            c41 = simd_fma(c41, af, r, b1)
+                            r += D
+                            c50 = simd_fma(c50, af, r, b0)
+                            c51 = simd_fma(c51, af, r, b1)
+                        if width == NR:  # finished in registers, straight into out
+                            o = o0 + i0 * K + col
+                            simd_finish(c00, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c01, bias, col + L, rf, has_residual, relu, of, o + L)
+                            o += K
+                            simd_finish(c10, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c11, bias, col + L, rf, has_residual, relu, of, o + L)
+                            o += K
+                            simd_finish(c20, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c21, bias, col + L, rf, has_residual, relu, of, o + L)
+                            o += K
+                            simd_finish(c30, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c31, bias, col + L, rf, has_residual, relu, of, o + L)
+                            o += K
+                            simd_finish(c40, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c41, bias, col + L, rf, has_residual, relu, of, o + L)
+                            o += K
+                            simd_finish(c50, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c51, bias, col + L, rf, has_residual, relu, of, o + L)
+                            i0 += rows
+                            continue
+                        simd_store(tf, 0, c00)
+                        simd_store(tf, L, c01)
+                        simd_store(tf, NR, c10)
+                        simd_store(tf, NR + L, c11)
+                        simd_store(tf, 2 * NR, c20)
+                        simd_store(tf, 2 * NR + L, c21)
+                        simd_store(tf, 3 * NR, c30)
+                        simd_store(tf, 3 * NR + L, c31)
+                        simd_store(tf, 4 * NR, c40)
+                        simd_store(tf, 4 * NR + L, c41)
+                        simd_store(tf, 5 * NR, c50)
+                        simd_store(tf, 5 * NR + L, c51)
+                    else:
+                        for i in range(rows):
+                            c0 = simd_zero(a)
+                            c1 = c0
+                            r0 = a0 + (i0 + i) * D
+                            for k in range(D):
+                                c0 = simd_fma(c0, af, r0 + k, simd_load(wf, w0 + k * NR))
+                                c1 = simd_fma(c1, af, r0 + k, simd_load(wf, w0 + k * NR + L))
+                            simd_store(tf, i * NR, c0)
+                            simd_store(tf, i * NR + L, c1)
+                    for i in range(rows):
+                        row = i0 + i
+                        for j in range(width):
+                            v = tile[i, j] + bias[col + j]
+                            if has_residual:
+                                v += residual[e, row, col + j]
+                            if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
+                                v = 0
+                            out[e, row, col + j] = v
+                    i0 += rows
 
 
 @kernel(nogil=True)
@@ -166,26 +397,26 @@ def epilogue(src, bias, residual, has_residual, relu, out):
                 out[row, k] = v
 
 @kernel(nogil=True)
-def winograd_input(x, BT, m, t_lo, t_hi, V):
-    """x (N, H, W, C) -> V (A*A, G, t_hi-t_lo, C/G) = B^T d B for tiles t_lo <= t < t_hi.
+def winograd_input(x, m, t_lo, t_hi, V):
+    """x (N, H, W, C) -> V (A*A, t_hi-t_lo, C) = B^T d B for tiles t_lo <= t < t_hi, m = 4 or 2.
 
     A = m + 2; tiles in row-major (n, tile row, tile column) order; the patch of
     tile (i, j) is the A x A patch d at (i*m - 1, j*m - 1) (padding 1), zeros outside x.
+    B^T (WINOGRAD[m][0]) is written out term by term, each a loop over the contiguous channels:
+    B^T d down the columns of d, then the same along its rows.
     Serial and GIL-free: each pool thread transforms its own share of the tiles.
     """
     N, H, W, C = x.shape
-    A = BT.shape[0]
-    G = V.shape[1]
-    Cg = C // G
+    A = m + 2
     th = (H + m - 1) // m
     tw = (W + m - 1) // m
     d = np.empty((A, A, C), dtype=x.dtype)
     tmp = np.empty((A, A, C), dtype=x.dtype)
-    acc = np.empty(C, dtype=x.dtype)
     for t in range(t_lo, t_hi):
         n = t // (th * tw)
         i = (t // tw) % th
         j = t % tw
+        u = t - t_lo
         for a in range(A):
             h = i * m + a - 1
             for b in range(A):
@@ -196,55 +427,84 @@ def winograd_input(x, BT, m, t_lo, t_hi, V):
                 else:
                     for c in range(C):
                         d[a, b, c] = 0
-        # tmp = B^T d (rows), then V = tmp B (columns); zero coefficients skipped.
-        for a in range(A):
-            for b in range(A):
+        if m == 4:
+            for b in range(6):  # tmp[:, b] = B^T d[:, b]
                 for c in range(C):
-                    tmp[a, b, c] = 0
-                for k in range(A):
-                    coef = BT[a, k]
-                    if coef != 0:
-                        for c in range(C):
-                            tmp[a, b, c] += coef * d[k, b, c]
-        for a in range(A):
-            for b in range(A):
+                    d0, d1, d2, d3, d4, d5 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c], d[4, b, c], d[5, b, c]
+                    tmp[0, b, c] = 4 * d0 - 5 * d2 + d4
+                    tmp[1, b, c] = d3 + d4 - 4 * (d1 + d2)
+                    tmp[2, b, c] = 4 * (d1 - d2) + d4 - d3
+                    tmp[3, b, c] = 2 * (d3 - d1) + d4 - d2
+                    tmp[4, b, c] = 2 * (d1 - d3) + d4 - d2
+                    tmp[5, b, c] = 4 * d1 - 5 * d3 + d5
+            for a in range(6):  # V[a, :] = tmp[a] B
                 for c in range(C):
-                    acc[c] = 0
-                for k in range(A):
-                    coef = BT[b, k]
-                    if coef != 0:
-                        for c in range(C):
-                            acc[c] += coef * tmp[a, k, c]
-                for g in range(G):
-                    for c in range(Cg):
-                        V[a * A + b, g, t - t_lo, c] = acc[g * Cg + c]
+                    d0, d1, d2, d3, d4, d5 = tmp[a, 0, c], tmp[a, 1, c], tmp[a, 2, c], tmp[a, 3, c], tmp[a, 4, c], tmp[a, 5, c]
+                    V[a * 6, u, c] = 4 * d0 - 5 * d2 + d4
+                    V[a * 6 + 1, u, c] = d3 + d4 - 4 * (d1 + d2)
+                    V[a * 6 + 2, u, c] = 4 * (d1 - d2) + d4 - d3
+                    V[a * 6 + 3, u, c] = 2 * (d3 - d1) + d4 - d2
+                    V[a * 6 + 4, u, c] = 2 * (d1 - d3) + d4 - d2
+                    V[a * 6 + 5, u, c] = 4 * d1 - 5 * d3 + d5
+        else:
+            for b in range(4):
+                for c in range(C):
+                    d0, d1, d2, d3 = d[0, b, c], d[1, b, c], d[2, b, c], d[3, b, c]
+                    tmp[0, b, c] = d0 - d2
+                    tmp[1, b, c] = d1 + d2
+                    tmp[2, b, c] = d2 - d1
+                    tmp[3, b, c] = d1 - d3
+            for a in range(4):
+                for c in range(C):
+                    d0, d1, d2, d3 = tmp[a, 0, c], tmp[a, 1, c], tmp[a, 2, c], tmp[a, 3, c]
+                    V[a * 4, u, c] = d0 - d2
+                    V[a * 4 + 1, u, c] = d1 + d2
+                    V[a * 4 + 2, u, c] = d2 - d1
+                    V[a * 4 + 3, u, c] = d1 - d3
 
 @kernel(nogil=True)
-def winograd_output(Mt, AT, bias, residual, has_residual, relu, t_lo, t_hi, out):
-    """Mt (A*A, G, t_hi-t_lo, K/G) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]) for
-    tiles t_lo <= t < t_hi, clipped at the edge. Serial and GIL-free, as winograd_input."""
+def winograd_output(Mt, m, bias, residual, has_residual, relu, t_lo, t_hi, out):
+    """Mt (A*A, t_hi-t_lo, K) -> out (N, P, Q, K) = [relu](A^T M A + bias [+ residual]) for
+    tiles t_lo <= t < t_hi, clipped at the edge. A^T (WINOGRAD[m][2]) written out term by term,
+    as in winograd_input. Serial and GIL-free, as winograd_input."""
     N, P, Q, K = out.shape
-    m, A = AT.shape
-    G = Mt.shape[1]
-    Kg = Mt.shape[3]
+    A = m + 2
     th = (P + m - 1) // m
     tw = (Q + m - 1) // m
     tmp = np.empty((m, A, K), dtype=out.dtype)
-    acc = np.empty(K, dtype=out.dtype)
+    y = np.empty((m, m, K), dtype=out.dtype)
     for t in range(t_lo, t_hi):
         n = t // (th * tw)
         i = (t // tw) % th
         j = t % tw
-        for a in range(m):
-            for b in range(A):
+        u = t - t_lo
+        if m == 4:
+            for b in range(6):  # tmp[:, b] = A^T M[:, b]
                 for k in range(K):
-                    tmp[a, b, k] = 0
-                for x in range(A):
-                    coef = AT[a, x]
-                    if coef != 0:
-                        for g in range(G):
-                            for kk in range(Kg):
-                                tmp[a, b, g * Kg + kk] += coef * Mt[x * A + b, g, t - t_lo, kk]
+                    m0, m1, m2, m3 = Mt[b, u, k], Mt[6 + b, u, k], Mt[12 + b, u, k], Mt[18 + b, u, k]
+                    m4, m5 = Mt[24 + b, u, k], Mt[30 + b, u, k]
+                    tmp[0, b, k] = m0 + (m1 + m2) + (m3 + m4)
+                    tmp[1, b, k] = (m1 - m2) + 2 * (m3 - m4)
+                    tmp[2, b, k] = (m1 + m2) + 4 * (m3 + m4)
+                    tmp[3, b, k] = (m1 - m2) + 8 * (m3 - m4) + m5
+            for a in range(4):  # y[a] = tmp[a] A
+                for k in range(K):
+                    m0, m1, m2, m3, m4, m5 = tmp[a, 0, k], tmp[a, 1, k], tmp[a, 2, k], tmp[a, 3, k], tmp[a, 4, k], tmp[a, 5, k]
+                    y[a, 0, k] = m0 + (m1 + m2) + (m3 + m4)
+                    y[a, 1, k] = (m1 - m2) + 2 * (m3 - m4)
+                    y[a, 2, k] = (m1 + m2) + 4 * (m3 + m4)
+                    y[a, 3, k] = (m1 - m2) + 8 * (m3 - m4) + m5
+        else:
+            for b in range(4):
+                for k in range(K):
+                    m0, m1, m2, m3 = Mt[b, u, k], Mt[4 + b, u, k], Mt[8 + b, u, k], Mt[12 + b, u, k]
+                    tmp[0, b, k] = m0 + m1 + m2
+                    tmp[1, b, k] = m1 - m2 - m3
+            for a in range(2):
+                for k in range(K):
+                    m0, m1, m2, m3 = tmp[a, 0, k], tmp[a, 1, k], tmp[a, 2, k], tmp[a, 3, k]
+                    y[a, 0, k] = m0 + m1 + m2
+                    y[a, 1, k] = m1 - m2 - m3
         for a in range(m):
             p = i * m + a
             if p >= P:
@@ -254,17 +514,10 @@ def winograd_output(Mt, AT, bias, residual, has_residual, relu, t_lo, t_hi, out)
                 if q >= Q:
                     break
                 for k in range(K):
-                    acc[k] = 0
-                for y in range(A):
-                    coef = AT[b, y]
-                    if coef != 0:
-                        for k in range(K):
-                            acc[k] += coef * tmp[a, y, k]
-                for k in range(K):
-                    v = acc[k] + bias[k]
+                    v = y[a, b, k] + bias[k]
                     if has_residual:
                         v += residual[n, p, q, k]
-                    if relu and v < 0:
+                    if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
                         v = 0
                     out[n, p, q, k] = v
 
@@ -328,16 +581,24 @@ WINOGRAD = {
 }
 
 
-def _winograd_matrices(tile: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    BT, Gm, AT = WINOGRAD[tile]
-    return BT.astype(dtype), Gm.astype(dtype), AT.astype(dtype)
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """w (E, D, K) -> (E, ceil(K/NR), D, NR): gemm_packed's weights, NR = two SIMD registers of output
+    channels (16 float32 or 8 float64), the last panel zero-padded."""
+    E, D, K = w.shape
+    NR = 2 * 32 // w.dtype.itemsize
+    panels = -(-K // NR)
+    packed = np.zeros((E, D, panels * NR), dtype=w.dtype)
+    packed[:, :, :K] = w
+    return np.ascontiguousarray(packed.reshape(E, D, panels, NR).transpose(0, 2, 1, 3))
 
 
 class PreparedConv:
     """A folded convolution in the forms its kernels want (see the module docstring for the variants).
 
-    W (G, R*S*C/G, K/G) for the GEMM paths; for 3x3 stride-1 convolutions the
-    Winograd weights U (A*A, G, C/G, K/G) of each tile size, made on first use.
+    Groups 1: Wp (1, ceil(K/NR), R*S*C, NR), the GEMM's weights (R*S*C, K) packed for gemm_packed
+    (pack_panels). Grouped: W (G, R*S*C/G, K/G) for NumPy's BLAS. For 3x3 stride-1 convolutions also
+    the Winograd weights U of each tile size, made on first use: G g G^T for each of the A*A tile
+    elements, (A*A, C, K) packed the same way.
     """
 
     def __init__(self, conv: FoldedConv):
@@ -348,20 +609,32 @@ class PreparedConv:
         self.dtype = conv.weight.dtype
         self.bias = np.ascontiguousarray(conv.bias)
         w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
-        self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
+        w = w.reshape(G, R * S * Cg, K // G)
+        self.W = self.Wp = None
+        if G == 1:
+            self.Wp = pack_panels(w)
+        else:
+            self.W = np.ascontiguousarray(w)
         self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
+
+    def plain_weights(self) -> np.ndarray:
+        """The weights as (G, R*S*C/G, K/G), unpacked if packed."""
+        if self.W is not None:
+            return self.W
+        _, panels, D, NR = self.Wp.shape
+        return self.Wp.transpose(0, 2, 1, 3).reshape(1, D, panels * NR)[:, :, : self.K]
 
     def U(self, tile: int) -> np.ndarray:
         if tile not in self._U:
             _, Gm, _ = WINOGRAD[tile]
             A = tile + 2
-            X = self.G * self.Cg * (self.K // self.G)
-            g = self.W.reshape(self.G, 3, 3, -1).transpose(1, 2, 0, 3).astype(np.float64).reshape(3, 3, X)  # (R, S, X)
-            # U = G g G^T for every (group, input, output) channel triple, in float64 and rounded once.
+            X = self.Cg * self.K
+            g = self.plain_weights().reshape(3, 3, X).astype(np.float64)  # (R, S, C*K)
+            # U = G g G^T for every (input, output) channel pair, in float64 and rounded once.
             rows = np.matmul(Gm, g.reshape(3, 3 * X)).reshape(A, 3, X)  # (A, S, X)
             U = np.matmul(Gm, rows)  # (A, A, X)
-            self._U[tile] = U.reshape(A * A, self.G, self.Cg, self.K // self.G).astype(self.dtype)
+            self._U[tile] = pack_panels(U.reshape(A * A, self.Cg, self.K).astype(self.dtype))
         return self._U[tile]
 
 
@@ -475,17 +748,19 @@ class NumbaBackend(Backend):
         N, P, Q, _ = out.shape
         A = m + 2
         T = N * ((P + m - 1) // m) * ((Q + m - 1) // m)
-        BT, _, AT = _winograd_matrices(m, x.dtype)
         U = conv.U(m)
         has_residual = residual is not None
         res = residual if has_residual else out  # a placeholder of the right type when there is none
+        zeros = self._workspace("zeros", (conv.K,), x.dtype)
+        zeros[:] = 0
 
         def tiles(lo, hi):
-            V = self._workspace("V", (A * A, conv.G, hi - lo, conv.Cg), x.dtype)
-            self.kernels.winograd_input(x, BT, m, lo, hi, V)
-            Mt = self._workspace("M", (A * A, conv.G, hi - lo, conv.K // conv.G), x.dtype)
-            np.matmul(V, U, out=Mt)
-            self.kernels.winograd_output(Mt, AT, conv.bias, res, has_residual, relu, lo, hi, out)
+            V = self._workspace("V", (A * A, hi - lo, conv.Cg), x.dtype)
+            self.kernels.winograd_input(x, m, lo, hi, V)
+            Mt = self._workspace("M", (A * A, hi - lo, conv.K), x.dtype)
+            tile = self._workspace("tile", (6, U.shape[3]), x.dtype)
+            self.kernels.gemm_packed(V, U, zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
+            self.kernels.winograd_output(Mt, m, conv.bias, res, has_residual, relu, lo, hi, out)
 
         self._split(tiles, T)
 
@@ -512,22 +787,26 @@ class NumbaBackend(Backend):
         """out = epilogue(patches @ W), where patches(j, k) is the (G, (k-j)*Q, R*S*C/G) patch matrix
         of output rows j <= (n, p) < k. The work is split between threads by output channels where the
         weights outweigh the patches (layer4 at batch 1: each thread then reads only its share of the
-        weights), else by output rows, chunk by chunk: gather, multiply, finish while still in cache."""
+        weights), else by output rows, chunk by chunk: gather, multiply, finish while still in cache.
+        Groups 1 run gemm_packed (GEMM and epilogue in one pass); grouped convolutions NumPy's BLAS."""
         N, P, Q, K = out.shape
         M, G, width = N * P * Q, conv.G, conv.R * conv.S * conv.Cg
         has_residual = residual is not None
         out2 = out.reshape(M, K)
         res2 = (residual if has_residual else out).reshape(M, K)
-        epilogue = self.kernels.epilogue
-        if G == 1 and conv.W.nbytes > M * width * out.itemsize:
-            a = patches(0, N * P)[0]  # (M, width), gathered once, read by every thread
+        kernels = self.kernels
+        if G == 1:
+            panels = conv.Wp.shape[1]
+            tile_shape = (6, conv.Wp.shape[3])
+            if conv.Wp.nbytes > M * width * out.itemsize:
+                a = np.ascontiguousarray(patches(0, N * P))  # (1, M, width), gathered once, read by every thread
 
-            def columns(lo, hi):
-                np.matmul(a, conv.W[0, :, lo:hi], out=out2[:, lo:hi])
-                epilogue(out2[None, :, lo:hi], conv.bias[lo:hi], res2[:, lo:hi], has_residual, relu, out2[:, lo:hi])
+                def columns(lo, hi):
+                    tile = self._workspace("tile", tile_shape, out.dtype)
+                    kernels.gemm_packed(a, conv.Wp, conv.bias, res2[None], has_residual, relu, lo, hi, tile, out2[None])
 
-            self._split(columns, K)
-            return
+                self._split(columns, panels)
+                return
         step = max(1, self.CHUNK_BYTES // (Q * max(G * width, K) * out.itemsize))
 
         def rows(lo, hi):
@@ -536,12 +815,13 @@ class NumbaBackend(Backend):
                 span = slice(j * Q, k * Q)
                 cols = patches(j, k)  # (G, (k-j)*Q, width)
                 if G == 1:
-                    np.matmul(cols[0], conv.W[0], out=out2[span])
-                    src = out2[None, span]
-                else:
-                    src = self._workspace("gemm", (G, (k - j) * Q, K // G), out.dtype)
-                    np.matmul(cols, conv.W, out=src)
-                epilogue(src, conv.bias, res2[span], has_residual, relu, out2[span])
+                    tile = self._workspace("tile", tile_shape, out.dtype)
+                    a = np.ascontiguousarray(cols)
+                    kernels.gemm_packed(a, conv.Wp, conv.bias, res2[None, span], has_residual, relu, 0, panels, tile, out2[None, span])
+                    continue
+                src = self._workspace("gemm", (G, (k - j) * Q, K // G), out.dtype)
+                np.matmul(cols, conv.W, out=src)
+                kernels.epilogue(src, conv.bias, res2[span], has_residual, relu, out2[span])
 
         self._split(rows, N * P)
 
