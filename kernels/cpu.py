@@ -229,7 +229,8 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
     than 6) and a last, partial panel go through tile (6, NR) and are finished element by element.
     Rows go in chunks of 48, which every panel passes over while the chunk's rows of `a` stay in L1 and
     its block of out in L2 (longer chunks write column strips of out at a power-of-two stride, which
-    collide in the cache: bench/results/notes.md). a, Wp, out and residual C-contiguous. Serial and GIL-free: each pool thread runs its own rows or panels.
+    collide in the cache: bench/results/notes.md). a, Wp, out and residual C-contiguous.
+    Serial and GIL-free: each pool thread runs its own rows or panels.
     """
     E, M, D = a.shape
     K = out.shape[2]
@@ -345,40 +346,39 @@ def im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
     G = cols.shape[0]
     Cg = C // G
     flat = x.reshape(-1)
-    out = cols.reshape(-1)
-    width = R * S * Cg
     for job in range(job_lo, job_hi):
         n = job // P
         p = job % P
         for q in range(Q):
             row = (job - job_lo) * Q + q
+            dst = cols[0, row]
             w0 = q * stride - padding
             # Kernel columns s_lo <= s < s_hi fall inside the image.
             s_lo = max(0, -w0)
-            s_hi = max(s_lo, min(S, W - w0))
+            s_hi = min(S, W - w0)
             for r in range(R):
                 h = p * stride + r - padding
                 inside = 0 <= h < H
                 for g in range(G):
-                    base = (g * cols.shape[1] + row) * width + r * S * Cg  # cols[g, row, r*S*Cg] in out
+                    base = r * S * Cg
                     if not inside:
                         for i in range(S * Cg):
-                            out[base + i] = 0
+                            cols[g, row, base + i] = 0
                         continue
                     for i in range(s_lo * Cg):
-                        out[base + i] = 0
+                        cols[g, row, base + i] = 0
                     if G == 1:
                         # One contiguous run: x[n, h, w0 + s_lo : w0 + s_hi, :] in NHWC.
                         src = ((n * H + h) * W + w0 + s_lo) * C
                         start = base + s_lo * C
                         for i in range((s_hi - s_lo) * C):
-                            out[start + i] = flat[src + i]
+                            dst[start + i] = flat[src + i]
                     else:
                         for s in range(s_lo, s_hi):
                             for c in range(Cg):
-                                out[base + s * Cg + c] = x[n, h, w0 + s, g * Cg + c]
-                    for i in range(s_hi * Cg, S * Cg):
-                        out[base + i] = 0
+                                cols[g, row, base + s * Cg + c] = x[n, h, w0 + s, g * Cg + c]
+                    for i in range(max(s_hi, s_lo) * Cg, S * Cg):
+                        cols[g, row, base + i] = 0
 
 @kernel(nogil=True)
 def epilogue(src, bias, residual, has_residual, relu, out):
