@@ -227,9 +227,10 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
     each 6 x NR block of out is summed in 12 vector registers over all of D, then finished (bias,
     residual, ReLU) in registers on its way out: the only pass over the output. The last rows (fewer
     than 6) and a last, partial panel go through tile (6, NR) and are finished element by element.
-    Rows go in chunks of 48, which every panel passes over while the chunk's rows of `a` stay in L1 and
-    its block of out in L2 (longer chunks write column strips of out at a power-of-two stride, which
-    collide in the cache: bench/results/notes.md). a, Wp, out and residual C-contiguous.
+    Panels go in groups whose weights fit in L2; each group passes over all rows, six at a time, and
+    each six rows over all of the group's panels: the six rows of `a` stay in L1, and out and
+    residual are walked row by row (walking them a panel at a time, down a column strip at a
+    power-of-two stride, was slower: bench/results/notes.md). a, Wp, out and residual C-contiguous.
     Serial and GIL-free: each pool thread runs its own rows or panels.
     """
     E, M, D = a.shape
@@ -237,7 +238,7 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
     NR = Wp.shape[3]
     L = NR // 2
     tf = tile.reshape(-1)
-    chunk = M if M <= 96 else 48  # few rows: one chunk, so each panel of Wp is read once
+    group = max(1, (1 << 18) // (D * NR * a.itemsize))  # panels whose weights fit in L2 together
     af = a.reshape(-1)
     wf = Wp.reshape(-1)
     of = out.reshape(-1)
@@ -246,15 +247,13 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
     for e in range(E):
         a0 = e * M * D  # a[e], Wp[e], out[e] and residual[e] in the flat arrays
         o0 = e * M * K
-        for i_lo in range(0, M, chunk):
-            i_hi = min(i_lo + chunk, M)
-            for p in range(p_lo, p_hi):
-                w0 = (e * panels + p) * D * NR
-                col = p * NR
-                width = min(NR, K - col)
-                i0 = i_lo
-                while i0 < i_hi:
-                    rows = min(6, i_hi - i0)
+        for g_lo in range(p_lo, p_hi, group):
+            for i0 in range(0, M, 6):
+                rows = min(6, M - i0)
+                for p in range(g_lo, min(g_lo + group, p_hi)):
+                    w0 = (e * panels + p) * D * NR
+                    col = p * NR
+                    width = min(NR, K - col)
                     if rows == 6:
                         c00 = simd_zero(a)
                         c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = c00
@@ -299,7 +298,6 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
                             o += K
                             simd_finish(c50, bias, col, rf, has_residual, relu, of, o)
                             simd_finish(c51, bias, col + L, rf, has_residual, relu, of, o + L)
-                            i0 += rows
                             continue
                         simd_store(tf, 0, c00)
                         simd_store(tf, L, c01)
@@ -332,8 +330,6 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
                             if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
                                 v = 0
                             out[e, row, col + j] = v
-                    i0 += rows
-
 
 @kernel(nogil=True)
 def im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
