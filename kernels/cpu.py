@@ -7,31 +7,38 @@ does, once (``_process_setup``): it sets numba's threading layer to "workqueue" 
 $NUMBA_THREADING_LAYER says otherwise; numba's OpenMP layer spins at its barriers, which
 stalls whole forward passes when the cores are shared: bench/results/notes.md), hands the
 kernels below to numba (each is compiled, or loaded from the kernel cache, at its first call),
-and finds the OpenBLAS that NumPy loaded, to run it single-threaded inside each convolution.
+and finds the OpenBLAS that NumPy loaded, to run it single-threaded where the backend calls it.
 
 Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
     winograd  3x3, stride 1, padding 1, groups 1: Winograd F(m x m, 3x3), m = 4 or 2
               (float32 and float64; chosen per call from the number of tiles, see
               NumbaBackend._winograd_tile): input transform -> one GEMM per tile
-              element -> output transform with bias, residual and ReLU fused, so
-              each output activation is written once.
+              element (gemm_packed) -> output transform with bias, residual and
+              ReLU fused, so each output activation is written once.
     1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
-              already the GEMM's left matrix; bias/residual/ReLU fused after the GEMM.
+              already the GEMM's left matrix; gemm_packed finishes bias/residual/ReLU
+              in registers.
     im2col    everything else (the 7x7 stem, stride-2 3x3, ResNeXt's grouped 3x3, 3x3 on
-              maps too small for Winograd): NHWC patches gathered, one GEMM per
-              group, fused epilogue.
+              maps too small for Winograd): NHWC patches gathered, then gemm_packed
+              (groups 1) or one BLAS GEMM per group and a fused epilogue (grouped).
     The 1x1 and im2col paths hand each thread one share of the output rows (or, where
     the weights outweigh the patches, of the output channels) and let it gather,
     multiply and finish its share alone: one thread synchronisation per layer.
 
-The GEMMs run in NumPy's BLAS (numba's own np.dot would need SciPy), set to
-one thread for the duration of each convolution. A small thread pool (BLAS and
-the nogil Numba kernels release the GIL) hands each thread one share of the
-layer, which it gathers or transforms, multiplies and finishes alone: one thread
-synchronisation per convolution (each costs a thread wake-up: bench/results/notes.md),
-and OpenBLAS's own threads (which spin after each call) stay idle. Max pooling is a parallel Numba loop.
+The GEMMs of ungrouped convolutions run in gemm_packed: a register-blocked kernel
+(a 6 x 16 float32 or 6 x 8 float64 block of the output in twelve AVX2 registers, as
+the microkernels of BLIS and MLAS) over weights packed once into panels of 16 (8)
+output channels; LLVM does not vectorise that blocking from scalar code, so it is
+written with explicit SIMD vectors (``SimdVector`` and the ``simd_*`` intrinsics).
+Grouped convolutions use NumPy's BLAS (numba's own np.dot would need SciPy), set to
+one thread meanwhile. A small thread pool (the nogil kernels and BLAS release the GIL)
+hands each thread one share of the layer, which it gathers or transforms, multiplies
+and finishes alone: one thread synchronisation per convolution (each costs a thread
+wake-up: bench/results/notes.md), and OpenBLAS's own threads (which spin after each
+call) stay idle. Max pooling is a parallel Numba loop.
 
-Numerics: no fastmath (NaN and inf behave as in the reference); the Winograd
+Numerics: no fastmath (NaN and inf behave as in the reference); gemm_packed uses fused
+multiply-adds (llvm.fma: one rounding per step, no reassociation), and the Winograd
 weight transform is done in float64 and rounded once. Measured against the
 float64 reference: see bench/ and tests/test_kernels_cpu.py.
 
@@ -43,7 +50,9 @@ Numba fixes a function's cache directory when it is decorated, so the kernels
 are decorated (``njit``) in ``_process_setup``, not at import.
 
 References: Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks"
-(2015) for the Winograd matrices; CS231n ``fast_layers.py`` for im2col.
+(2015) for the Winograd matrices; CS231n ``fast_layers.py`` for im2col; Goto & van de
+Geijn, "Anatomy of High-Performance Matrix Multiplication" (2008) and BLIS's
+microkernel design for the packed, register-blocked GEMM.
 Tests: ``python -m pytest -q tests/test_kernels_cpu.py``; speed: ``python bench/run.py``.
 """
 from __future__ import annotations
@@ -51,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -615,6 +625,7 @@ class PreparedConv:
             self.W = np.ascontiguousarray(w)
         self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
+        self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None  # the bias of Winograd's GEMMs
 
     def plain_weights(self) -> np.ndarray:
         """The weights as (G, R*S*C/G, K/G), unpacked if packed."""
@@ -712,7 +723,7 @@ class NumbaBackend(Backend):
     def _workspace(self, name, shape, dtype):
         """A scratch array reused across calls (per thread): saves page faults on every conv."""
         spaces = self._local.__dict__.setdefault("spaces", {})
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         key = (name, np.dtype(dtype))
         buf = spaces.get(key)
         if buf is None or buf.size < size:
@@ -730,15 +741,13 @@ class NumbaBackend(Backend):
         out = np.empty((N, P, Q, conv.K), dtype=x.dtype)  # (N, P, Q, K)
         if residual is not None and residual.shape != out.shape:
             raise ValueError(f"conv: residual shape {residual.shape} != output shape {out.shape}")
-        self._threads()
-        with _single_threaded_blas():
-            tile = self._winograd_tile(conv, N, P, Q)
-            if tile:
-                self._conv_winograd(x, conv, relu, residual, out, tile)
-            elif conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
-                self._conv_1x1(x, conv, relu, residual, out)
-            else:
-                self._conv_im2col(x, conv, relu, residual, out)
+        tile = self._winograd_tile(conv, N, P, Q)
+        if tile:
+            self._conv_winograd(x, conv, relu, residual, out, tile)
+        elif conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
+            self._conv_1x1(x, conv, relu, residual, out)
+        else:
+            self._conv_im2col(x, conv, relu, residual, out)
         return out
 
     def _conv_winograd(self, x, conv: PreparedConv, relu, residual, out, m):
@@ -749,15 +758,13 @@ class NumbaBackend(Backend):
         U = conv.U(m)
         has_residual = residual is not None
         res = residual if has_residual else out  # a placeholder of the right type when there is none
-        zeros = self._workspace("zeros", (conv.K,), x.dtype)
-        zeros[:] = 0
 
         def tiles(lo, hi):
             V = self._workspace("V", (A * A, hi - lo, conv.Cg), x.dtype)
             self.kernels.winograd_input(x, m, lo, hi, V)
             Mt = self._workspace("M", (A * A, hi - lo, conv.K), x.dtype)
             tile = self._workspace("tile", (6, U.shape[3]), x.dtype)
-            self.kernels.gemm_packed(V, U, zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
+            self.kernels.gemm_packed(V, U, conv.zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
             self.kernels.winograd_output(Mt, m, conv.bias, res, has_residual, relu, lo, hi, out)
 
         self._split(tiles, T)
@@ -821,7 +828,11 @@ class NumbaBackend(Backend):
                 np.matmul(cols, conv.W, out=src)
                 kernels.epilogue(src, conv.bias, res2[span], has_residual, relu, out2[span])
 
-        self._split(rows, N * P)
+        if G == 1:
+            self._split(rows, N * P)
+            return
+        with _single_threaded_blas():
+            self._split(rows, N * P)
 
     def max_pool(self, x):
         self._threads()
