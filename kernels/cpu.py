@@ -18,11 +18,13 @@ Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
     1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
               already the GEMM's left matrix; gemm_packed finishes bias/residual/ReLU
               in registers.
-    im2col    everything else (the 7x7 stem, stride-2 3x3, ResNeXt's grouped 3x3, 3x3 on
-              maps too small for Winograd): NHWC patches gathered, then gemm_packed
-              (groups 1) or one BLAS GEMM per group and a fused epilogue (grouped).
-    The 1x1 and im2col paths hand each thread one share of the output rows (or, where
-    the weights outweigh the patches, of the output channels) and let it gather,
+    direct    other convolutions of groups 1 (the 7x7 stem, stride-2 3x3, 3x3 on maps too
+              small for Winograd): conv_packed, gemm_packed's loop reading each window
+              in place from the input padded once (an implicit GEMM: no patch matrix).
+    im2col    grouped convolutions (ResNeXt's 3x3): NHWC patches gathered, one BLAS GEMM
+              per group, fused epilogue.
+    The 1x1, direct and im2col paths hand each thread one share of the output rows (or,
+    where the weights outweigh the patches, of the output channels) and let it gather,
     multiply and finish its share alone: one thread synchronisation per layer.
 
 The GEMMs of ungrouped convolutions run in gemm_packed: a register-blocked kernel
@@ -340,6 +342,112 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
                             if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
                                 v = 0
                             out[e, row, col + j] = v
+
+@kernel(nogil=True)
+def conv_packed(xp, Wp, bias, residual, has_residual, relu, R, stride, P, Q, m_lo, m_hi, p_lo, p_hi, tile, out):
+    """Output pixels m_lo <= m < m_hi of a convolution, out (N*P*Q, K) = [relu](conv + bias [+ residual]),
+    in the output channels of panels p_lo <= p < p_hi, without gathering patches.
+
+    xp (N, Hp, Wq, C) is the input already zero-padded, so that the window of output pixel
+    m = (n, p, q) is xp[n, p*stride : p*stride + R, q*stride : q*stride + S, :], whose S*C values
+    of each kernel row r lie in one contiguous run: gemm_packed's loop with `a` read in place
+    (an implicit GEMM over Wp (1, ceil(K/NR), R*S*C, NR)). Six consecutive output pixels at a time,
+    their windows wherever they lie; a last block of fewer repeats its last pixel and keeps only its
+    own rows. Serial and GIL-free: each pool thread runs its own pixels or panels.
+    """
+    N, Hp, Wq, C = xp.shape
+    D = Wp.shape[2]
+    run = D // R
+    K = out.shape[1]
+    NR = Wp.shape[3]
+    L = NR // 2
+    xf = xp.reshape(-1)
+    wf = Wp.reshape(-1)
+    of = out.reshape(-1)
+    rf = residual.reshape(-1)
+    tf = tile.reshape(-1)
+    row = Wq * C
+    group = max(1, (1 << 18) // (D * NR * xp.itemsize))
+    for g_lo in range(p_lo, p_hi, group):
+        for i0 in range(m_lo, m_hi, 6):
+            rows = min(6, m_hi - i0)
+            # Where each of the six windows starts in xf.
+            m = i0
+            x0 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            m = i0 + min(1, rows - 1)
+            x1 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            m = i0 + min(2, rows - 1)
+            x2 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            m = i0 + min(3, rows - 1)
+            x3 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            m = i0 + min(4, rows - 1)
+            x4 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            m = i0 + min(5, rows - 1)
+            x5 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            for p in range(g_lo, min(g_lo + group, p_hi)):
+                w = p * D * NR
+                col = p * NR
+                width = min(NR, K - col)
+                c00 = simd_zero(xp)
+                c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = c00
+                for r in range(R):
+                    shift = r * row
+                    for j in range(run):
+                        b0 = simd_load(wf, w)
+                        b1 = simd_load(wf, w + L)
+                        w += NR
+                        c00 = simd_fma(c00, xf, x0 + shift + j, b0)
+                        c01 = simd_fma(c01, xf, x0 + shift + j, b1)
+                        c10 = simd_fma(c10, xf, x1 + shift + j, b0)
+                        c11 = simd_fma(c11, xf, x1 + shift + j, b1)
+                        c20 = simd_fma(c20, xf, x2 + shift + j, b0)
+                        c21 = simd_fma(c21, xf, x2 + shift + j, b1)
+                        c30 = simd_fma(c30, xf, x3 + shift + j, b0)
+                        c31 = simd_fma(c31, xf, x3 + shift + j, b1)
+                        c40 = simd_fma(c40, xf, x4 + shift + j, b0)
+                        c41 = simd_fma(c41, xf, x4 + shift + j, b1)
+                        c50 = simd_fma(c50, xf, x5 + shift + j, b0)
+                        c51 = simd_fma(c51, xf, x5 + shift + j, b1)
+                if rows == 6 and width == NR:  # finished in registers, straight into out
+                    o = i0 * K + col
+                    simd_finish(c00, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c01, bias, col + L, rf, has_residual, relu, of, o + L)
+                    o += K
+                    simd_finish(c10, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c11, bias, col + L, rf, has_residual, relu, of, o + L)
+                    o += K
+                    simd_finish(c20, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c21, bias, col + L, rf, has_residual, relu, of, o + L)
+                    o += K
+                    simd_finish(c30, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c31, bias, col + L, rf, has_residual, relu, of, o + L)
+                    o += K
+                    simd_finish(c40, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c41, bias, col + L, rf, has_residual, relu, of, o + L)
+                    o += K
+                    simd_finish(c50, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c51, bias, col + L, rf, has_residual, relu, of, o + L)
+                    continue
+                simd_store(tf, 0, c00)
+                simd_store(tf, L, c01)
+                simd_store(tf, NR, c10)
+                simd_store(tf, NR + L, c11)
+                simd_store(tf, 2 * NR, c20)
+                simd_store(tf, 2 * NR + L, c21)
+                simd_store(tf, 3 * NR, c30)
+                simd_store(tf, 3 * NR + L, c31)
+                simd_store(tf, 4 * NR, c40)
+                simd_store(tf, 4 * NR + L, c41)
+                simd_store(tf, 5 * NR, c50)
+                simd_store(tf, 5 * NR + L, c51)
+                for i in range(rows):
+                    for j in range(width):
+                        v = tile[i, j] + bias[col + j]
+                        if has_residual:
+                            v += residual[i0 + i, col + j]
+                        if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
+                            v = 0
+                        out[i0 + i, col + j] = v
 
 @kernel(nogil=True)
 def im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
@@ -746,6 +854,8 @@ class NumbaBackend(Backend):
             self._conv_winograd(x, conv, relu, residual, out, tile)
         elif conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
             self._conv_1x1(x, conv, relu, residual, out)
+        elif conv.G == 1:
+            self._conv_direct(x, conv, relu, residual, out)
         else:
             self._conv_im2col(x, conv, relu, residual, out)
         return out
@@ -777,7 +887,7 @@ class NumbaBackend(Backend):
         self._gemm(conv, relu, residual, out, lambda j, k: a[:, j * Q : k * Q])
 
     def _conv_im2col(self, x, conv: PreparedConv, relu, residual, out):
-        """Everything else: NHWC patches gathered (per thread, per chunk), then the GEMM."""
+        """Grouped convolutions: NHWC patches gathered (per thread, per chunk), then the GEMMs."""
         _, P, Q, _ = out.shape
         width = conv.R * conv.S * conv.Cg
 
@@ -787,6 +897,39 @@ class NumbaBackend(Backend):
             return cols
 
         self._gemm(conv, relu, residual, out, patches)
+
+    def _conv_direct(self, x, conv: PreparedConv, relu, residual, out):
+        """Groups 1, any kernel: conv_packed on the input padded once (an implicit GEMM, no patches)."""
+        N, H, W, C = x.shape
+        _, P, Q, K = out.shape
+        pad = conv.padding
+        xp = x
+        if pad:
+            xp = self._workspace("padded", (N, H + 2 * pad, W + 2 * pad, C), x.dtype)
+            xp[:, :pad] = 0
+            xp[:, H + pad :] = 0
+            xp[:, pad : H + pad, :pad] = 0
+            xp[:, pad : H + pad, W + pad :] = 0
+            xp[:, pad : H + pad, pad : W + pad] = x
+        M = N * P * Q
+        out2 = out.reshape(M, K)
+        has_residual = residual is not None
+        res2 = (residual if has_residual else out).reshape(M, K)
+        panels = conv.Wp.shape[1]
+        args = (conv.R, conv.stride, P, Q)
+
+        def pixels(lo, hi):
+            tile = self._workspace("tile", (6, conv.Wp.shape[3]), x.dtype)
+            self.kernels.conv_packed(xp, conv.Wp, conv.bias, res2, has_residual, relu, *args, 6 * lo, min(6 * hi, M), 0, panels, tile, out2)
+
+        def columns(lo, hi):
+            tile = self._workspace("tile", (6, conv.Wp.shape[3]), x.dtype)
+            self.kernels.conv_packed(xp, conv.Wp, conv.bias, res2, has_residual, relu, *args, 0, M, lo, hi, tile, out2)
+
+        if conv.Wp.nbytes > M * conv.Wp.shape[2] * x.itemsize:
+            self._split(columns, panels)  # the weights outweigh the patches: each thread reads its share
+        else:
+            self._split(pixels, -(-M // 6))
 
     def _gemm(self, conv: PreparedConv, relu, residual, out, patches):
         """out = epilogue(patches @ W), where patches(j, k) is the (G, (k-j)*Q, R*S*C/G) patch matrix
