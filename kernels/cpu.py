@@ -697,15 +697,22 @@ WINOGRAD = {
 }
 
 
-def pack_panels(w: np.ndarray) -> np.ndarray:
-    """w (E, D, K) -> (E, ceil(K/NR), D, NR): gemm_packed's weights, NR = two SIMD registers of output
-    channels (16 float32 or 8 float64), the last panel zero-padded."""
-    E, D, K = w.shape
-    NR = 2 * 32 // w.dtype.itemsize
+def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
+    """w (E, ..., K) -> (E, ceil(K/NR), D, NR) in `dtype` (default w's), D the product of the middle
+    axes in C order: gemm_packed's weights, NR = two SIMD registers of output channels (16 float32 or
+    8 float64), the last panel zero-padded. Filled panel by panel from w as it is (a transposed view
+    will do), so that packing holds no whole-size temporary beside its result."""
+    dtype = np.dtype(dtype or w.dtype)
+    E, K = w.shape[0], w.shape[-1]
+    D = math.prod(w.shape[1:-1])
+    NR = 2 * 32 // dtype.itemsize
     panels = -(-K // NR)
-    packed = np.zeros((E, D, panels * NR), dtype=w.dtype)
-    packed[:, :, :K] = w
-    return np.ascontiguousarray(packed.reshape(E, D, panels, NR).transpose(0, 2, 1, 3))
+    packed = np.empty((E, panels, D, NR), dtype=dtype)
+    for p in range(panels):
+        width = min(NR, K - p * NR)
+        packed[:, p, :, :width] = w[..., p * NR : p * NR + width].reshape(E, D, width)
+        packed[:, p, :, width:] = 0
+    return packed
 
 
 class PreparedConv:
@@ -724,13 +731,12 @@ class PreparedConv:
         self.stride, self.padding = conv.stride, conv.padding
         self.dtype = conv.weight.dtype
         self.bias = np.ascontiguousarray(conv.bias)
-        w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
-        w = w.reshape(G, R * S * Cg, K // G)
         self.W = self.Wp = None
         if G == 1:
-            self.Wp = pack_panels(w)
+            self.Wp = pack_panels(conv.weight.transpose(2, 3, 1, 0)[None])  # from (1, R, S, C, K), a view
         else:
-            self.W = np.ascontiguousarray(w)
+            w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
+            self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
         self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
         self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None  # the bias of Winograd's GEMMs
@@ -751,7 +757,7 @@ class PreparedConv:
             # U = G g G^T for every (input, output) channel pair, in float64 and rounded once.
             rows = np.matmul(Gm, g.reshape(3, 3 * X)).reshape(A, 3, X)  # (A, S, X)
             U = np.matmul(Gm, rows)  # (A, A, X)
-            self._U[tile] = pack_panels(U.reshape(A * A, self.Cg, self.K).astype(self.dtype))
+            self._U[tile] = pack_panels(U.reshape(A * A, self.Cg, self.K), self.dtype)
         return self._U[tile]
 
 
