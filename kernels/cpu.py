@@ -15,10 +15,9 @@ Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
               NumbaBackend._winograd_tile): input transform -> one GEMM per tile
               element (gemm_packed) -> output transform with bias, residual and
               ReLU fused, so each output activation is written once.
-    1x1       1x1 convolutions (stride 1 or 2, groups 1): the NHWC activation is
-              already the GEMM's left matrix; gemm_packed finishes bias/residual/ReLU
-              in registers.
-    direct    other convolutions of groups 1 (the 7x7 stem, stride-2 3x3, 3x3 on maps too
+    1x1       1x1 stride-1 convolutions (groups 1): the NHWC activation is already the
+              GEMM's left matrix; gemm_packed finishes bias/residual/ReLU in registers.
+    direct    other convolutions of groups 1 (the 7x7 stem, stride-2 3x3 and 1x1, 3x3 on maps too
               small for Winograd): conv_packed, gemm_packed's loop reading each window
               in place from the input padded once (an implicit GEMM: no patch matrix).
     im2col    grouped convolutions (ResNeXt's 3x3): NHWC patches gathered, one BLAS GEMM
@@ -858,7 +857,7 @@ class NumbaBackend(Backend):
         tile = self._winograd_tile(conv, N, P, Q)
         if tile:
             self._conv_winograd(x, conv, relu, residual, out, tile)
-        elif conv.R == conv.S == 1 and conv.padding == 0 and conv.G == 1:
+        elif conv.R == conv.S == 1 and conv.padding == 0 and conv.stride == 1 and conv.G == 1:
             self._conv_1x1(x, conv, relu, residual, out)
         elif conv.G == 1:
             self._conv_direct(x, conv, relu, residual, out)
@@ -886,9 +885,8 @@ class NumbaBackend(Backend):
         self._split(tiles, T)
 
     def _conv_1x1(self, x, conv: PreparedConv, relu, residual, out):
-        """1x1, groups 1: the (strided) NHWC input is already the GEMM's left matrix."""
-        a = x if conv.stride == 1 else np.ascontiguousarray(x[:, :: conv.stride, :: conv.stride, :])
-        a = a.reshape(1, -1, x.shape[3])  # (1, N*P*Q, C)
+        """1x1, stride 1, groups 1: the NHWC input is already the GEMM's left matrix."""
+        a = x.reshape(1, -1, x.shape[3])  # (1, N*H*W, C)
         Q = out.shape[2]
         self._gemm(conv, relu, residual, out, lambda j, k: a[:, j * Q : k * Q])
 
