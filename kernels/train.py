@@ -211,8 +211,32 @@ def _blocks(M: int) -> int:
     return max(1, min(SUM_BLOCKS, M))
 
 
+class StepConv(cpu.PreparedConv):
+    """A convolution prepared for one training step (its weights change at every step): Winograd
+    only where asked (winograd=False: the GEMM path), and the Winograd weights made in the working dtype."""
+
+    def __init__(self, conv: FoldedConv, winograd: bool):
+        super().__init__(conv)
+        self.winograd = self.winograd and winograd
+
+    def U(self, tile: int) -> np.ndarray:
+        if tile not in self._U:
+            _, Gm, _ = cpu.WINOGRAD[tile]
+            Gm = Gm.astype(self.dtype)
+            A = tile + 2
+            X = self.G * self.Cg * (self.K // self.G)
+            g = self.W.reshape(self.G, 3, 3, -1).transpose(1, 2, 0, 3).reshape(3, 3 * X)  # (R, S*X)
+            rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
+            self._U[tile] = np.matmul(Gm, rows).reshape(A * A, self.G, self.Cg, self.K // self.G)  # G g G^T
+        return self._U[tile]
+
+
 class NumbaTrainingOps(TrainingOps):
     """TrainingOps over NHWC activations on a NumbaBackend; see the module docstring."""
+
+    # Winograd for 3x3 stride-1 maps of at least this size: the transformed weights (4x the plain ones
+    # for F(4x4)) are made afresh at every step, which smaller maps do not repay.
+    winograd_min_size = 14
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
@@ -225,9 +249,12 @@ class NumbaTrainingOps(TrainingOps):
 
     # --- convolution ----------------------------------------------------------------------
 
+    def _winograd(self, x) -> bool:
+        return min(x.shape[1:3]) >= self.winograd_min_size
+
     def conv2d(self, x, weight, stride, padding, groups):
         zero = np.zeros(weight.shape[0], dtype=weight.dtype)
-        return self.backend.conv(x, cpu.PreparedConv(FoldedConv(weight, zero, stride, padding, groups)), relu=False)
+        return self.backend.conv(x, StepConv(FoldedConv(weight, zero, stride, padding, groups), self._winograd(x)), relu=False)
 
     def conv2d_backward(self, grad_out, x, weight, stride, padding, groups, input_grad=True):
         """grad_out (N, P, Q, K), x (N, H, W, C), weight (K, C/G, R, S) -> (grad_x (N, H, W, C) or None, grad_weight)."""
@@ -242,7 +269,7 @@ class NumbaTrainingOps(TrainingOps):
             flipped = weight.reshape(G, K // G, Cg, R, S).transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]
             flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
             zero = np.zeros(G * Cg, dtype=weight.dtype)
-            transposed = cpu.PreparedConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G))
+            transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out))
             return self.backend.conv(grad_out, transposed, relu=False), grad_weight
         return self._input_grad_col2im(grad_out, x.shape, weight, stride, padding, groups), grad_weight
 

@@ -239,7 +239,7 @@ def value_and_grad(
         tape.append((b, h, saved))
         h = out
     if model.training and first_trainable < len(STAGES):
-        model.invalidate()  # running statistics changed
+        model.invalidate(STAGES[first_trainable:])  # their running statistics changed
     pooled = ops.global_avg_pool(h)  # (N, num_features)
     logits = F.linear(pooled, run.param("fc.weight"), run.param("fc.bias"))  # (N, num_classes)
     loss, grad_logits = F.cross_entropy(logits, labels, label_smoothing)

@@ -27,8 +27,10 @@ def ops(train):
     from npresnet_kernels.cpu import NumbaBackend
 
     backend = NumbaBackend(threads=2)
-    backend.MIN_TILES = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
-    return train.NumbaTrainingOps(backend)
+    backend.MIN_TILES = 1
+    ops = train.NumbaTrainingOps(backend)
+    ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
+    return ops
 
 
 def nhwc(a):
