@@ -253,8 +253,24 @@ class StepConv(cpu.PreparedConv):
         return self._U[tile]
 
 
+class StepBackend(cpu.NumbaBackend):
+    """The numba backend as a training step runs its convolutions: GEMM chunks of CHUNK_BYTES.
+
+    Inference's 1 MiB chunks (batch 1) would make each of layer4's GEMMs at batch 32 re-read its
+    9 MB of weights every 56 rows.
+    """
+
+    CHUNK_BYTES = CHUNK_BYTES
+
+
+@functools.lru_cache(maxsize=None)
+def step_backend(threads: int) -> StepBackend:
+    """One StepBackend (and its thread pool) per thread count, for the whole process."""
+    return StepBackend(threads=threads)
+
+
 class NumbaTrainingOps(TrainingOps):
-    """TrainingOps over NHWC activations on a NumbaBackend; see the module docstring."""
+    """TrainingOps over NHWC activations on a NumbaBackend (a StepBackend for value_and_grad); see the module docstring."""
 
     # Winograd for 3x3 stride-1 maps of at least this size: the transformed weights (4x the plain ones
     # for F(4x4)) are made afresh at every step, which smaller maps do not repay.
@@ -443,4 +459,4 @@ class NumbaTrainingOps(TrainingOps):
         return np.broadcast_to((grad_out / (H * W))[:, None, None, :], x.shape).copy()
 
 
-register_training_ops("numba", NumbaTrainingOps)
+register_training_ops("numba", lambda backend: NumbaTrainingOps(step_backend(backend.threads)))

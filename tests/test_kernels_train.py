@@ -24,9 +24,7 @@ def train():
 
 @pytest.fixture(scope="module")
 def ops(train):
-    from npresnet_kernels.cpu import NumbaBackend
-
-    backend = NumbaBackend(threads=2)
+    backend = train.StepBackend(threads=2)
     backend.MIN_TILES = 1
     ops = train.NumbaTrainingOps(backend)
     ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
