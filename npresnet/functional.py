@@ -227,26 +227,14 @@ def conv2d_backward(
     over every image and position at once, and grad_cols[g] = w[g]^T @ grad_out[g], which
     col2im adds back onto the pixels each column was read from. Images go in chunks so that
     only one chunk's patch matrix exists at a time.
-
-    With stride 1 the input gradient is itself a convolution: grad_x[h, w] is the sum over (r, s)
-    of grad_out[h + padding - r, w + padding - s] . weight[r, s], that is grad_out convolved with
-    the weights flipped and transposed (per group) with padding R - 1 - padding. That gathers
-    grad_out's patches once instead of adding R*S shifted copies back, about half the memory traffic.
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
     G = groups
     P, Q = grad_out.shape[2:]
-    grad_x = None
-    if input_grad and stride == 1 and R == S and padding <= R - 1:
-        flipped = weight.reshape(G, K // G, C_per_group, R, S).transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]
-        flipped = flipped.reshape(C, K // G, R, S)  # (C, K/G, R, S)
-        grad_x = conv2d(grad_out, flipped, stride=1, padding=R - 1 - padding, groups=G)  # (N, C, H, W)
-        input_grad = False
     w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
     grad_w_t = np.zeros((G, C_per_group * R * S, K // G), dtype=x.dtype)  # grad_w transposed, see below
-    if input_grad:
-        grad_x = np.empty_like(x)
+    grad_x = np.empty_like(x) if input_grad else None
     chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
