@@ -10,7 +10,9 @@ random float32 batch. Each (runner, size) runs in its own fresh process, so that
 memory (ru_maxrss) belongs to that runner alone; the process builds the model, runs `--warmup`
 steps, then times `--repeats` steps and reports the median wall and CPU seconds. Threads are
 pinned through the environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and torch.set_num_threads.
-The npresnet runner uses the NumPy backend (the training pass runs on the NumPy reference ops).
+The npresnet runners: "numpy", the NumPy backend (the training pass on the reference ops of
+functional.py), and "numba", the Numba backend (its compiled training ops, npresnet_kernels.train;
+its kernels are compiled, or loaded from the cache, during the warm-up step).
 
 Results: bench/results/train_step.json and train_step.md. Timings never decide a test.
 """
@@ -36,10 +38,10 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _npresnet_step(arch: str, threads: int):
+def _npresnet_step(arch: str, threads: int, backend: str):
     import npresnet
 
-    model = npresnet.build(arch, backend="numpy", threads=threads).train()
+    model = npresnet.build(arch, backend=backend, threads=threads).train()
     opt = npresnet.SGD(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
 
     def step(x, labels):
@@ -77,7 +79,7 @@ def _torch_step(arch: str, threads: int):
 def worker(runner: str, arch: str, batch: int, size: int, threads: int, warmup: int, repeats: int) -> dict:
     import numpy as np
 
-    step = _torch_step(arch, threads) if runner == "torch" else _npresnet_step(arch, threads)
+    step = _torch_step(arch, threads) if runner == "torch" else _npresnet_step(arch, threads, backend=runner)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     labels = rng.integers(0, 1000, batch)
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--runners", nargs="*", default=["numpy", "torch"], choices=["numpy", "torch"])
+    parser.add_argument("--runners", nargs="*", default=["numpy", "numba", "torch"], choices=["numpy", "numba", "torch"])
     parser.add_argument("--name", default="train_step")
     parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

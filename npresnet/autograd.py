@@ -15,29 +15,106 @@ block's saved arrays are dropped once its backward has run.
 Frozen stages (``model.freeze``) run first, as the ordinary inference forward on the
 model's own backend: no gradient is computed below the first trainable stage.
 
+The ops come from one table, ``TrainingOps``, picked by the model's backend in
+``training_ops``: the NumPy reference ops of ``functional.py`` (NCHW) by default,
+or a compiled table that owns its activation layout (the numba backend's, NHWC:
+``npresnet_kernels.train``), which is tested against this one.
+
 Reference: PyTorch autograd on TorchVision's ``models/resnet.py`` in train() and
 eval() mode, which the tests compare with, gradient by gradient.
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import Any, Callable
 
 import numpy as np
 
 from . import functional as F
+from .backends import Backend
 from .model import ResNet
 from .specs import IMAGENET_STEM, STAGES, BlockSpec, ConvSpec, block_convs, stem_conv
 
 BN_MOMENTUM = 0.1  # torch.nn.BatchNorm2d's default
 
 
+class TrainingOps:
+    """The ops a training pass calls: here the NumPy reference ops of ``functional.py``, NCHW.
+
+    A compiled table subclasses this with the same signatures over its own activation layout
+    (between from_numpy and the pooled (N, C) features); per-channel arrays are (C,) in every
+    layout, and the pass itself only adds activations of one shape.
+    """
+
+    def __init__(self, backend: Backend | None = None):
+        self.backend = backend
+
+    def from_numpy(self, x: np.ndarray) -> Any:
+        return x  # (N, C, H, W)
+
+    def conv2d(self, x, weight, stride, padding, groups):
+        return F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
+
+    def conv2d_backward(self, grad_out, x, weight, stride, padding, groups, input_grad=True):
+        return F.conv2d_backward(grad_out, x, weight, stride, padding, groups, input_grad=input_grad)
+
+    def batch_norm_train(self, x, running_mean, running_var, weight, bias, momentum):
+        return F.batch_norm_train(x, running_mean, running_var, weight, bias, momentum)
+
+    def batch_norm_eval(self, x, running_mean, running_var, weight, bias):
+        return F.batch_norm_eval(x, running_mean, running_var, weight, bias)
+
+    def batch_norm_backward(self, grad_out, saved, weight):
+        """As F.batch_norm_backward; may reuse the saved arrays' memory (they are not read again)."""
+        return F.batch_norm_backward(grad_out, saved, weight)
+
+    def relu_(self, x):
+        """ReLU in place."""
+        return F.relu(x, out=x)
+
+    def relu_backward_(self, grad_out, out):
+        """relu_backward in place on grad_out."""
+        return F.relu_backward(grad_out, out, inplace=True)
+
+    def max_pool2d(self, x):
+        return F.max_pool2d(x, 3, 2, 1)  # the ImageNet stem's
+
+    def max_pool2d_backward(self, grad_out, x):
+        return F.max_pool2d_backward(grad_out, x, 3, 2, 1)
+
+    def global_avg_pool(self, x) -> np.ndarray:
+        return F.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], x.shape[1])  # (N, C)
+
+    def global_avg_pool_backward(self, grad_out: np.ndarray, x):
+        return F.adaptive_avg_pool2d_backward(grad_out.reshape(*grad_out.shape, 1, 1), x.shape)
+
+
+# backend name -> TrainingOps factory(backend); optional ones register on import (register_training_ops).
+_TRAINING_OPS: dict[str, Callable[[Backend], TrainingOps]] = {}
+_OPTIONAL_TRAINING_OPS = {"numba": "npresnet_kernels.train"}
+
+
+def register_training_ops(backend_name: str, factory: Callable[[Backend], TrainingOps]) -> None:
+    """Let models on backend `backend_name` train with `factory(backend)`'s ops."""
+    _TRAINING_OPS[backend_name] = factory
+
+
+def training_ops(backend: Backend) -> TrainingOps:
+    """The training ops for a model's backend: its compiled table where there is one, else the NumPy reference."""
+    name = backend.name
+    if name not in _TRAINING_OPS and name in _OPTIONAL_TRAINING_OPS:
+        importlib.import_module(_OPTIONAL_TRAINING_OPS[name])  # its backend exists, so its compiler imports
+    return _TRAINING_OPS.get(name, TrainingOps)(backend)
+
+
 class _Pass:
     """One training pass over a model: its parameters in the input's dtype, the batch-norm mode,
-    and the gradients gathered on the way back."""
+    the ops, and the gradients gathered on the way back."""
 
-    def __init__(self, model: ResNet, dtype: np.dtype):
+    def __init__(self, model: ResNet, dtype: np.dtype, ops: TrainingOps):
         self.model = model
         self.dtype = dtype
+        self.ops = ops
         self.state = model._state
         self.grads: dict[str, np.ndarray] = {}
 
@@ -47,24 +124,24 @@ class _Pass:
     def conv_bn(self, x: np.ndarray, c: ConvSpec) -> tuple[np.ndarray, Any]:
         """batch_norm(conv2d(x)) -> (out (N, K, P, Q), saved for conv_bn_backward)."""
         s, bn = self.state, c.bn
-        z = F.conv2d(x, self.param(f"{c.conv}.weight"), stride=c.stride, padding=c.padding, groups=c.groups)
+        z = self.ops.conv2d(x, self.param(f"{c.conv}.weight"), c.stride, c.padding, c.groups)
         if self.model.training:
-            out, bn_saved = F.batch_norm_train(
+            out, bn_saved = self.ops.batch_norm_train(
                 z, s[f"{bn}.running_mean"], s[f"{bn}.running_var"], s[f"{bn}.weight"], s[f"{bn}.bias"], BN_MOMENTUM
             )
             self.model._num_batches_tracked[bn] += 1
         else:
-            out, bn_saved = F.batch_norm_eval(z, s[f"{bn}.running_mean"], s[f"{bn}.running_var"], s[f"{bn}.weight"], s[f"{bn}.bias"])
+            out, bn_saved = self.ops.batch_norm_eval(z, s[f"{bn}.running_mean"], s[f"{bn}.running_var"], s[f"{bn}.weight"], s[f"{bn}.bias"])
         return out, (x, bn_saved)
 
     def conv_bn_backward(self, grad_out: np.ndarray, c: ConvSpec, saved, input_grad: bool = True) -> np.ndarray | None:
         """Gradient with respect to conv_bn's input; the parameters' gradients go to self.grads."""
         x, bn_saved = saved
-        grad_z, self.grads[f"{c.bn}.weight"], self.grads[f"{c.bn}.bias"] = F.batch_norm_backward(
+        grad_z, self.grads[f"{c.bn}.weight"], self.grads[f"{c.bn}.bias"] = self.ops.batch_norm_backward(
             grad_out, bn_saved, self.param(f"{c.bn}.weight")
         )
         del bn_saved, saved
-        grad_x, self.grads[f"{c.conv}.weight"] = F.conv2d_backward(
+        grad_x, self.grads[f"{c.conv}.weight"] = self.ops.conv2d_backward(
             grad_z, x, self.param(f"{c.conv}.weight"), c.stride, c.padding, c.groups, input_grad=input_grad
         )
         return grad_x
@@ -77,7 +154,7 @@ class _Pass:
         h = x
         for role in roles[:-1]:
             h, saved[role] = self.conv_bn(h, convs[role])
-            F.relu(h, out=h)  # (N, width, P, Q): the next conv's input, kept as its ReLU mask
+            self.ops.relu_(h)  # (N, width, P, Q): the next conv's input, kept as its ReLU mask
         out, saved[roles[-1]] = self.conv_bn(h, convs[roles[-1]])
         if "downsample" in convs:
             identity, saved["downsample"] = self.conv_bn(x, convs["downsample"])
@@ -85,7 +162,7 @@ class _Pass:
             del identity
         else:
             out += x
-        F.relu(out, out=out)  # (N, outplanes, P, Q)
+        self.ops.relu_(out)  # (N, outplanes, P, Q)
         return out, saved
 
     def block_backward(
@@ -97,14 +174,14 @@ class _Pass:
         """
         convs = block_convs(b)
         roles = [r for r in ("conv1", "conv2", "conv3") if r in convs]
-        grad = F.relu_backward(grad_out, out, inplace=True)  # reaches both the last conv and the identity
+        grad = self.ops.relu_backward_(grad_out, out)  # reaches both the last conv and the identity
         grad_h = grad
         for i in reversed(range(len(roles))):
             role = roles[i]
             conv_input = saved[role][0]  # for i > 0: the output of the ReLU after roles[i - 1]
             grad_h = self.conv_bn_backward(grad_h, convs[role], saved.pop(role), input_grad=i > 0 or input_grad)
             if i > 0:
-                F.relu_backward(grad_h, conv_input, inplace=True)
+                self.ops.relu_backward_(grad_h, conv_input)
             del conv_input
         if not input_grad:
             if "downsample" in convs:
@@ -144,16 +221,17 @@ def value_and_grad(
     spec = model.spec
     frozen = model.frozen
     first_trainable = 0 if frozen is None else STAGES.index(frozen) + 1  # index into STAGES; 5: only fc
-    run = _Pass(model, dtype)
+    run = _Pass(model, dtype, training_ops(model.backend))
+    ops = run.ops
 
     # Forward, keeping what the backward needs.
     if first_trainable == 0:
         stem = stem_conv(spec)
-        stem_out, stem_saved = run.conv_bn(x, stem)
-        F.relu(stem_out, out=stem_out)  # (N, 64, H/2, W/2)
-        h = F.max_pool2d(stem_out) if spec.stem == IMAGENET_STEM else stem_out  # (N, 64, H/4, W/4)
+        stem_out, stem_saved = run.conv_bn(ops.from_numpy(x), stem)
+        ops.relu_(stem_out)  # (N, 64, H/2, W/2)
+        h = ops.max_pool2d(stem_out) if spec.stem == IMAGENET_STEM else stem_out  # (N, 64, H/4, W/4)
     else:
-        h = model._forward_frozen(x, frozen)
+        h = ops.from_numpy(model._forward_frozen(x, frozen))
     trained_blocks = [b for b in spec.blocks() if STAGES.index(b.prefix.split(".")[0]) >= first_trainable]
     tape = []  # (block spec, block input, saved)
     for b in trained_blocks:
@@ -161,15 +239,15 @@ def value_and_grad(
         tape.append((b, h, saved))
         h = out
     if model.training and first_trainable < len(STAGES):
-        model.invalidate()  # running statistics changed
-    pooled = F.adaptive_avg_pool2d(h, 1).reshape(h.shape[0], h.shape[1])  # (N, num_features)
+        model.invalidate(STAGES[first_trainable:])  # their running statistics changed
+    pooled = ops.global_avg_pool(h)  # (N, num_features)
     logits = F.linear(pooled, run.param("fc.weight"), run.param("fc.bias"))  # (N, num_classes)
     loss, grad_logits = F.cross_entropy(logits, labels, label_smoothing)
 
     # Backward.
     grad_pooled, run.grads["fc.weight"], run.grads["fc.bias"] = F.linear_backward(grad_logits, pooled, run.param("fc.weight"))
     if tape:
-        grad_h = F.adaptive_avg_pool2d_backward(grad_pooled.reshape(*grad_pooled.shape, 1, 1), h.shape)
+        grad_h = ops.global_avg_pool_backward(grad_pooled, h)
         out = h
         while tape:
             b, block_input, saved = tape.pop()
@@ -179,8 +257,8 @@ def value_and_grad(
             del saved, block_input
         if first_trainable == 0:
             if spec.stem == IMAGENET_STEM:
-                grad_h = F.max_pool2d_backward(grad_h, stem_out)
-            F.relu_backward(grad_h, stem_out, inplace=True)
+                grad_h = ops.max_pool2d_backward(grad_h, stem_out)
+            ops.relu_backward_(grad_h, stem_out)
             del stem_out, out
             run.conv_bn_backward(grad_h, stem, stem_saved, input_grad=False)
     grads = {k: run.grads[k].astype(dtype, copy=False) for k in model.parameters(trainable=True)}

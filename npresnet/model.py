@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -48,6 +48,11 @@ from .weights import infer_spec_from_state, save_npz, validate_state_dict
 FEATURE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
 
 
+def _stage_index(stage: str) -> int:
+    """Position of a stage in the forward pass: "stem" 0, "layer1".."layer4" 1-4, "fc" 5."""
+    return len(STAGES) if stage == "fc" else STAGES.index(stage)
+
+
 @dataclass
 class PreparedNet:
     """A network's parameters folded and prepared by one backend, for one dtype."""
@@ -55,7 +60,7 @@ class PreparedNet:
     stem: Any
     max_pool: bool
     stages: list[list[dict[str, Any]]]  # stage -> block -> role ("conv1", ..., "downsample") -> prepared conv
-    fc: Any
+    fc: Any  # None in a frozen prefix's copy
 
 
 def residual_block(x, block: Mapping[str, Any], ops: Backend):
@@ -143,7 +148,8 @@ class ResNet:
                 self._num_batches_tracked[bn] = int(np.asarray(count).reshape(()))
         self.meta = dict(meta or {})
         self.backend = get_backend(backend, threads, spec=spec)
-        self._prepared: dict[np.dtype, PreparedNet] = {}
+        # (dtype, last stage folded or None for the whole network) -> its folded, prepared copy
+        self._prepared: dict[tuple[np.dtype, str | None], PreparedNet] = {}
         self.training = False
         self._frozen: str | None = None
 
@@ -199,9 +205,22 @@ class ResNet:
         self.invalidate()
         return self
 
-    def invalidate(self) -> None:
-        """Forget the folded, prepared copies: parameters or running statistics changed in place."""
-        self._prepared.clear()
+    def invalidate(self, stages: Iterable[str] | None = None) -> None:
+        """Forget the folded, prepared copies: parameters or running statistics changed in place.
+
+        stages: the stages ("stem", "layer1".."layer4", "fc") that changed, where the caller knows
+        (an optimizer step, a training pass); the folded copy of a frozen prefix that none of them
+        reaches is kept, so that a frozen backbone is folded once, not at every step. None: all.
+        """
+        if stages is None:
+            self._prepared.clear()
+            return
+        first = min((_stage_index(stage) for stage in stages), default=None)
+        if first is None:
+            return
+        for dtype, through in list(self._prepared):
+            if through is None or _stage_index(through) >= first:
+                del self._prepared[dtype, through]
 
     # --- training state ------------------------------------------------------------------
 
@@ -302,11 +321,11 @@ class ResNet:
         """The inference-mode forward pass from the input through `stage` (a frozen prefix), on this
         model's backend with batch norms folded: nothing of it is needed for a backward pass."""
         ops = self.backend
-        net = self._prepare(x.dtype)
+        net = self._prepare(x.dtype, through=stage)
         h = ops.conv(ops.from_numpy(x), net.stem, relu=True)  # (N, 64, H/2, W/2)
         if net.max_pool:
             h = ops.max_pool(h)  # (N, 64, H/4, W/4)
-        for blocks in net.stages[: STAGES.index(stage)]:
+        for blocks in net.stages:
             for block in blocks:
                 h = residual_block(h, block, ops)
         return ops.to_numpy(h)
@@ -314,10 +333,14 @@ class ResNet:
     def _check_input(self, x) -> np.ndarray:
         return check_input(x)
 
-    def _prepare(self, dtype: np.dtype) -> PreparedNet:
-        """Fold every batch norm into its conv, in `dtype`, and let the backend prepare it (cached)."""
+    def _prepare(self, dtype: np.dtype, through: str | None = None) -> PreparedNet:
+        """Fold every batch norm into its conv, in `dtype`, and let the backend prepare it (cached).
+
+        through: fold only the stem and the stages up to this one (a frozen prefix; no fc), else all.
+        """
         dtype = np.dtype(dtype)
-        if dtype not in self._prepared:
+        key = (dtype, through)
+        if key not in self._prepared:
             ops = self.backend
 
             def fold(c: ConvSpec):
@@ -332,16 +355,18 @@ class ResNet:
                 folded = FoldedConv(weight.astype(dtype), bias.astype(dtype), c.stride, c.padding, c.groups)
                 return ops.prepare_conv(folded)
 
-            stages: list[list[dict[str, Any]]] = [[] for _ in self.spec.layers]
+            num_stages = len(self.spec.layers) if through is None else STAGES.index(through)
+            stages: list[list[dict[str, Any]]] = [[] for _ in range(num_stages)]
             for b in self.spec.blocks():
-                stages[b.stage - 1].append({role: fold(c) for role, c in block_convs(b).items()})
-            self._prepared[dtype] = PreparedNet(
-                stem=fold(stem_conv(self.spec)),
-                max_pool=self.spec.stem == IMAGENET_STEM,
-                stages=stages,
-                fc=ops.prepare_linear(self._state["fc.weight"].astype(dtype), self._state["fc.bias"].astype(dtype)),
+                if b.stage <= num_stages:
+                    stages[b.stage - 1].append({role: fold(c) for role, c in block_convs(b).items()})
+            fc = None
+            if through is None:
+                fc = ops.prepare_linear(self._state["fc.weight"].astype(dtype), self._state["fc.bias"].astype(dtype))
+            self._prepared[key] = PreparedNet(
+                stem=fold(stem_conv(self.spec)), max_pool=self.spec.stem == IMAGENET_STEM, stages=stages, fc=fc
             )
-        return self._prepared[dtype]
+        return self._prepared[key]
 
 
 def load(path: str | os.PathLike, **options) -> ResNet:

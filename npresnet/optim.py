@@ -90,16 +90,18 @@ class Optimizer:
     def step(self, grads: Mapping[str, np.ndarray]) -> None:
         """Update every parameter that has a gradient in `grads`, in place; others are untouched."""
         params = self.model._state
+        updated = set()
         for group in self.param_groups:
             for name in group["params"]:
                 grad = grads.get(name)
                 if grad is None:
                     continue
+                updated.add(stage_of(name))
                 param = params[name]
                 if grad.shape != param.shape:
                     raise ValueError(f"gradient for {name} has shape {grad.shape}, the parameter {param.shape}")
                 self._update(param, grad.astype(param.dtype, copy=False), self.state.setdefault(name, {}), group)
-        self.model.invalidate()
+        self.model.invalidate(updated)  # a frozen prefix stays folded
 
     def _update(self, param: np.ndarray, grad: np.ndarray, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError

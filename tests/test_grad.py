@@ -332,9 +332,24 @@ def test_frozen_stages_match_torch_without_their_gradients(freeze):
     assert ("layer3.0.conv1.weight" in errors) == (freeze != "layer4")
 
 
-def test_numba_backend_model_trains_on_the_numpy_ops():
+@pytest.mark.parametrize(
+    "spec, dtype, freeze",
+    [
+        (get_spec("resnet18", num_classes=10), np.float64, None),
+        (get_spec("resnet18", num_classes=10), np.float32, None),
+        (TINY_RESNEXT, np.float32, None),
+        (get_spec("resnet18", num_classes=10), np.float64, "layer1"),
+    ],
+    ids=["resnet18-f64", "resnet18-f32", "tiny_resnext-f32", "resnet18-f64-frozen"],
+)
+def test_numba_backend_trains_on_its_compiled_ops(spec, dtype, freeze):
+    """value_and_grad on a numba model runs npresnet_kernels.train's NHWC ops: torch's gradients all the same."""
     pytest.importorskip("numba")
-    compare(get_spec("resnet18", num_classes=10), FAMILY_SHAPE, True, np.float64, freeze="layer1", backend="numba")
+    from npresnet.autograd import training_ops
+
+    model = npresnet.build(spec, backend="numba")
+    assert type(training_ops(model.backend)).__name__ == "NumbaTrainingOps"
+    compare(spec, FAMILY_SHAPE, True, dtype, freeze=freeze, label_smoothing=0.1, backend="numba")
 
 
 def test_train_mode_updates_counts_and_refolds():

@@ -108,6 +108,29 @@ def test_frozen_parameters_are_left_out_and_bad_stage_refused(start_state):
         model.freeze("layer5")
 
 
+def test_steps_fold_a_frozen_backbone_once_and_the_rest_afresh(start_state):
+    """A frozen prefix is folded at the first step only; the stages a step changes are folded afresh."""
+    model, _ = models(start_state, np.float64)
+    model.freeze("layer2").train()
+    folded = []
+    prepare_conv = model.backend.prepare_conv
+    model.backend.prepare_conv = lambda conv: folded.append(conv) or prepare_conv(conv)
+    opt = npresnet.SGD(model, lr=0.1, momentum=0.9)
+    x = np.random.default_rng(8).standard_normal((2, 3, 16, 16))
+    for _ in range(2):
+        _, grads = npresnet.value_and_grad(model, x, np.array([0, 2]))
+        opt.step(grads)
+    assert len(folded) == 1 + 4 + 5  # the stem, layer1's 4 convs and layer2's 5, once
+    model.eval()
+    np.testing.assert_array_equal(model(x), npresnet.build("resnet18", model.state_dict())(x))
+    model._state["layer1.0.conv1.weight"] *= 2  # a frozen stage changed, and said so
+    model.invalidate(["layer1"])
+    model.train()
+    before = len(folded)
+    npresnet.value_and_grad(model, x, np.array([0, 2]))
+    assert len(folded) == before + 1 + 4 + 5
+
+
 def npz_json_round_trip(state, path):
     """Save an optimizer or scheduler state as arrays in .npz plus everything else in JSON, and read it back."""
     arrays = {}

@@ -1,0 +1,462 @@
+"""Numba training ops: the numba backend's table for ``npresnet.value_and_grad`` (NHWC activations).
+
+Importing this module registers ``NumbaTrainingOps`` for models on the "numba" backend
+(``npresnet.autograd.register_training_ops``); like ``cpu.py`` it raises ImportError where
+numba is missing, and changes no process-wide setting itself (the backend's
+``_process_setup`` does, once, when the first NumbaBackend is made).
+
+Every op keeps the signature and the numbers of its NumPy reference in ``functional.py``
+(through ``npresnet.autograd.TrainingOps``), with activations (N, H, W, C) instead of
+(N, C, H, W); ``tests/test_kernels_train.py`` checks each against the reference, and
+``tests/test_grad.py`` the whole pass against torch autograd. What runs where:
+    conv2d            the backend's own convolution (Winograd F(4x4, 3x3) for 3x3 stride 1,
+                      GEMMs elsewhere) with a zero bias.
+    conv2d_backward   weight gradient: patches (the backend's im2col kernel, or the input
+                      itself for 1x1) times grad_out, one GEMM per chunk of output rows, each
+                      thread summing its own share; input gradient: for stride 1, a convolution
+                      of grad_out with the flipped, transposed weights on the backend (so
+                      Winograd again for 3x3); for stride 2, grad_out times the weights, then
+                      ``col2im`` adds each patch back onto its pixels (threads split by image,
+                      so no two write one pixel).
+    batch norm        per-channel sums in float64 (``channel_sums``, ``centred_square_sums``,
+                      ``grad_sums``) over row blocks in parallel; normalising and the input
+                      gradient each one fused pass, written over the array it no longer needs.
+    relu, max pool    parallel loops; max-pool backward rescans each window with torch's rule.
+The GEMMs run in NumPy's BLAS, one thread each, inside the backend's thread pool (see cpu.py).
+
+Reference: ``npresnet/functional.py`` (the ops) and ``npresnet/autograd.py`` (the pass).
+"""
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import numpy as np
+from numba import njit, prange
+
+from npresnet.autograd import TrainingOps, register_training_ops
+from npresnet.backends import FoldedConv
+from npresnet.functional import BN_EPS
+
+from . import cpu
+
+# The kernels, as Python functions: name -> (function, njit options); compiled by _setup, as in cpu.py.
+_KERNELS: dict[str, tuple] = {}
+
+# Each thread's weight-gradient and col2im GEMMs take output rows in chunks of about this many bytes
+# of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
+CHUNK_BYTES = 1 << 23
+# Per-channel sums run over this many row blocks in parallel, each summed in float64.
+SUM_BLOCKS = 16
+
+
+def kernel(**options):
+    """Mark a function as a Numba kernel (njit with `options`, cached on disk), compiled by _setup."""
+
+    def mark(py_func):
+        _KERNELS[py_func.__name__] = (py_func, options)
+        return py_func
+
+    return mark
+
+
+# The elementwise kernels below cut the rows into `blocks` slices, one prange iteration each, and
+# loop from 0 within a slice: numba then knows every index is in bounds and non-negative, and
+# vectorises the loop (indexing from a computed start was 10-20x slower).
+
+
+@kernel(parallel=True)
+def channel_sums(x, blocks):
+    """x (M, C) -> (blocks, C) float64: each block of rows summed per channel."""
+    M, C = x.shape
+    out = np.zeros((blocks, C))
+    for b in prange(blocks):
+        rows = x[b * M // blocks : (b + 1) * M // blocks]
+        acc = out[b]
+        for i in range(rows.shape[0]):
+            for c in range(C):
+                acc[c] += rows[i, c]
+    return out
+
+
+@kernel(parallel=True)
+def centred_square_sums(x, mean, blocks):
+    """x (M, C), mean (C,) in x's dtype -> (blocks, C) float64 sums of (x - mean)^2, squared in x's dtype."""
+    M, C = x.shape
+    out = np.zeros((blocks, C))
+    for b in prange(blocks):
+        rows = x[b * M // blocks : (b + 1) * M // blocks]
+        acc = out[b]
+        for i in range(rows.shape[0]):
+            for c in range(C):
+                d = rows[i, c] - mean[c]
+                acc[c] += d * d
+    return out
+
+
+@kernel(parallel=True)
+def normalise(x, mean, inv_std, weight, bias, out, blocks):
+    """x (M, C) <- x_hat = (x - mean) * inv_std, in place; out (M, C) = x_hat * weight + bias."""
+    M, C = x.shape
+    for b in prange(blocks):
+        lo, hi = b * M // blocks, (b + 1) * M // blocks
+        rows, out_rows = x[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            for c in range(C):
+                v = (rows[i, c] - mean[c]) * inv_std[c]
+                rows[i, c] = v
+                out_rows[i, c] = v * weight[c] + bias[c]
+
+
+@kernel(parallel=True)
+def grad_sums(grad_out, x_hat, blocks):
+    """(M, C) each -> (blocks, 2, C) float64: per block, sum(grad_out) and sum(grad_out * x_hat)."""
+    M, C = grad_out.shape
+    out = np.zeros((blocks, 2, C))
+    for b in prange(blocks):
+        lo, hi = b * M // blocks, (b + 1) * M // blocks
+        g_rows, x_rows = grad_out[lo:hi], x_hat[lo:hi]
+        acc = out[b]
+        for i in range(hi - lo):
+            for c in range(C):
+                g = np.float64(g_rows[i, c])
+                acc[0, c] += g
+                acc[1, c] += g * x_rows[i, c]
+    return out
+
+
+@kernel(parallel=True)
+def batch_norm_grad_input(grad_out, x_hat, scale, x_hat_coef, shift, out, blocks):
+    """out (M, C) = (x_hat * x_hat_coef + grad_out - shift) * scale; out may be x_hat itself."""
+    M, C = grad_out.shape
+    for b in prange(blocks):
+        lo, hi = b * M // blocks, (b + 1) * M // blocks
+        g_rows, x_rows, out_rows = grad_out[lo:hi], x_hat[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            for c in range(C):
+                out_rows[i, c] = (x_rows[i, c] * x_hat_coef[c] + g_rows[i, c] - shift[c]) * scale[c]
+
+
+@kernel(parallel=True)
+def relu_inplace(x, blocks):
+    """x (M,) <- max(x, 0); NaN stays NaN."""
+    M = x.shape[0]
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    for b in prange(blocks):
+        part = x[b * M // blocks : (b + 1) * M // blocks]
+        for i in range(part.shape[0]):
+            v = part[i]
+            part[i] = zero if v < 0 else v
+
+
+@kernel(parallel=True)
+def relu_backward_inplace(grad, out, blocks):
+    """grad (M,) <- 0 where not out > 0 (torch's threshold_backward)."""
+    M = grad.shape[0]
+    zero = np.zeros(1, dtype=grad.dtype)[0]
+    for b in prange(blocks):
+        lo, hi = b * M // blocks, (b + 1) * M // blocks
+        g, o = grad[lo:hi], out[lo:hi]
+        for i in range(hi - lo):
+            g[i] = g[i] if o[i] > 0 else zero
+
+
+@kernel(parallel=True)
+def max_pool_3x3s2_backward(grad_out, x, grad_x):
+    """grad_out (N, P, Q, C), x (N, H, W, C) -> grad_x (N, H, W, C), zeroed by the caller.
+
+    Each window starts at its first element inside the image with maximum -inf and moves
+    to each later element (row by row) greater than the maximum or NaN: torch's choice.
+    Parallel over images, so no two threads add to one pixel.
+    """
+    N, H, W, C = x.shape
+    _, P, Q, _ = grad_out.shape
+    for n in prange(N):
+        best = np.empty(C, dtype=x.dtype)
+        where = np.empty(C, dtype=np.int64)  # h * W + w of the chosen element
+        for p in range(P):
+            h_lo, h_hi = max(2 * p - 1, 0), min(2 * p + 2, H)
+            for q in range(Q):
+                w_lo, w_hi = max(2 * q - 1, 0), min(2 * q + 2, W)
+                for c in range(C):
+                    best[c] = -np.inf
+                    where[c] = h_lo * W + w_lo
+                for h in range(h_lo, h_hi):
+                    for w in range(w_lo, w_hi):
+                        for c in range(C):
+                            v = x[n, h, w, c]
+                            if v > best[c] or v != v:
+                                best[c] = v
+                                where[c] = h * W + w
+                for c in range(C):
+                    grad_x[n, where[c] // W, where[c] % W, c] += grad_out[n, p, q, c]
+
+
+@kernel(nogil=True)
+def col2im(cols, R, S, stride, padding, P, Q, job_lo, job_hi, grad_x):
+    """The adjoint of cpu.im2col: add cols (G, (job_hi-job_lo)*Q, R*S*C/G), columns (r, s, c), of
+    output rows job_lo <= (n, p) < job_hi onto grad_x (N, H, W, C) at the pixels they were read from.
+
+    Serial and GIL-free; the caller gives each thread whole images.
+    """
+    N, H, W, C = grad_x.shape
+    G = cols.shape[0]
+    Cg = C // G
+    for job in range(job_lo, job_hi):
+        n = job // P
+        p = job % P
+        for q in range(Q):
+            row = (job - job_lo) * Q + q
+            for r in range(R):
+                h = p * stride + r - padding
+                if h < 0 or h >= H:
+                    continue
+                for s in range(S):
+                    w = q * stride + s - padding
+                    if w < 0 or w >= W:
+                        continue
+                    for g in range(G):
+                        base = (r * S + s) * Cg
+                        for c in range(Cg):
+                            grad_x[n, h, w, g * Cg + c] += cols[g, row, base + c]
+
+
+@functools.lru_cache(maxsize=None)
+def _setup() -> SimpleNamespace:
+    """The kernels as numba dispatchers, once per process (after the backend's own process setup)."""
+    cpu._process_setup()
+    with cpu._our_cache_dir():
+        return SimpleNamespace(**{name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS.items()})
+
+
+def _blocks(M: int) -> int:
+    return max(1, min(SUM_BLOCKS, M))
+
+
+class StepConv(cpu.PreparedConv):
+    """A convolution prepared for one training step (its weights change at every step): Winograd
+    only where asked (winograd=False: the GEMM path), and the Winograd weights made in the working dtype."""
+
+    def __init__(self, conv: FoldedConv, winograd: bool):
+        super().__init__(conv)
+        self.winograd = self.winograd and winograd
+
+    def U(self, tile: int) -> np.ndarray:
+        if tile not in self._U:
+            _, Gm, _ = cpu.WINOGRAD[tile]
+            Gm = Gm.astype(self.dtype)
+            A = tile + 2
+            X = self.G * self.Cg * (self.K // self.G)
+            g = self.W.reshape(self.G, 3, 3, -1).transpose(1, 2, 0, 3).reshape(3, 3 * X)  # (R, S*X)
+            rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
+            self._U[tile] = np.matmul(Gm, rows).reshape(A * A, self.G, self.Cg, self.K // self.G)  # G g G^T
+        return self._U[tile]
+
+
+class StepBackend(cpu.NumbaBackend):
+    """The numba backend as a training step runs its convolutions: GEMM chunks of CHUNK_BYTES.
+
+    Inference's 1 MiB chunks (batch 1) would make each of layer4's GEMMs at batch 32 re-read its
+    9 MB of weights every 56 rows.
+    """
+
+    CHUNK_BYTES = CHUNK_BYTES
+
+
+@functools.lru_cache(maxsize=None)
+def step_backend(threads: int) -> StepBackend:
+    """One StepBackend (and its thread pool) per thread count, for the whole process."""
+    return StepBackend(threads=threads)
+
+
+class NumbaTrainingOps(TrainingOps):
+    """TrainingOps over NHWC activations on a NumbaBackend (a StepBackend for value_and_grad); see the module docstring."""
+
+    # Winograd for 3x3 stride-1 maps of at least this size: the transformed weights (4x the plain ones
+    # for F(4x4)) are made afresh at every step, which smaller maps do not repay.
+    winograd_min_size = 14
+
+    def __init__(self, backend: cpu.NumbaBackend):
+        super().__init__(backend)
+        self.kernels = _setup()
+
+    # --- layout ---------------------------------------------------------------------------
+
+    def from_numpy(self, x):
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (N, H, W, C)
+
+    # --- convolution ----------------------------------------------------------------------
+
+    def _winograd(self, x) -> bool:
+        return min(x.shape[1:3]) >= self.winograd_min_size
+
+    def conv2d(self, x, weight, stride, padding, groups):
+        zero = np.zeros(weight.shape[0], dtype=weight.dtype)
+        return self.backend.conv(x, StepConv(FoldedConv(weight, zero, stride, padding, groups), self._winograd(x)), relu=False)
+
+    def conv2d_backward(self, grad_out, x, weight, stride, padding, groups, input_grad=True):
+        """grad_out (N, P, Q, K), x (N, H, W, C), weight (K, C/G, R, S) -> (grad_x (N, H, W, C) or None, grad_weight)."""
+        grad_weight = self._weight_grad(grad_out, x, weight, stride, padding, groups)
+        if not input_grad:
+            return None, grad_weight
+        K, Cg, R, S = weight.shape
+        if stride == 1 and padding <= min(R, S) - 1:
+            # grad_x[h, w] = sum over (r, s) of grad_out[h + padding - r, w + padding - s] . weight[r, s]:
+            # a convolution of grad_out with the weights flipped and transposed, padding R - 1 - padding.
+            G = groups
+            flipped = weight.reshape(G, K // G, Cg, R, S).transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]
+            flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
+            zero = np.zeros(G * Cg, dtype=weight.dtype)
+            transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out))
+            return self.backend.conv(grad_out, transposed, relu=False), grad_weight
+        return self._input_grad_col2im(grad_out, x.shape, weight, stride, padding, groups), grad_weight
+
+    def _rows_per_chunk(self, Q, width, G, itemsize):
+        return max(1, CHUNK_BYTES // (Q * G * width * itemsize))
+
+    def _weight_grad(self, grad_out, x, weight, stride, padding, groups):
+        """grad_weight[g] = patches[g]^T @ grad_out[g], summed over chunks of output rows, one share per thread."""
+        backend = self.backend
+        N, P, Q, K = grad_out.shape
+        _, Cg, R, S = weight.shape
+        G, Kg, width = groups, K // groups, R * S * Cg
+        dtype = grad_out.dtype
+        go = grad_out.reshape(N * P * Q, K)
+        one_by_one = R == S == 1 and padding == 0 and G == 1
+        if one_by_one:
+            strided = x[:, ::stride, ::stride, :] if stride > 1 else x  # (N, P, Q, C)
+        step = self._rows_per_chunk(Q, width, G, grad_out.itemsize)
+        shares = []
+
+        def patches(j, k):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
+            if one_by_one:
+                return strided.reshape(N * P, Q, -1)[j:k].reshape(1, (k - j) * Q, -1)
+            cols = backend._workspace("train_cols", (G, (k - j) * Q, width), dtype)
+            backend.kernels.im2col(x, R, S, stride, padding, P, Q, j, k, cols)
+            return cols
+
+        def share(lo, hi):
+            grad_w = np.zeros((G, width, Kg), dtype=dtype)
+            for j in range(lo, hi, step):
+                k = min(j + step, hi)
+                cols = patches(j, k)
+                product = backend._workspace("train_dw", (width, Kg), dtype)
+                for g in range(G):
+                    np.matmul(cols[g].T, go[j * Q : k * Q, g * Kg : (g + 1) * Kg], out=product)
+                    grad_w[g] += product
+            shares.append(grad_w)
+
+        backend._threads()
+        with cpu._single_threaded_blas():
+            backend._split(share, N * P)
+        grad_w = functools.reduce(np.add, shares)  # (G, R*S*C/G, K/G), rows (r, s, c)
+        return np.ascontiguousarray(grad_w.reshape(G, R, S, Cg, Kg).transpose(0, 4, 3, 1, 2)).reshape(weight.shape)
+
+    def _input_grad_col2im(self, grad_out, x_shape, weight, stride, padding, groups):
+        """grad_cols = grad_out[g] @ weight[g] per chunk of output rows, added back onto the pixels by col2im."""
+        backend = self.backend
+        N, P, Q, K = grad_out.shape
+        _, Cg, R, S = weight.shape
+        G, Kg, width = groups, K // groups, R * S * Cg
+        dtype = grad_out.dtype
+        go = grad_out.reshape(N * P * Q, K)
+        w = np.ascontiguousarray(weight.reshape(G, Kg, Cg, R, S).transpose(0, 1, 3, 4, 2)).reshape(G, Kg, width)
+        grad_x = np.zeros(x_shape, dtype=dtype)  # (N, H, W, C)
+        step = self._rows_per_chunk(Q, width, G, grad_out.itemsize)
+
+        def images(lo, hi):
+            for j in range(lo * P, hi * P, step):
+                k = min(j + step, hi * P)
+                cols = backend._workspace("train_cols", (G, (k - j) * Q, width), dtype)
+                for g in range(G):
+                    np.matmul(go[j * Q : k * Q, g * Kg : (g + 1) * Kg], w[g], out=cols[g])
+                self.kernels.col2im(cols, R, S, stride, padding, P, Q, j, k, grad_x)
+
+        backend._threads()
+        with cpu._single_threaded_blas():
+            backend._split(images, N)
+        return grad_x
+
+    # --- batch norm -----------------------------------------------------------------------
+
+    def batch_norm_train(self, x, running_mean, running_var, weight, bias, momentum):
+        """As F.batch_norm_train on x (N, H, W, C); x's memory becomes the saved x_hat."""
+        self.backend._threads()
+        C = x.shape[-1]
+        x2 = x.reshape(-1, C)
+        M = x2.shape[0]
+        if M < 2:
+            raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got input {x.shape} (as in torch)")
+        mean = self.kernels.channel_sums(x2, _blocks(M)).sum(axis=0) / M  # (C,) float64
+        var = self.kernels.centred_square_sums(x2, mean.astype(x.dtype), _blocks(M)).sum(axis=0) / M  # biased
+        inv_std = (1.0 / np.sqrt(var + BN_EPS)).astype(x.dtype)
+        out = np.empty_like(x)
+        self.kernels.normalise(
+            x2, mean.astype(x.dtype), inv_std, weight.astype(x.dtype), bias.astype(x.dtype), out.reshape(-1, C), _blocks(M)
+        )
+        if running_mean is not None:
+            running_mean[...] = (1 - momentum) * running_mean + momentum * mean
+        if running_var is not None:
+            running_var[...] = (1 - momentum) * running_var + momentum * (var * M / (M - 1))
+        return out, (x, inv_std, True)
+
+    def batch_norm_eval(self, x, running_mean, running_var, weight, bias):
+        """As F.batch_norm_eval on x (N, H, W, C); x's memory becomes the saved x_hat."""
+        self.backend._threads()
+        C = x.shape[-1]
+        inv_std = (1.0 / np.sqrt(running_var.astype(np.float64) + BN_EPS)).astype(x.dtype)
+        out = np.empty_like(x)
+        x2 = x.reshape(-1, C)
+        self.kernels.normalise(
+            x2, running_mean.astype(x.dtype), inv_std, weight.astype(x.dtype), bias.astype(x.dtype), out.reshape(-1, C), _blocks(x2.shape[0])
+        )
+        return out, (x, inv_std, False)
+
+    def batch_norm_backward(self, grad_out, saved, weight):
+        """As F.batch_norm_backward on (N, H, W, C); grad_x is written over the saved x_hat."""
+        self.backend._threads()
+        x_hat, inv_std, training = saved
+        C = grad_out.shape[-1]
+        dtype = grad_out.dtype
+        go, xh = grad_out.reshape(-1, C), x_hat.reshape(-1, C)
+        M = go.shape[0]
+        sums = self.kernels.grad_sums(go, xh, _blocks(M)).sum(axis=0)  # (2, C) float64
+        grad_bias, grad_weight = sums[0], sums[1]
+        scale = (weight.astype(np.float64) * inv_std).astype(dtype)
+        if training:
+            coef, shift = (-grad_weight / M).astype(dtype), (grad_bias / M).astype(dtype)
+        else:
+            coef, shift = np.zeros(C, dtype=dtype), np.zeros(C, dtype=dtype)
+        self.kernels.batch_norm_grad_input(go, xh, scale, coef, shift, xh, _blocks(M))
+        return x_hat, grad_weight.astype(dtype), grad_bias.astype(dtype)
+
+    # --- the rest -------------------------------------------------------------------------
+
+    def relu_(self, x):
+        self.backend._threads()
+        self.kernels.relu_inplace(x.reshape(-1), _blocks(x.size))
+        return x
+
+    def relu_backward_(self, grad_out, out):
+        self.backend._threads()
+        self.kernels.relu_backward_inplace(grad_out.reshape(-1), out.reshape(-1), _blocks(out.size))
+        return grad_out
+
+    def max_pool2d(self, x):
+        return self.backend.max_pool(x)
+
+    def max_pool2d_backward(self, grad_out, x):
+        self.backend._threads()
+        grad_x = np.zeros_like(x)
+        self.kernels.max_pool_3x3s2_backward(grad_out, x, grad_x)
+        return grad_x
+
+    def global_avg_pool(self, x):
+        return x.mean(axis=(1, 2))  # (N, C)
+
+    def global_avg_pool_backward(self, grad_out, x):
+        N, H, W, C = x.shape
+        return np.broadcast_to((grad_out / (H * W))[:, None, None, :], x.shape).copy()
+
+
+register_training_ops("numba", lambda backend: NumbaTrainingOps(step_backend(backend.threads)))

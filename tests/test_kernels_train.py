@@ -1,0 +1,145 @@
+"""The Numba training ops (kernels/train.py) against the NumPy reference ops, one op at a time.
+
+Each op gets the reference's inputs in NHWC and must give the reference's outputs (in
+float32 and float64); the whole numba training pass is checked against torch autograd in
+test_grad.py. The convolution cases are test_kernels_cpu.py's table.
+"""
+import numpy as np
+import pytest
+
+from helpers import assert_close
+from npresnet import functional as F
+from test_kernels_cpu import CONV_CASES
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(scope="module")
+def train():
+    pytest.importorskip("numba")
+    from npresnet_kernels import train
+
+    return train
+
+
+@pytest.fixture(scope="module")
+def ops(train):
+    backend = train.StepBackend(threads=2)
+    backend.MIN_TILES = 1
+    ops = train.NumbaTrainingOps(backend)
+    ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
+    return ops
+
+
+def nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def nchw(a):
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+
+
+def conv_inputs(case, dtype, seed=0):
+    N, C, H, W, K, R, stride, padding, groups = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((K, C // groups, R, R)).astype(dtype)
+    out = F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+    return x, w, rng.standard_normal(out.shape).astype(dtype), out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_and_backward(ops, name, dtype):
+    case = CONV_CASES[name]
+    stride, padding, groups = case[6:]
+    x, w, grad_out, out = conv_inputs(case, dtype)
+    assert_close(nchw(ops.conv2d(nhwc(x), w, stride, padding, groups)), out)
+    want_x, want_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
+    got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups)
+    assert_close(nchw(got_x), want_x)
+    assert_close(got_w, want_w)
+    none, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups, input_grad=False)
+    assert none is None
+    assert_close(got_w, want_w)
+
+
+@pytest.mark.parametrize("name", ["3x3_groups4_stride2", "1x1_stride2_odd", "3x3"])
+def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
+    """One output row per chunk, shared between threads: integer-valued sums come out exact."""
+    case = CONV_CASES[name]
+    stride, padding, groups = case[6:]
+    x, w, grad_out, _ = conv_inputs(case, np.float64, seed=1)
+    x, w, grad_out = (np.round(a * 2) for a in (x, w, grad_out))
+    monkeypatch.setattr(train, "CHUNK_BYTES", 1)
+    want_x, want_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
+    got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups)
+    np.testing.assert_array_equal(got_w, want_w)
+    if stride > 1:  # col2im: exact; stride 1 goes through the (Winograd) convolution
+        np.testing.assert_array_equal(nchw(got_x), want_x)
+    else:
+        assert_close(nchw(got_x), want_x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_forward_backward_and_running_stats(ops, training, dtype):
+    rng = np.random.default_rng(2)
+    shape = (3, 5, 4, 7)  # N, C, H, W
+    x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+    mean, bias = (rng.standard_normal(5).astype(dtype) * 0.1 for _ in range(2))
+    var, weight = (rng.uniform(0.5, 2, 5).astype(dtype) for _ in range(2))
+    grad_out = rng.standard_normal(shape).astype(dtype)
+    ref_mean, ref_var, got_mean, got_var = mean.copy(), var.copy(), mean.copy(), var.copy()
+    if training:
+        want, want_saved = F.batch_norm_train(x, ref_mean, ref_var, weight, bias, 0.1)
+        got, got_saved = ops.batch_norm_train(nhwc(x), got_mean, got_var, weight, bias, 0.1)
+    else:
+        want, want_saved = F.batch_norm_eval(x, mean, var, weight, bias)
+        got, got_saved = ops.batch_norm_eval(nhwc(x), mean, var, weight, bias)
+    assert_close(nchw(got), want)
+    assert_close(got_mean, ref_mean)
+    assert_close(got_var, ref_var)
+    if training:
+        assert not np.allclose(got_var, var)  # the running statistics did move
+    for got_grad, want_grad in zip(
+        ops.batch_norm_backward(nhwc(grad_out), got_saved, weight), F.batch_norm_backward(grad_out, want_saved, weight)
+    ):
+        assert_close(got_grad if got_grad.ndim == 1 else nchw(got_grad), want_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_relu_and_backward(ops, dtype):
+    x = np.array([-2.0, -0.0, 0.0, 3.5, 1e-30, -1e-30, np.inf, -np.inf, np.nan] * 3, dtype=dtype).reshape(3, 1, 3, 3)
+    grad_out = np.arange(1, x.size + 1, dtype=dtype).reshape(x.shape)
+    want = F.relu(x)
+    got = ops.relu_(x.copy())
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ops.relu_backward_(grad_out.copy(), got), F.relu_backward(grad_out, want))
+
+
+MAXPOOL_INPUTS = {
+    "random": lambda rng: rng.standard_normal((2, 3, 9, 7)),
+    "integer-ties": lambda rng: rng.integers(0, 3, size=(2, 3, 8, 8)).astype(float),
+    "negative-inf-and-nan": lambda rng: np.where(
+        rng.random((2, 3, 6, 7)) < 0.3, np.nan, np.where(rng.random((2, 3, 6, 7)) < 0.5, -np.inf, 1.0)
+    ),
+    "1x1": lambda rng: rng.standard_normal((2, 2, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", list(MAXPOOL_INPUTS))
+def test_max_pool2d_and_backward(ops, kind, dtype):
+    x = MAXPOOL_INPUTS[kind](np.random.default_rng(3)).astype(dtype)
+    want = F.max_pool2d(x, 3, 2, 1)
+    np.testing.assert_array_equal(nchw(ops.max_pool2d(nhwc(x))), want)
+    grad_out = (np.arange(want.size).reshape(want.shape) + 1).astype(dtype)  # distinct: shows where each went
+    np.testing.assert_array_equal(nchw(ops.max_pool2d_backward(nhwc(grad_out), nhwc(x))), F.max_pool2d_backward(grad_out, x, 3, 2, 1))
+
+
+def test_global_avg_pool_and_backward(ops):
+    x = np.random.default_rng(4).standard_normal((2, 3, 5, 4))
+    grad_out = np.random.default_rng(5).standard_normal((2, 3))
+    assert_close(ops.global_avg_pool(nhwc(x)), F.adaptive_avg_pool2d(x, 1).reshape(2, 3))
+    assert_close(nchw(ops.global_avg_pool_backward(grad_out, nhwc(x))), F.adaptive_avg_pool2d_backward(grad_out[..., None, None], x.shape))
