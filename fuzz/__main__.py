@@ -18,11 +18,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="a case is a hang after this many times its bound of 2 s/MB + 1 s (default 5)")
     parser.add_argument("--no-hostile", action="store_true", help="skip the crafted hostile files")
     args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
     started = time.monotonic()
     pool = seeds()
     cases = list(pool) + ([] if args.no_hostile else hostile())
-    cases += [mutate(pool[i % len(pool)], rng, i) for i in range(args.cases)]
+    # One generator per case: a seed file whose bytes differ between runs (torch.save writes a fresh
+    # serialization id) must not change the mutations of every later case.
+    cases += [mutate(pool[i % len(pool)], random.Random(f"{args.seed}-{i}"), i) for i in range(args.cases)]
     results = run_cases(cases, args.time_factor)
     print(summary(results))
     print(f"seed {args.seed}, {len(pool)} seed files, {time.monotonic() - started:.0f} s")

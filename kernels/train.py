@@ -246,10 +246,11 @@ class StepConv(cpu.PreparedConv):
             _, Gm, _ = cpu.WINOGRAD[tile]
             Gm = Gm.astype(self.dtype)
             A = tile + 2
-            X = self.G * self.Cg * (self.K // self.G)
-            g = self.W.reshape(self.G, 3, 3, -1).transpose(1, 2, 0, 3).reshape(3, 3 * X)  # (R, S*X)
+            X = self.Cg * self.K  # groups 1: only those take the Winograd path
+            g = self.plain_weights().reshape(3, 3 * X)  # (R, S*X)
             rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
-            self._U[tile] = np.matmul(Gm, rows).reshape(A * A, self.G, self.Cg, self.K // self.G)  # G g G^T
+            U = np.matmul(Gm, rows)  # (A, A, X): G g G^T
+            self._U[tile] = cpu.pack_panels(U.reshape(A * A, self.Cg, self.K))  # packed as gemm_packed reads it
         return self._U[tile]
 
 
