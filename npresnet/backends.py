@@ -157,12 +157,12 @@ class BackendCosts:
 
 
 # NumPy backend seconds per image per 1e9 multiply-adds (specs.count_macs), at 2 threads.
-NUMPY_SECONDS_PER_GMAC = 0.025
+NUMPY_SECONDS_PER_GMAC = 0.033
 # The backends "auto" chooses between. CUDA is not among them: it is only used when asked for.
 AUTO_COSTS = {
     "numpy": BackendCosts(startup_s=0.0, compile_s=0.0, per_image={}),
     "numba": BackendCosts(
-        startup_s=1.2, compile_s=6.2, per_image={"basic": (0.88, 0.46), "bottleneck": (1.07, 0.57)}
+        startup_s=1.9, compile_s=13.8, per_image={"basic": (0.56, 0.42), "bottleneck": (0.67, 0.52)}
     ),
 }
 
