@@ -781,9 +781,6 @@ class NumbaBackend(Backend):
 
     # --- threads ---------------------------------------------------------------------------
 
-    def _threads(self):
-        numba.set_num_threads(self.threads)  # per calling thread in numba, so set on every op
-
     def _split(self, work, length):
         """work(lo, hi) over [0, length) cut into one contiguous share per thread; returns when all are done.
 

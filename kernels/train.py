@@ -19,9 +19,13 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
                       ``col2im`` adds each patch back onto its pixels (threads split by image,
                       so no two write one pixel).
     batch norm        per-channel sums in float64 (``channel_sums``, ``centred_square_sums``,
-                      ``grad_sums``) over row blocks in parallel; normalising and the input
-                      gradient each one fused pass, written over the array it no longer needs.
-    relu, max pool    parallel loops; max-pool backward rescans each window with torch's rule.
+                      ``grad_sums``) over row blocks, the blocks shared out between the pool's
+                      threads; normalising and the input gradient each one fused pass, written
+                      over the array it no longer needs.
+    relu, max pool    the same block-wise sharing (max-pool backward split by image); max-pool
+                      backward rescans each window with torch's rule.
+No kernel is a parallel numba loop: each is serial and GIL-free, and the backend's thread pool
+(``NumbaBackend._split``) gives each thread its share, as for inference.
 The GEMMs run in NumPy's BLAS, one thread each, inside the backend's thread pool (see cpu.py).
 
 Reference: ``npresnet/functional.py`` (the ops) and ``npresnet/autograd.py`` (the pass).
@@ -32,7 +36,7 @@ import functools
 from types import SimpleNamespace
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from npresnet.autograd import TrainingOps, register_training_ops
 from npresnet.backends import FoldedConv
@@ -46,7 +50,7 @@ _KERNELS: dict[str, tuple] = {}
 # Each thread's weight-gradient and col2im GEMMs take output rows in chunks of about this many bytes
 # of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
 CHUNK_BYTES = 1 << 23
-# Per-channel sums run over this many row blocks in parallel, each summed in float64.
+# Per-channel sums run over this many row blocks (shared out between threads), each summed in float64.
 SUM_BLOCKS = 16
 
 
@@ -60,45 +64,45 @@ def kernel(**options):
     return mark
 
 
-# The elementwise kernels below cut the rows into `blocks` slices, one prange iteration each, and
-# loop from 0 within a slice: numba then knows every index is in bounds and non-negative, and
-# vectorises the loop (indexing from a computed start was 10-20x slower).
+# The elementwise kernels below cut the rows into `blocks` slices and do slices b_lo <= b < b_hi, each
+# looping from 0 within its slice: numba then knows every index is in bounds and non-negative, and
+# vectorises the loop (indexing from a computed start was 10-20x slower). They are serial and GIL-free:
+# NumbaTrainingOps._blockwise hands each thread of the backend's pool its share of the slices, as the
+# inference kernels do, so no kernel is a parallel numba loop (whose compilation costs several times a
+# serial kernel's, and whose threading layer must be loaded).
 
 
-@kernel(parallel=True)
-def channel_sums(x, blocks):
-    """x (M, C) -> (blocks, C) float64: each block of rows summed per channel."""
+@kernel(nogil=True)
+def channel_sums(x, out, blocks, b_lo, b_hi):
+    """x (M, C) -> out (blocks, C) float64, zeroed by the caller: each block of rows summed per channel."""
     M, C = x.shape
-    out = np.zeros((blocks, C))
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         rows = x[b * M // blocks : (b + 1) * M // blocks]
         acc = out[b]
         for i in range(rows.shape[0]):
             for c in range(C):
                 acc[c] += rows[i, c]
-    return out
 
 
-@kernel(parallel=True)
-def centred_square_sums(x, mean, blocks):
-    """x (M, C), mean (C,) in x's dtype -> (blocks, C) float64 sums of (x - mean)^2, squared in x's dtype."""
+@kernel(nogil=True)
+def centred_square_sums(x, mean, out, blocks, b_lo, b_hi):
+    """x (M, C), mean (C,) in x's dtype -> out (blocks, C) float64, zeroed by the caller: sums of
+    (x - mean)^2 per block, squared in x's dtype."""
     M, C = x.shape
-    out = np.zeros((blocks, C))
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         rows = x[b * M // blocks : (b + 1) * M // blocks]
         acc = out[b]
         for i in range(rows.shape[0]):
             for c in range(C):
                 d = rows[i, c] - mean[c]
                 acc[c] += d * d
-    return out
 
 
-@kernel(parallel=True)
-def normalise(x, mean, inv_std, weight, bias, out, blocks):
+@kernel(nogil=True)
+def normalise(x, mean, inv_std, weight, bias, out, blocks, b_lo, b_hi):
     """x (M, C) <- x_hat = (x - mean) * inv_std, in place; out (M, C) = x_hat * weight + bias."""
     M, C = x.shape
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         lo, hi = b * M // blocks, (b + 1) * M // blocks
         rows, out_rows = x[lo:hi], out[lo:hi]
         for i in range(hi - lo):
@@ -108,12 +112,12 @@ def normalise(x, mean, inv_std, weight, bias, out, blocks):
                 out_rows[i, c] = v * weight[c] + bias[c]
 
 
-@kernel(parallel=True)
-def grad_sums(grad_out, x_hat, blocks):
-    """(M, C) each -> (blocks, 2, C) float64: per block, sum(grad_out) and sum(grad_out * x_hat)."""
+@kernel(nogil=True)
+def grad_sums(grad_out, x_hat, out, blocks, b_lo, b_hi):
+    """(M, C) each -> out (blocks, 2, C) float64, zeroed by the caller: per block, sum(grad_out) and
+    sum(grad_out * x_hat)."""
     M, C = grad_out.shape
-    out = np.zeros((blocks, 2, C))
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         lo, hi = b * M // blocks, (b + 1) * M // blocks
         g_rows, x_rows = grad_out[lo:hi], x_hat[lo:hi]
         acc = out[b]
@@ -122,14 +126,13 @@ def grad_sums(grad_out, x_hat, blocks):
                 g = np.float64(g_rows[i, c])
                 acc[0, c] += g
                 acc[1, c] += g * x_rows[i, c]
-    return out
 
 
-@kernel(parallel=True)
-def batch_norm_grad_input(grad_out, x_hat, scale, x_hat_coef, shift, out, blocks):
+@kernel(nogil=True)
+def batch_norm_grad_input(grad_out, x_hat, scale, x_hat_coef, shift, out, blocks, b_lo, b_hi):
     """out (M, C) = (x_hat * x_hat_coef + grad_out - shift) * scale; out may be x_hat itself."""
     M, C = grad_out.shape
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         lo, hi = b * M // blocks, (b + 1) * M // blocks
         g_rows, x_rows, out_rows = grad_out[lo:hi], x_hat[lo:hi], out[lo:hi]
         for i in range(hi - lo):
@@ -137,41 +140,41 @@ def batch_norm_grad_input(grad_out, x_hat, scale, x_hat_coef, shift, out, blocks
                 out_rows[i, c] = (x_rows[i, c] * x_hat_coef[c] + g_rows[i, c] - shift[c]) * scale[c]
 
 
-@kernel(parallel=True)
-def relu_inplace(x, blocks):
+@kernel(nogil=True)
+def relu_inplace(x, blocks, b_lo, b_hi):
     """x (M,) <- max(x, 0); NaN stays NaN."""
     M = x.shape[0]
     zero = np.zeros(1, dtype=x.dtype)[0]
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         part = x[b * M // blocks : (b + 1) * M // blocks]
         for i in range(part.shape[0]):
             v = part[i]
             part[i] = zero if v < 0 else v
 
 
-@kernel(parallel=True)
-def relu_backward_inplace(grad, out, blocks):
+@kernel(nogil=True)
+def relu_backward_inplace(grad, out, blocks, b_lo, b_hi):
     """grad (M,) <- 0 where not out > 0 (torch's threshold_backward)."""
     M = grad.shape[0]
     zero = np.zeros(1, dtype=grad.dtype)[0]
-    for b in prange(blocks):
+    for b in range(b_lo, b_hi):
         lo, hi = b * M // blocks, (b + 1) * M // blocks
         g, o = grad[lo:hi], out[lo:hi]
         for i in range(hi - lo):
             g[i] = g[i] if o[i] > 0 else zero
 
 
-@kernel(parallel=True)
-def max_pool_3x3s2_backward(grad_out, x, grad_x):
-    """grad_out (N, P, Q, C), x (N, H, W, C) -> grad_x (N, H, W, C), zeroed by the caller.
+@kernel(nogil=True)
+def max_pool_3x3s2_backward(grad_out, x, n_lo, n_hi, grad_x):
+    """grad_out (N, P, Q, C), x (N, H, W, C) -> grad_x (N, H, W, C) of images n_lo <= n < n_hi, zeroed by the caller.
 
     Each window starts at its first element inside the image with maximum -inf and moves
     to each later element (row by row) greater than the maximum or NaN: torch's choice.
-    Parallel over images, so no two threads add to one pixel.
+    The caller splits by image, so no two threads add to one pixel.
     """
     N, H, W, C = x.shape
     _, P, Q, _ = grad_out.shape
-    for n in prange(N):
+    for n in range(n_lo, n_hi):
         best = np.empty(C, dtype=x.dtype)
         where = np.empty(C, dtype=np.int64)  # h * W + w of the chosen element
         for p in range(P):
@@ -347,7 +350,6 @@ class NumbaTrainingOps(TrainingOps):
                     grad_w[g] += product
             shares.append(grad_w)
 
-        backend._threads()
         with cpu._single_threaded_blas():
             backend._split(share, N * P)
         grad_w = functools.reduce(np.add, shares)  # (G, R*S*C/G, K/G), rows (r, s, c)
@@ -373,7 +375,6 @@ class NumbaTrainingOps(TrainingOps):
                     np.matmul(go[j * Q : k * Q, g * Kg : (g + 1) * Kg], w[g], out=cols[g])
                 self.kernels.col2im(cols, R, S, stride, padding, P, Q, j, k, grad_x)
 
-        backend._threads()
         with cpu._single_threaded_blas():
             backend._split(images, N)
         return grad_x
@@ -382,18 +383,22 @@ class NumbaTrainingOps(TrainingOps):
 
     def batch_norm_train(self, x, running_mean, running_var, weight, bias, momentum):
         """As F.batch_norm_train on x (N, H, W, C); x's memory becomes the saved x_hat."""
-        self.backend._threads()
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
         M = x2.shape[0]
         if M < 2:
             raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got input {x.shape} (as in torch)")
-        mean = self.kernels.channel_sums(x2, _blocks(M)).sum(axis=0) / M  # (C,) float64
-        var = self.kernels.centred_square_sums(x2, mean.astype(x.dtype), _blocks(M)).sum(axis=0) / M  # biased
+        sums = np.zeros((_blocks(M), C))
+        self._blockwise(self.kernels.channel_sums, x2, sums, blocks=_blocks(M))
+        mean = sums.sum(axis=0) / M  # (C,) float64
+        sums[...] = 0
+        self._blockwise(self.kernels.centred_square_sums, x2, mean.astype(x.dtype), sums, blocks=_blocks(M))
+        var = sums.sum(axis=0) / M  # biased
         inv_std = (1.0 / np.sqrt(var + BN_EPS)).astype(x.dtype)
         out = np.empty_like(x)
-        self.kernels.normalise(
-            x2, mean.astype(x.dtype), inv_std, weight.astype(x.dtype), bias.astype(x.dtype), out.reshape(-1, C), _blocks(M)
+        self._blockwise(
+            self.kernels.normalise, x2, mean.astype(x.dtype), inv_std, weight.astype(x.dtype), bias.astype(x.dtype),
+            out.reshape(-1, C), blocks=_blocks(M),
         )
         if running_mean is not None:
             running_mean[...] = (1 - momentum) * running_mean + momentum * mean
@@ -403,53 +408,55 @@ class NumbaTrainingOps(TrainingOps):
 
     def batch_norm_eval(self, x, running_mean, running_var, weight, bias):
         """As F.batch_norm_eval on x (N, H, W, C); x's memory becomes the saved x_hat."""
-        self.backend._threads()
         C = x.shape[-1]
         inv_std = (1.0 / np.sqrt(running_var.astype(np.float64) + BN_EPS)).astype(x.dtype)
         out = np.empty_like(x)
         x2 = x.reshape(-1, C)
-        self.kernels.normalise(
-            x2, running_mean.astype(x.dtype), inv_std, weight.astype(x.dtype), bias.astype(x.dtype), out.reshape(-1, C), _blocks(x2.shape[0])
+        self._blockwise(
+            self.kernels.normalise, x2, running_mean.astype(x.dtype), inv_std, weight.astype(x.dtype),
+            bias.astype(x.dtype), out.reshape(-1, C), blocks=_blocks(x2.shape[0]),
         )
         return out, (x, inv_std, False)
 
     def batch_norm_backward(self, grad_out, saved, weight):
         """As F.batch_norm_backward on (N, H, W, C); grad_x is written over the saved x_hat."""
-        self.backend._threads()
         x_hat, inv_std, training = saved
         C = grad_out.shape[-1]
         dtype = grad_out.dtype
         go, xh = grad_out.reshape(-1, C), x_hat.reshape(-1, C)
         M = go.shape[0]
-        sums = self.kernels.grad_sums(go, xh, _blocks(M)).sum(axis=0)  # (2, C) float64
+        block_sums = np.zeros((_blocks(M), 2, C))
+        self._blockwise(self.kernels.grad_sums, go, xh, block_sums, blocks=_blocks(M))
+        sums = block_sums.sum(axis=0)  # (2, C) float64
         grad_bias, grad_weight = sums[0], sums[1]
         scale = (weight.astype(np.float64) * inv_std).astype(dtype)
         if training:
             coef, shift = (-grad_weight / M).astype(dtype), (grad_bias / M).astype(dtype)
         else:
             coef, shift = np.zeros(C, dtype=dtype), np.zeros(C, dtype=dtype)
-        self.kernels.batch_norm_grad_input(go, xh, scale, coef, shift, xh, _blocks(M))
+        self._blockwise(self.kernels.batch_norm_grad_input, go, xh, scale, coef, shift, xh, blocks=_blocks(M))
         return x_hat, grad_weight.astype(dtype), grad_bias.astype(dtype)
 
     # --- the rest -------------------------------------------------------------------------
 
+    def _blockwise(self, kernel, *args, blocks):
+        """kernel(*args, blocks, b_lo, b_hi) over the slices 0 <= b < blocks, one share per pool thread."""
+        self.backend._split(lambda lo, hi: kernel(*args, blocks, lo, hi), blocks)
+
     def relu_(self, x):
-        self.backend._threads()
-        self.kernels.relu_inplace(x.reshape(-1), _blocks(x.size))
+        self._blockwise(self.kernels.relu_inplace, x.reshape(-1), blocks=_blocks(x.size))
         return x
 
     def relu_backward_(self, grad_out, out):
-        self.backend._threads()
-        self.kernels.relu_backward_inplace(grad_out.reshape(-1), out.reshape(-1), _blocks(out.size))
+        self._blockwise(self.kernels.relu_backward_inplace, grad_out.reshape(-1), out.reshape(-1), blocks=_blocks(out.size))
         return grad_out
 
     def max_pool2d(self, x):
         return self.backend.max_pool(x)
 
     def max_pool2d_backward(self, grad_out, x):
-        self.backend._threads()
         grad_x = np.zeros_like(x)
-        self.kernels.max_pool_3x3s2_backward(grad_out, x, grad_x)
+        self.backend._split(lambda lo, hi: self.kernels.max_pool_3x3s2_backward(grad_out, x, lo, hi, grad_x), x.shape[0])
         return grad_x
 
     def global_avg_pool(self, x):
