@@ -3,11 +3,10 @@
 Importing this module registers the backend with ``npresnet.backends``; it raises
 ImportError where numba is missing, so ``backend="auto"`` falls back to NumPy.
 Importing it changes nothing else in the process. Creating the first ``NumbaBackend``
-does, once (``_process_setup``): it sets numba's threading layer to "workqueue" (unless
-$NUMBA_THREADING_LAYER says otherwise; numba's OpenMP layer spins at its barriers, which
-stalls whole forward passes when the cores are shared: bench/results/notes.md), hands the
-kernels below to numba (each is compiled, or loaded from the kernel cache, at its first call),
-and finds the OpenBLAS that NumPy loaded, to run it single-threaded where the backend calls it.
+does, once (``compile_kernels``): it hands the kernels below to numba (each is compiled, or
+loaded from the kernel cache, at its first call), and finds the OpenBLAS that NumPy loaded,
+to run it single-threaded where the backend calls it. No kernel is a parallel numba loop, so
+numba's threading layer is never loaded or configured.
 
 Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
     winograd  3x3, stride 1, padding 1, groups 1: Winograd F(m x m, 3x3), m = 4 or 2
@@ -49,7 +48,7 @@ Compiled kernels are cached on disk (``cache=True``) under
 $NPRESNET_HOME/numba, else ~/.cache/npresnet/numba), so a read-only
 site-packages still gets a cache and a second process does not recompile.
 Numba fixes a function's cache directory when it is decorated, so the kernels
-are decorated (``njit``) in ``_process_setup``, not at import. Each kernel is compiled (or
+are decorated (``njit``) in ``compile_kernels``, not at import. Each kernel is compiled (or
 loaded from the cache) at its first call, for the types of that call only; the first compile in a
 process says so on stderr (the "npresnet" logger), so a first run does not look like a hang.
 
@@ -66,7 +65,6 @@ import ctypes
 import functools
 import logging
 import math
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -81,15 +79,16 @@ from numba.extending import intrinsic, models, register_model
 from npresnet.backends import Backend, FoldedConv, kernel_cache_dir, register_backend
 from npresnet.functional import conv_output_size
 
-# The kernels, as Python functions: name -> (function, njit options). _process_setup compiles them.
-_KERNELS: dict[str, tuple] = {}
+# The kernels, as Python functions, of this module and of the others that use `kernel` (train.py):
+# module name -> {name: (function, njit options)}. compile_kernels(module) compiles one module's.
+_KERNELS: dict[str, dict[str, tuple]] = {}
 
 
 def kernel(**options):
-    """Mark a function as a Numba kernel (njit with `options`, cached on disk), compiled by _process_setup."""
+    """Mark a function as a Numba kernel (njit with `options`, cached on disk), compiled by compile_kernels."""
 
     def mark(py_func):
-        _KERNELS[py_func.__name__] = (py_func, options)
+        _KERNELS.setdefault(py_func.__module__, {})[py_func.__name__] = (py_func, options)
         return py_func
 
     return mark
@@ -762,8 +761,8 @@ class NumbaBackend(Backend):
     """Numba kernels over NHWC activations, BLAS for the GEMMs; see the module docstring."""
 
     name = "numba"
-    # Not thread-safe: the workqueue threading layer aborts the process when two threads enter its
-    # parallel loops at once, and each convolution sets OpenBLAS's process-wide thread count.
+    # Not thread-safe: a grouped convolution sets OpenBLAS's process-wide thread count for its duration,
+    # and the per-thread workspaces assume one caller at a time.
     thread_safe = False
     # Winograd only with at least this many tiles per call (see _winograd_tile).
     MIN_TILES = 32
@@ -773,7 +772,7 @@ class NumbaBackend(Backend):
     CHUNK_BYTES = 1 << 20
 
     def __init__(self, threads: int | None = None, winograd_tile: int = 4):
-        self.kernels = _process_setup()
+        self.kernels = compile_kernels(__name__)
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         self.winograd_tile = winograd_tile
         self._local = threading.local()
@@ -1020,7 +1019,7 @@ def _find_openblas():
 
 @functools.lru_cache(maxsize=None)
 def _openblas():
-    """_find_openblas, once per process (first asked for by _process_setup)."""
+    """_find_openblas, once per process (first asked for by compile_kernels)."""
     return _find_openblas()
 
 
@@ -1044,12 +1043,14 @@ def _single_threaded_blas():
 
 class _CompileNotice(event.Listener):
     """One line on stderr (the "npresnet" logger, which a user can configure or silence) when the first of
-    our kernels is compiled in this process, so that a first run's seconds of compiling do not look like a
-    hang. Numba announces only real compilations ("numba:compile"), not loads from the kernel cache."""
+    our kernels (inference's or training's) is compiled in this process, so that a first run's seconds of
+    compiling do not look like a hang. Numba announces only real compilations ("numba:compile"), not loads
+    from the kernel cache."""
 
-    def __init__(self, dispatchers):
-        self.dispatchers = {id(d) for d in dispatchers}
+    def __init__(self):
+        self.dispatchers: set[int] = set()
         self.said = False
+        event.register("numba:compile", self)
 
     def on_start(self, ev):
         if not self.said and id(ev.data["dispatcher"]) in self.dispatchers:
@@ -1064,21 +1065,23 @@ class _CompileNotice(event.Listener):
 
 
 @functools.lru_cache(maxsize=None)
-def _process_setup() -> SimpleNamespace:
-    """The kernels as numba dispatchers, once per process, when the first backend is made. Each kernel is
-    compiled, or loaded from the kernel cache, at its first call (for the argument types of that call), so
-    a model compiles only the kernels and specialisations it runs; compiling is announced (_CompileNotice).
+def _compile_notice() -> _CompileNotice:
+    return _CompileNotice()
 
-    Also the process-wide settings the backend needs, made here and not at import: numba's threading
-    layer ("workqueue", which sleeps where OpenMP's spins, unless $NUMBA_THREADING_LAYER is set; it takes
-    effect if no parallel numba code has run yet), and the OpenBLAS probe.
+
+@functools.lru_cache(maxsize=None)
+def compile_kernels(module: str) -> SimpleNamespace:
+    """The @kernel functions of `module` (this one, or train.py) as numba dispatchers, once per process,
+    when the first backend (or training table) needing them is made. Each kernel is compiled, or loaded
+    from the kernel cache, at its first call (for the argument types of that call), so a model compiles
+    only the kernels and specialisations it runs; compiling is announced (_CompileNotice).
+
+    Also the OpenBLAS probe, made here and not at import.
     """
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
     _openblas()
     with _our_cache_dir():
-        kernels = {name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS.items()}
-    event.register("numba:compile", _CompileNotice(kernels.values()))
+        kernels = {name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS[module].items()}
+    _compile_notice().dispatchers.update(id(d) for d in kernels.values())
     return SimpleNamespace(**kernels)
 
 

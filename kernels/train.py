@@ -2,8 +2,8 @@
 
 Importing this module registers ``NumbaTrainingOps`` for models on the "numba" backend
 (``npresnet.autograd.register_training_ops``); like ``cpu.py`` it raises ImportError where
-numba is missing, and changes no process-wide setting itself (the backend's
-``_process_setup`` does, once, when the first NumbaBackend is made).
+numba is missing, and changes no process-wide setting. Its kernels are marked with cpu.py's
+``kernel`` and compiled by its ``compile_kernels``, as the backend's own are.
 
 Every op keeps the signature and the numbers of its NumPy reference in ``functional.py``
 (through ``npresnet.autograd.TrainingOps``), with activations (N, H, W, C) instead of
@@ -33,35 +33,21 @@ Reference: ``npresnet/functional.py`` (the ops) and ``npresnet/autograd.py`` (th
 from __future__ import annotations
 
 import functools
-from types import SimpleNamespace
 
 import numpy as np
-from numba import njit
 
 from npresnet.autograd import TrainingOps, register_training_ops
 from npresnet.backends import FoldedConv
 from npresnet.functional import BN_EPS
 
 from . import cpu
-
-# The kernels, as Python functions: name -> (function, njit options); compiled by _setup, as in cpu.py.
-_KERNELS: dict[str, tuple] = {}
+from .cpu import kernel
 
 # Each thread's weight-gradient and col2im GEMMs take output rows in chunks of about this many bytes
 # of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
 CHUNK_BYTES = 1 << 23
 # Per-channel sums run over this many row blocks (shared out between threads), each summed in float64.
 SUM_BLOCKS = 16
-
-
-def kernel(**options):
-    """Mark a function as a Numba kernel (njit with `options`, cached on disk), compiled by _setup."""
-
-    def mark(py_func):
-        _KERNELS[py_func.__name__] = (py_func, options)
-        return py_func
-
-    return mark
 
 
 # The elementwise kernels below cut the rows into `blocks` slices and do slices b_lo <= b < b_hi, each
@@ -224,14 +210,6 @@ def col2im(cols, R, S, stride, padding, P, Q, job_lo, job_hi, grad_x):
                             grad_x[n, h, w, g * Cg + c] += cols[g, row, base + c]
 
 
-@functools.lru_cache(maxsize=None)
-def _setup() -> SimpleNamespace:
-    """The kernels as numba dispatchers, once per process (after the backend's own process setup)."""
-    cpu._process_setup()
-    with cpu._our_cache_dir():
-        return SimpleNamespace(**{name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS.items()})
-
-
 def _blocks(M: int) -> int:
     return max(1, min(SUM_BLOCKS, M))
 
@@ -282,7 +260,7 @@ class NumbaTrainingOps(TrainingOps):
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
-        self.kernels = _setup()
+        self.kernels = cpu.compile_kernels(__name__)
 
     # --- layout ---------------------------------------------------------------------------
 

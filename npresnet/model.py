@@ -112,7 +112,26 @@ def random_state_dict(spec: ResNetSpec, seed: int = 0, dtype=np.float32) -> dict
     return state
 
 
-class ResNet:
+class SpecProperties:
+    """What a network's spec says of it, for the float ResNet and its int8 form (QuantizedResNet) alike."""
+
+    spec: ResNetSpec
+
+    @property
+    def arch(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def num_params(self) -> int:
+        """Learnable parameters of the float network, as TorchVision counts them (e.g. 11,689,512 for resnet18)."""
+        return count_params(self.spec)
+
+
+class ResNet(SpecProperties):
     """A ResNet of the TorchVision family: parameters, a backend, and the forward pass.
 
     model(x) -> logits (N, num_classes); model.features(x) -> the multi-scale maps.
@@ -161,21 +180,6 @@ class ResNet:
         if spec is None:
             spec = infer_spec_from_state(state_dict, source)
         return cls(spec, state_dict, source=source, **options)
-
-    # --- properties ---------------------------------------------------------------------
-
-    @property
-    def arch(self) -> str:
-        return self.spec.name
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def num_params(self) -> int:
-        """Learnable parameters, as TorchVision counts them (e.g. 11,689,512 for resnet18)."""
-        return count_params(self.spec)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """A copy of the parameters under TorchVision's key names (unfolded), in torch's order,

@@ -78,9 +78,9 @@ import numpy as np
 from . import functional as F
 from .backends import Backend, BackendUnavailable, NumpyBackend
 from .errors import DataError
-from .model import check_input
+from .model import SpecProperties, check_input
 from .predict import _batches
-from .specs import IMAGENET_STEM, ConvSpec, ResNetSpec, all_convs, block_convs, count_params, infer_spec, stem_conv
+from .specs import IMAGENET_STEM, ConvSpec, ResNetSpec, all_convs, block_convs, infer_spec, stem_conv
 from .weights import WeightsError
 
 FORMAT = 1
@@ -470,7 +470,7 @@ def quantize(
 # --- the quantized network --------------------------------------------------------------------------------------
 
 
-class QuantizedResNet:
+class QuantizedResNet(SpecProperties):
     """A ResNet with int8 weights and calibrated activation scales (see the module doc); NumPy backend.
 
     model(x) -> logits (N, num_classes) float32; model.features(x) -> stem, layer1..layer4, pool.
@@ -507,19 +507,6 @@ class QuantizedResNet:
         """The model a quantized file's arrays describe (see the module doc), every entry checked."""
         spec, convs = read_quantized_state(state, meta or {}, source)
         return cls(spec, convs, meta=meta, source=source, **options)
-
-    @property
-    def arch(self) -> str:
-        return self.spec.name
-
-    @property
-    def num_classes(self) -> int:
-        return self.spec.num_classes
-
-    @property
-    def num_params(self) -> int:
-        """The float model's learnable parameters, as TorchVision counts them."""
-        return count_params(self.spec)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The file's arrays (int8 weights, int32 biases, float32 scales, zero points), copied."""

@@ -28,10 +28,10 @@ Load and memory, and why:
 * ``workers`` of the admitted requests at a time decode, preprocess and run the model
   (decoding a photo can take hundreds of MB); the rest wait their turn, in order.
 * The model is shared. A backend whose ``thread_safe`` is False runs every forward pass
-  on one thread of its own, so one at a time: the Numba backend's workqueue threading
-  layer aborts the whole process when two threads enter its parallel loops at once, it
-  sets OpenBLAS's process-wide thread count around each convolution, and its scratch
-  buffers are per thread (one thread: one set, not one per request thread). The NumPy
+  on one thread of its own, so one at a time: the Numba backend's pool threads keep one
+  set of scratch buffers each (two callers at once would share them), it sets OpenBLAS's
+  process-wide thread count around each grouped convolution, and its own scratch buffers
+  are per calling thread (one thread: one set, not one per request thread). The NumPy
   backend's ops are pure functions of their arguments, so its forward passes run
   concurrently on the request threads. Preprocessing runs on the request threads either way.
 * After a burst the memory goes back to the OS: the request threads share two glibc heaps
