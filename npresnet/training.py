@@ -364,7 +364,9 @@ class _StopRequest:
         self.previous = None
 
     def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        # Only where Ctrl-C can be handled: the main thread, and not a process started with SIGINT ignored
+        # (a background job, nohup), which a Ctrl-C is not meant to reach.
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

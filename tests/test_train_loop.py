@@ -61,7 +61,16 @@ def arrays(path):
         return {k: archive[k] for k in archive.files}
 
 
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as in a terminal (Python's default handler), also where pytest runs as a background job,
+    which starts with SIGINT ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, interactive_sigint):
     data = write_data(tmp_path / "data")
     straight = fit(tiny_model(), data, TINY, tmp_path / "a" / "out.npz", reporter=Recorder())
     assert [h.epoch for h in straight.history] == [0, 1]
@@ -87,6 +96,17 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path):
         fit(tiny_model(), data, TINY, out, resume=tmp_path / "b" / "out.ckpt.npz")
     with pytest.raises(ValueError, match="lr=0.1 \\(the checkpoint has 0.05\\)"):
         fit(tiny_model(), data, dataclasses.replace(TINY, lr=0.1), out, resume=info.value.checkpoint)
+
+
+def test_a_job_started_with_sigint_ignored_is_not_stopped_by_it(tmp_path):
+    """nohup and background jobs start with SIGINT ignored: training leaves it so, and runs to the end."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        done = fit(tiny_model(), write_data(tmp_path / "data"), TINY, tmp_path / "out.npz", reporter=Recorder(interrupt_at=1))
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert [h.epoch for h in done.history] == [0, 1]
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_files(tmp_path, monkeypatch):
