@@ -47,6 +47,28 @@ class FoldedConv:
     groups: int
 
 
+@dataclass(frozen=True)
+class ConvBatchNorm:
+    """A convolution and the inference-mode batch norm after it, not yet folded:
+    y = conv2d(x, weight) * scale + bias, with scale and bias (K,) the batch norm's, in float64.
+
+    weight: (K, C/G, R, S), the model's own array (in the dtype it holds); dtype: the one the model runs in.
+    """
+
+    weight: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    stride: int
+    padding: int
+    groups: int
+    dtype: np.dtype
+
+    def folded(self) -> FoldedConv:
+        """The scale folded into the weights, in float64, rounded once to dtype."""
+        weight = self.weight.astype(np.float64) * self.scale.reshape(-1, 1, 1, 1)
+        return FoldedConv(weight.astype(self.dtype), self.bias.astype(self.dtype), self.stride, self.padding, self.groups)
+
+
 class Backend:
     """The ops a ResNet forward pass needs. Activations are opaque between from_numpy and to_numpy."""
 
@@ -57,6 +79,19 @@ class Backend:
 
     def prepare_conv(self, conv: FoldedConv) -> Any:
         """Turn a folded convolution into this backend's form (re-layout, transform, upload)."""
+        raise NotImplementedError
+
+    def prepare_conv_bn(self, conv: ConvBatchNorm) -> Any:
+        """Prepare a convolution and its batch norm; by default folded (prepare_conv of conv.folded())."""
+        return self.prepare_conv(conv.folded())
+
+    # Whether prepare_conv_bn's result keeps the weights it was given, unfolded (conv_weight gives them
+    # back), so that a model running in its weights' own dtype need not keep a copy of its own beside it.
+    keeps_weights = False
+
+    def conv_weight(self, prepared: Any) -> np.ndarray:
+        """The weights (K, C/G, R, S) prepare_conv_bn was given, in its dtype: bit for bit where they
+        were in that dtype (only where keeps_weights)."""
         raise NotImplementedError
 
     def prepare_linear(self, weight: np.ndarray, bias: np.ndarray) -> Any:

@@ -87,12 +87,13 @@ def test_conv_matches_reference(cpu, case, path, dtype):
 @pytest.mark.parametrize("E, M, D, K", [(1, 13, 7, 40), (3, 6, 16, 16), (2, 49, 33, 8), (1, 1, 1, 1)], ids=str)
 def test_gemm_packed_matches_matmul(cpu, E, M, D, K, dtype):
     """gemm_packed on its own: row blocks of 6 and their remainder, whole and partial panels, a batch of
-    GEMMs, a sub-range of panels (one thread's share), with bias, residual and ReLU, NaN kept by ReLU."""
+    GEMMs, a sub-range of panels (one thread's share), with scale, bias, residual and ReLU, NaN kept by ReLU."""
     rng = np.random.default_rng(8)
     a = rng.standard_normal((E, M, D)).astype(dtype)
     a[0, 0, 0] = np.nan  # row 0 of out[0] must come out NaN in every column, ReLU or not
     w = rng.standard_normal((E, D, K)).astype(dtype)
     bias, residual = rng.standard_normal(K).astype(dtype), rng.standard_normal((E, M, K)).astype(dtype)
+    scale = rng.uniform(0.5, 2, K).astype(dtype)
     Wp = cpu.pack_panels(w)
     NR = Wp.shape[3]
     assert NR == 2 * 32 // np.dtype(dtype).itemsize
@@ -100,14 +101,14 @@ def test_gemm_packed_matches_matmul(cpu, E, M, D, K, dtype):
     tile = np.empty((6, NR), dtype)
     for relu in (False, True):
         for has_residual in (False, True):
-            want = np.matmul(a, w) + bias + (residual if has_residual else 0)
+            want = np.matmul(a, w) * scale + bias + (residual if has_residual else 0)
             if relu:
                 want = np.maximum(want, 0)
             out = np.full((E, M, K), 7, dtype)
             panels = Wp.shape[1]
             # Two shares of the panels, as two threads would run them.
             for lo, hi in ((0, panels // 2), (panels // 2, panels)):
-                kernels.gemm_packed(a, Wp, bias, residual if has_residual else out, has_residual, relu, lo, hi, tile, out)
+                kernels.gemm_packed(a, Wp, scale, bias, residual if has_residual else out, has_residual, relu, lo, hi, tile, out)
             np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
             assert np.isnan(out[0, 0]).all()
             assert_close(np.nan_to_num(out), np.nan_to_num(want))
