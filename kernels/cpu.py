@@ -860,6 +860,9 @@ class NumbaBackend(Backend):
     def prepare_linear(self, weight, bias):
         return np.ascontiguousarray(weight.T), bias
 
+    def linear_weight(self, prepared) -> np.ndarray:
+        return np.ascontiguousarray(prepared[0].T)
+
     # --- ops -------------------------------------------------------------------------------
 
     def _workspace(self, name, shape, dtype):

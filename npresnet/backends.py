@@ -85,8 +85,9 @@ class Backend:
         """Prepare a convolution and its batch norm; by default folded (prepare_conv of conv.folded())."""
         return self.prepare_conv(conv.folded())
 
-    # Whether prepare_conv_bn's result keeps the weights it was given, unfolded (conv_weight gives them
-    # back), so that a model running in its weights' own dtype need not keep a copy of its own beside it.
+    # Whether the forms prepare_conv_bn and prepare_linear make keep the weights they were given, unfolded
+    # (conv_weight and linear_weight give them back), so that a model running in its weights' own dtype
+    # need not keep a copy of its own beside them.
     keeps_weights = False
 
     def conv_weight(self, prepared: Any) -> np.ndarray:
@@ -96,6 +97,10 @@ class Backend:
 
     def prepare_linear(self, weight: np.ndarray, bias: np.ndarray) -> Any:
         """weight (K, C), bias (K,) -> this backend's form."""
+        raise NotImplementedError
+
+    def linear_weight(self, prepared: Any) -> np.ndarray:
+        """The weight (K, C) prepare_linear was given, bit for bit (only where keeps_weights)."""
         raise NotImplementedError
 
     def from_numpy(self, x: np.ndarray) -> Any:

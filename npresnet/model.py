@@ -23,10 +23,11 @@ Reference: TorchVision ``models/resnet.py`` (``BasicBlock``, ``Bottleneck``,
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -162,13 +163,13 @@ class ResNet(SpecProperties):
         # Own, writeable arrays: training updates them in place, and the caller's arrays must not change.
         # copy=False takes the caller's writeable arrays as they are (load() does: nobody else holds what it
         # read, and a second copy of the weights would be the peak of a small process's memory).
-        # A conv weight is None here while only its prepared form holds it (see _prepare and _weights_held).
+        # A conv or fc weight is None here while only its prepared form holds it (see _prepare, _weights_held).
         self._params: dict[str, np.ndarray | None] = {
             k: v if not copy and isinstance(v, np.ndarray) and v.flags.writeable else np.array(v)
             for k, v in validate_state_dict(state_dict, spec, source).items()
         }
-        # key -> (the array handed over, while anyone else still holds it; its prepared conv)
-        self._weights_held: dict[str, tuple[weakref.ref, Any]] = {}
+        # key -> (the array handed over, while anyone else still holds it; a function that rebuilds it)
+        self._weights_held: dict[str, tuple[weakref.ref, Callable[[], np.ndarray]]] = {}
         # bn prefix -> batches seen in training mode (torch's num_batches_tracked), kept from the weights if present.
         self._num_batches_tracked = {c.bn: 0 for c in all_convs(spec)}
         for bn in self._num_batches_tracked:
@@ -217,9 +218,9 @@ class ResNet(SpecProperties):
     def _held_weight(self, key: str) -> np.ndarray:
         """A conv weight the prepared network holds: the array handed over if someone still holds
         it (and may have changed it in place), else the backend's exact copy."""
-        handed_over, prepared = self._weights_held[key]
+        handed_over, rebuild = self._weights_held[key]
         weight = handed_over()
-        return weight if weight is not None else self.backend.conv_weight(prepared)
+        return weight if weight is not None else rebuild()
 
     def parameters(self, trainable: bool = True) -> dict[str, np.ndarray]:
         """The learnable parameters by name (torch's named_parameters), the live arrays, not copies.
@@ -380,8 +381,13 @@ class ResNet(SpecProperties):
             self._take_back_weights()  # from another prepared form, if one holds them
             s = self._params
             # The whole network's prepared form, in the weights' own dtype, on a backend that keeps them
-            # unfolded, becomes their only holder: each is handed over as soon as its conv is prepared.
+            # unfolded, becomes their only holder: each is handed over as soon as its conv (or the fc) is prepared.
             hand_over = through is None and ops.keeps_weights
+
+            def keep_only_prepared(key: str, prepared: Any, rebuild: Callable[[Any], np.ndarray]) -> None:
+                if hand_over and s[key].dtype == dtype:
+                    self._weights_held[key] = (weakref.ref(s[key]), functools.partial(rebuild, prepared))
+                    s[key] = None
 
             def fold(c: ConvSpec):
                 weight_key = f"{c.conv}.weight"
@@ -397,9 +403,7 @@ class ResNet(SpecProperties):
                 prepared = ops.prepare_conv_bn(
                     ConvBatchNorm(weight, scale.reshape(-1), bias, c.stride, c.padding, c.groups, dtype)
                 )
-                if hand_over and weight.dtype == dtype:
-                    self._weights_held[weight_key] = (weakref.ref(weight), prepared)
-                    s[weight_key] = None
+                keep_only_prepared(weight_key, prepared, ops.conv_weight)
                 return prepared
 
             num_stages = len(self.spec.layers) if through is None else STAGES.index(through)
@@ -409,7 +413,9 @@ class ResNet(SpecProperties):
                     stages[b.stage - 1].append({role: fold(c) for role, c in block_convs(b).items()})
             fc = None
             if through is None:
-                fc = ops.prepare_linear(s["fc.weight"].astype(dtype), s["fc.bias"].astype(dtype))
+                # (a copy unless it is handed over: a backend may keep the very array it is given)
+                fc = ops.prepare_linear(s["fc.weight"].astype(dtype, copy=not hand_over), s["fc.bias"].astype(dtype))
+                keep_only_prepared("fc.weight", fc, ops.linear_weight)
             self._prepared[key] = PreparedNet(
                 stem=fold(stem_conv(self.spec)), max_pool=self.spec.stem == IMAGENET_STEM, stages=stages, fc=fc
             )

@@ -204,8 +204,8 @@ def test_default_numba_model_at_imagenet_size(cpu, dtype):
     assert_close(npresnet.resnet18(state, backend="numba")(x), want)
 
 
-def test_numba_model_holds_its_conv_weights_once(cpu):
-    """After a forward pass the model's own conv weights are gone (the packed ones are the only copy), yet
+def test_numba_model_holds_its_weights_once(cpu):
+    """After a forward pass the model's own conv and fc weights are gone (the prepared ones are the only copy), yet
     state_dict() gives them bit for bit; the live arrays come back for training, and a weight changed in
     place through them (then invalidate), even one held across a forward pass, is what the next pass uses."""
     spec = get_spec("resnet18", num_classes=5)
@@ -216,10 +216,10 @@ def test_numba_model_holds_its_conv_weights_once(cpu):
             state[key] = rng.standard_normal(state[key].shape).astype(np.float32)
         elif key.endswith(("running_var", "bn1.weight", "bn2.weight", "downsample.1.weight")):
             state[key] = rng.uniform(0.5, 2, state[key].shape).astype(np.float32)
-    conv_weights = [k for k, v in state.items() if v.ndim == 4]
+    weights = [k for k, v in state.items() if v.ndim > 1]  # the convolutions' and the fc's
     model = npresnet.build(spec, state, backend="numba")
     x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
-    held = {k: weakref.ref(v) for k, v in model.parameters().items() if k in conv_weights}
+    held = {k: weakref.ref(v) for k, v in model.parameters().items() if k in weights}
     assert all(ref() is not None for ref in held.values())
     assert_close(model(x), npresnet.build(spec, state, backend="numpy")(x))
     assert [k for k, ref in held.items() if ref() is not None] == []  # the model's copies are freed
@@ -227,7 +227,7 @@ def test_numba_model_holds_its_conv_weights_once(cpu):
     for key, value in state.items():
         assert saved[key].dtype == value.dtype and np.array_equal(saved[key], value), key
     live = model.parameters()
-    assert all(np.array_equal(live[k], state[k]) for k in conv_weights)
+    assert all(np.array_equal(live[k], state[k]) for k in weights)
     live["conv1.weight"] *= 2
     model.invalidate()
     del live
