@@ -747,7 +747,7 @@ class PreparedConv:
             self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
         self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
-        # Winograd's GEMMs leave scale (in U) and bias to the output transform.
+        # The scale and bias of Winograd's GEMMs: the batch norm's scale is in U, its bias added by the output transform.
         self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None
         self.ones = np.ones(K, dtype=self.dtype) if self.winograd else None
 

@@ -3,8 +3,9 @@
 The model (``model.py``) never branches on the backend: it calls the methods of
 ``Backend`` below. A backend owns the layout of activations between
 ``from_numpy`` and ``to_numpy`` (NCHW here; a compiled backend may use NHWC,
-a blocked layout or device memory), and turns each folded convolution into
-whatever it runs fastest (``prepare_conv``), once per model and dtype.
+a blocked layout or device memory), and turns each convolution and its batch
+norm into whatever it runs fastest (``prepare_conv_bn``: by default the batch norm
+folded into the weights, then ``prepare_conv``), once per model and dtype.
 
 ``NumpyBackend`` is the readable reference built from ``functional.py``.
 The optional compiled backends live in the ``npresnet_kernels`` package (the
