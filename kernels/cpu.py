@@ -40,7 +40,10 @@ loop, whose threading layer and parfor compilation cost seconds of start-up.
 
 Numerics: no fastmath (NaN and inf behave as in the reference); gemm_packed uses fused
 multiply-adds (llvm.fma: one rounding per step, no reassociation), and the Winograd
-weight transform is done in float64 and rounded once. Measured against the
+weight transform is done in float64 and rounded once. A model's batch norm is not folded
+into the weights here: its scale multiplies each sum in the epilogue (in U for Winograd), so
+that the packed weights are the model's own, reordered, and the model need not keep another
+copy (``NumbaBackend.keeps_weights``). Measured against the
 float64 reference: see bench/ and tests/test_kernels_cpu.py.
 
 Compiled kernels are cached on disk (``cache=True``) under
@@ -76,7 +79,7 @@ from numba import njit, types
 from numba.core import cgutils, event
 from numba.extending import intrinsic, models, register_model
 
-from npresnet.backends import Backend, FoldedConv, kernel_cache_dir, register_backend
+from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, kernel_cache_dir, register_backend
 from npresnet.functional import conv_output_size
 
 # The kernels, as Python functions, of this module and of the others that use `kernel` (train.py):
@@ -177,15 +180,16 @@ def simd_zero(typingctx, array):
 
 
 @intrinsic
-def simd_finish(typingctx, vector, bias, column, residual, has_residual, relu, out, index):
-    """out.flat[index : index + L] = [relu](vector + bias[column : column + L] [+ residual.flat[index : ...]]).
+def simd_finish(typingctx, vector, scale, bias, column, residual, has_residual, relu, out, index):
+    """out.flat[index : index + L] = [relu](vector * scale[column : column + L] + bias[column : column + L]
+    [+ residual.flat[index : ...]]): the multiply and each add rounded on their own, as in scalar code.
 
     Branch-free: residual is always read (the backend passes out itself when there is none, which
     the store reads anyway), then chosen or not; ReLU keeps NaN, as np.maximum(x, 0).
     """
 
     def codegen(context, builder, sig, args):
-        v, bias_, column_, residual_, has_residual_, relu_, out_, index_ = args
+        v, scale_, bias_, column_, residual_, has_residual_, relu_, out_, index_ = args
         vector_type = v.type
         pointer_type = vector_type.as_pointer()
 
@@ -193,17 +197,18 @@ def simd_finish(typingctx, vector, bias, column, residual, has_residual, relu, o
             pointer = _element_pointer(context, builder, array_type, array, i)
             return builder.load(builder.bitcast(pointer, pointer_type), align=4)
 
-        v = builder.fadd(v, load(sig.args[1], bias_, column_))
-        v = builder.select(has_residual_, builder.fadd(v, load(sig.args[3], residual_, index_)), v)
+        v = builder.fmul(v, load(sig.args[1], scale_, column_))
+        v = builder.fadd(v, load(sig.args[2], bias_, column_))
+        v = builder.select(has_residual_, builder.fadd(v, load(sig.args[4], residual_, index_)), v)
         zero = ir.Constant(vector_type, [0.0] * vector_type.count)
         negative = builder.fcmp_ordered("<", v, zero)
         negative = builder.select(relu_, negative, ir.Constant(negative.type, [0] * vector_type.count))
         v = builder.select(negative, zero, v)
-        pointer = _element_pointer(context, builder, sig.args[6], out_, index_)
+        pointer = _element_pointer(context, builder, sig.args[7], out_, index_)
         builder.store(v, builder.bitcast(pointer, pointer_type), align=4)
         return context.get_dummy_value()
 
-    return types.none(vector, bias, column, residual, has_residual, relu, out, index), codegen
+    return types.none(vector, scale, bias, column, residual, has_residual, relu, out, index), codegen
 
 
 @intrinsic
@@ -225,12 +230,12 @@ def simd_fma(typingctx, acc, array, index, vector):
 
 
 @kernel(nogil=True)
-def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out):
-    """out[e] (M, K) = [relu](a[e] (M, D) @ W[e] + bias [+ residual[e] (M, K)]) for every e < E, in the
+def gemm_packed(a, Wp, scale, bias, residual, has_residual, relu, p_lo, p_hi, tile, out):
+    """out[e] (M, K) = [relu](a[e] (M, D) @ W[e] * scale + bias [+ residual[e] (M, K)]) for every e < E, in the
     output channels of panels p_lo <= p < p_hi (E = 1 for a convolution, A*A for Winograd's GEMMs).
 
     Wp (E, ceil(K/NR), D, NR) is each W[e] (D, K) cut into panels of NR = 2L columns (zero-padded):
-    each 6 x NR block of out is summed in 12 vector registers over all of D, then finished (bias,
+    each 6 x NR block of out is summed in 12 vector registers over all of D, then finished (scale, bias,
     residual, ReLU) in registers on its way out: the only pass over the output. The last rows (fewer
     than 6) and a last, partial panel go through tile (6, NR) and are finished element by element.
     Panels go in groups whose weights fit in L2; each group passes over all rows, six at a time, and
@@ -287,23 +292,23 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
                             c51 = simd_fma(c51, af, r, b1)
                         if width == NR:  # finished in registers, straight into out
                             o = o0 + i0 * K + col
-                            simd_finish(c00, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c01, bias, col + L, rf, has_residual, relu, of, o + L)
+                            simd_finish(c00, scale, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c01, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                             o += K
-                            simd_finish(c10, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c11, bias, col + L, rf, has_residual, relu, of, o + L)
+                            simd_finish(c10, scale, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c11, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                             o += K
-                            simd_finish(c20, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c21, bias, col + L, rf, has_residual, relu, of, o + L)
+                            simd_finish(c20, scale, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c21, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                             o += K
-                            simd_finish(c30, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c31, bias, col + L, rf, has_residual, relu, of, o + L)
+                            simd_finish(c30, scale, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c31, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                             o += K
-                            simd_finish(c40, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c41, bias, col + L, rf, has_residual, relu, of, o + L)
+                            simd_finish(c40, scale, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c41, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                             o += K
-                            simd_finish(c50, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c51, bias, col + L, rf, has_residual, relu, of, o + L)
+                            simd_finish(c50, scale, bias, col, rf, has_residual, relu, of, o)
+                            simd_finish(c51, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                             continue
                         simd_store(tf, 0, c00)
                         simd_store(tf, L, c01)
@@ -330,7 +335,7 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
                     for i in range(rows):
                         row = i0 + i
                         for j in range(width):
-                            v = tile[i, j] + bias[col + j]
+                            v = tile[i, j] * scale[col + j] + bias[col + j]
                             if has_residual:
                                 v += residual[e, row, col + j]
                             if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
@@ -338,8 +343,8 @@ def gemm_packed(a, Wp, bias, residual, has_residual, relu, p_lo, p_hi, tile, out
                             out[e, row, col + j] = v
 
 @kernel(nogil=True)
-def conv_packed(xp, Wp, bias, residual, has_residual, relu, R, stride, P, Q, m_lo, m_hi, p_lo, p_hi, tile, out):
-    """Output pixels m_lo <= m < m_hi of a convolution, out (N*P*Q, K) = [relu](conv + bias [+ residual]),
+def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P, Q, m_lo, m_hi, p_lo, p_hi, tile, out):
+    """Output pixels m_lo <= m < m_hi of a convolution, out (N*P*Q, K) = [relu](conv * scale + bias [+ residual]),
     in the output channels of panels p_lo <= p < p_hi, without gathering patches.
 
     xp (N, Hp, Wq, C) is the input already zero-padded, so that the window of output pixel
@@ -404,23 +409,23 @@ def conv_packed(xp, Wp, bias, residual, has_residual, relu, R, stride, P, Q, m_l
                         c51 = simd_fma(c51, xf, x5 + shift + j, b1)
                 if rows == 6 and width == NR:  # finished in registers, straight into out
                     o = i0 * K + col
-                    simd_finish(c00, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c01, bias, col + L, rf, has_residual, relu, of, o + L)
+                    simd_finish(c00, scale, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c01, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                     o += K
-                    simd_finish(c10, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c11, bias, col + L, rf, has_residual, relu, of, o + L)
+                    simd_finish(c10, scale, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c11, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                     o += K
-                    simd_finish(c20, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c21, bias, col + L, rf, has_residual, relu, of, o + L)
+                    simd_finish(c20, scale, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c21, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                     o += K
-                    simd_finish(c30, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c31, bias, col + L, rf, has_residual, relu, of, o + L)
+                    simd_finish(c30, scale, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c31, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                     o += K
-                    simd_finish(c40, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c41, bias, col + L, rf, has_residual, relu, of, o + L)
+                    simd_finish(c40, scale, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c41, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                     o += K
-                    simd_finish(c50, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c51, bias, col + L, rf, has_residual, relu, of, o + L)
+                    simd_finish(c50, scale, bias, col, rf, has_residual, relu, of, o)
+                    simd_finish(c51, scale, bias, col + L, rf, has_residual, relu, of, o + L)
                     continue
                 simd_store(tf, 0, c00)
                 simd_store(tf, L, c01)
@@ -436,7 +441,7 @@ def conv_packed(xp, Wp, bias, residual, has_residual, relu, R, stride, P, Q, m_l
                 simd_store(tf, 5 * NR + L, c51)
                 for i in range(rows):
                     for j in range(width):
-                        v = tile[i, j] + bias[col + j]
+                        v = tile[i, j] * scale[col + j] + bias[col + j]
                         if has_residual:
                             v += residual[i0 + i, col + j]
                         if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
@@ -489,8 +494,8 @@ def im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
                         cols[g, row, base + i] = 0
 
 @kernel(nogil=True)
-def epilogue(src, bias, residual, has_residual, relu, out):
-    """out (M, K) = [relu](src + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1.
+def epilogue(src, scale, bias, residual, has_residual, relu, out):
+    """out (M, K) = [relu](src * scale + bias [+ residual]); src (G, M, K/G) may be out itself when G == 1.
 
     Serial and GIL-free, called by each pool thread on the chunk it just multiplied (still in cache).
     """
@@ -499,7 +504,7 @@ def epilogue(src, bias, residual, has_residual, relu, out):
         for g in range(G):
             for kk in range(Kg):
                 k = g * Kg + kk
-                v = src[g, row, kk] + bias[k]
+                v = src[g, row, kk] * scale[k] + bias[k]
                 if has_residual:
                     v += residual[row, k]
                 if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
@@ -712,21 +717,28 @@ def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
 
 
 class PreparedConv:
-    """A folded convolution in the forms its kernels want (see the module docstring for the variants).
+    """A convolution in the forms its kernels want (see the module docstring for the variants):
+    y = conv2d(x, weight) * scale + bias, scale and bias per output channel.
 
     Groups 1: Wp (1, ceil(K/NR), R*S*C, NR), the GEMM's weights (R*S*C, K) packed for gemm_packed
-    (pack_panels). Grouped: W (G, R*S*C/G, K/G) for NumPy's BLAS. For 3x3 stride-1 convolutions also
-    the Winograd weights U of each tile size, made on first use: G g G^T for each of the A*A tile
-    elements, (A*A, C, K) packed the same way.
+    (pack_panels). Grouped: W (G, R*S*C/G, K/G) for NumPy's BLAS. Both are the weights as given,
+    reordered, so that plain_weights gives them back bit for bit. For 3x3 stride-1 convolutions also
+    the Winograd weights U of each tile size, made on first use: G (g * scale) G^T for each of the A*A
+    tile elements, (A*A, C, K) packed the same way.
+
+    scale: a batch norm's scale (K,), float64, applied after the sum (None: 1, a folded convolution),
+    so that the weights need no folded copy.
     """
 
-    def __init__(self, conv: FoldedConv):
+    def __init__(self, conv: FoldedConv, scale: np.ndarray | None = None):
         K, Cg, R, S = conv.weight.shape
         G = conv.groups
         self.K, self.Cg, self.R, self.S, self.G = K, Cg, R, S, G
         self.stride, self.padding = conv.stride, conv.padding
         self.dtype = conv.weight.dtype
         self.bias = np.ascontiguousarray(conv.bias)
+        self.batch_norm_scale = scale
+        self.scale = np.ones(K, dtype=self.dtype) if scale is None else scale.astype(self.dtype)
         self.W = self.Wp = None
         if G == 1:
             self.Wp = pack_panels(conv.weight.transpose(2, 3, 1, 0)[None])  # from (1, R, S, C, K), a view
@@ -735,7 +747,9 @@ class PreparedConv:
             self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
         self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
-        self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None  # the bias of Winograd's GEMMs
+        # The scale and bias of Winograd's GEMMs: the batch norm's scale is in U, its bias added by the output transform.
+        self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None
+        self.ones = np.ones(K, dtype=self.dtype) if self.winograd else None
 
     def plain_weights(self) -> np.ndarray:
         """The weights as (G, R*S*C/G, K/G), unpacked if packed."""
@@ -744,16 +758,27 @@ class PreparedConv:
         _, panels, D, NR = self.Wp.shape
         return self.Wp.transpose(0, 2, 1, 3).reshape(1, D, panels * NR)[:, :, : self.K]
 
+    def weight(self) -> np.ndarray:
+        """The weights (K, C/G, R, S) as given, bit for bit: a new array."""
+        G, K, Cg, R, S = self.G, self.K, self.Cg, self.R, self.S
+        w = self.plain_weights().reshape(G, R, S, Cg, K // G).transpose(0, 4, 3, 1, 2)  # (G, K/G, C/G, R, S)
+        return np.ascontiguousarray(w).reshape(K, Cg, R, S)
+
     def U(self, tile: int) -> np.ndarray:
         if tile not in self._U:
             _, Gm, _ = WINOGRAD[tile]
             A = tile + 2
-            X = self.Cg * self.K
-            g = self.plain_weights().reshape(3, 3, X).astype(np.float64)  # (R, S, C*K)
-            # U = G g G^T for every (input, output) channel pair, in float64 and rounded once.
-            rows = np.matmul(Gm, g.reshape(3, 3 * X)).reshape(A, 3, X)  # (A, S, X)
-            U = np.matmul(Gm, rows)  # (A, A, X)
-            self._U[tile] = pack_panels(U.reshape(A * A, self.Cg, self.K), self.dtype)
+            _, panels, D, NR = self.Wp.shape
+            scale = np.zeros(panels * NR)  # (the last panel's padding has zero weights)
+            scale[: self.K] = 1 if self.batch_norm_scale is None else self.batch_norm_scale
+            U = np.empty((A * A, panels, self.Cg, NR), dtype=self.dtype)
+            # U = G g G^T for every (input, output) channel pair, in float64 and rounded once; a panel of
+            # NR output channels at a time, straight into gemm_packed's layout (as pack_panels would put it).
+            for p in range(panels):
+                g = self.Wp[0, p].astype(np.float64) * scale[p * NR : (p + 1) * NR]  # (R*S*C, NR)
+                rows = np.matmul(Gm, g.reshape(3, 3 * self.Cg * NR)).reshape(A, 3, self.Cg * NR)  # (A, S, C*NR)
+                U[:, p] = np.matmul(Gm, rows).reshape(A * A, self.Cg, NR)  # (A, A, C*NR)
+            self._U[tile] = U
         return self._U[tile]
 
 
@@ -808,6 +833,16 @@ class NumbaBackend(Backend):
     def prepare_conv(self, conv: FoldedConv) -> PreparedConv:
         return PreparedConv(conv)
 
+    # The batch norm's scale is applied after the sum, so the packed weights are the model's own, reordered.
+    keeps_weights = True
+
+    def prepare_conv_bn(self, conv: ConvBatchNorm) -> PreparedConv:
+        weight, dtype = conv.weight.astype(conv.dtype, copy=False), conv.dtype
+        return PreparedConv(FoldedConv(weight, conv.bias.astype(dtype), conv.stride, conv.padding, conv.groups), conv.scale)
+
+    def conv_weight(self, prepared: PreparedConv) -> np.ndarray:
+        return prepared.weight()
+
     def _winograd_tile(self, conv: PreparedConv, N: int, P: int, Q: int) -> int:
         """The Winograd tile for this call, or 0 for the GEMM path.
 
@@ -824,6 +859,9 @@ class NumbaBackend(Backend):
 
     def prepare_linear(self, weight, bias):
         return np.ascontiguousarray(weight.T), bias
+
+    def linear_weight(self, prepared) -> np.ndarray:
+        return np.ascontiguousarray(prepared[0].T)
 
     # --- ops -------------------------------------------------------------------------------
 
@@ -873,7 +911,7 @@ class NumbaBackend(Backend):
             self.kernels.winograd_input(x, m, lo, hi, V)
             Mt = self._workspace("M", (A * A, hi - lo, conv.K), x.dtype)
             tile = self._workspace("tile", (6, U.shape[3]), x.dtype)
-            self.kernels.gemm_packed(V, U, conv.zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
+            self.kernels.gemm_packed(V, U, conv.ones, conv.zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
             self.kernels.winograd_output(Mt, m, conv.bias, res, has_residual, relu, lo, hi, out)
 
         self._split(tiles, T)
@@ -918,11 +956,11 @@ class NumbaBackend(Backend):
 
         def pixels(lo, hi):
             tile = self._workspace("tile", (6, conv.Wp.shape[3]), x.dtype)
-            self.kernels.conv_packed(xp, conv.Wp, conv.bias, res2, has_residual, relu, *args, 6 * lo, min(6 * hi, M), 0, panels, tile, out2)
+            self.kernels.conv_packed(xp, conv.Wp, conv.scale, conv.bias, res2, has_residual, relu, *args, 6 * lo, min(6 * hi, M), 0, panels, tile, out2)
 
         def columns(lo, hi):
             tile = self._workspace("tile", (6, conv.Wp.shape[3]), x.dtype)
-            self.kernels.conv_packed(xp, conv.Wp, conv.bias, res2, has_residual, relu, *args, 0, M, lo, hi, tile, out2)
+            self.kernels.conv_packed(xp, conv.Wp, conv.scale, conv.bias, res2, has_residual, relu, *args, 0, M, lo, hi, tile, out2)
 
         if conv.Wp.nbytes > M * conv.Wp.shape[2] * x.itemsize:
             self._split(columns, panels)  # the weights outweigh the patches: each thread reads its share
@@ -949,7 +987,7 @@ class NumbaBackend(Backend):
 
                 def columns(lo, hi):
                     tile = self._workspace("tile", tile_shape, out.dtype)
-                    kernels.gemm_packed(a, conv.Wp, conv.bias, res2[None], has_residual, relu, lo, hi, tile, out2[None])
+                    kernels.gemm_packed(a, conv.Wp, conv.scale, conv.bias, res2[None], has_residual, relu, lo, hi, tile, out2[None])
 
                 self._split(columns, panels)
                 return
@@ -963,11 +1001,11 @@ class NumbaBackend(Backend):
                 if G == 1:
                     tile = self._workspace("tile", tile_shape, out.dtype)
                     a = np.ascontiguousarray(cols)
-                    kernels.gemm_packed(a, conv.Wp, conv.bias, res2[None, span], has_residual, relu, 0, panels, tile, out2[None, span])
+                    kernels.gemm_packed(a, conv.Wp, conv.scale, conv.bias, res2[None, span], has_residual, relu, 0, panels, tile, out2[None, span])
                     continue
                 src = self._workspace("gemm", (G, (k - j) * Q, K // G), out.dtype)
                 np.matmul(cols, conv.W, out=src)
-                kernels.epilogue(src, conv.bias, res2[span], has_residual, relu, out2[span])
+                kernels.epilogue(src, conv.scale, conv.bias, res2[span], has_residual, relu, out2[span])
 
         if G == 1:
             self._split(rows, N * P)

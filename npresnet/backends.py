@@ -3,8 +3,9 @@
 The model (``model.py``) never branches on the backend: it calls the methods of
 ``Backend`` below. A backend owns the layout of activations between
 ``from_numpy`` and ``to_numpy`` (NCHW here; a compiled backend may use NHWC,
-a blocked layout or device memory), and turns each folded convolution into
-whatever it runs fastest (``prepare_conv``), once per model and dtype.
+a blocked layout or device memory), and turns each convolution and its batch
+norm into whatever it runs fastest (``prepare_conv_bn``: by default the batch norm
+folded into the weights, then ``prepare_conv``), once per model and dtype.
 
 ``NumpyBackend`` is the readable reference built from ``functional.py``.
 The optional compiled backends live in the ``npresnet_kernels`` package (the
@@ -47,6 +48,28 @@ class FoldedConv:
     groups: int
 
 
+@dataclass(frozen=True)
+class ConvBatchNorm:
+    """A convolution and the inference-mode batch norm after it, not yet folded:
+    y = conv2d(x, weight) * scale + bias, with scale and bias (K,) the batch norm's, in float64.
+
+    weight: (K, C/G, R, S), the model's own array (in the dtype it holds); dtype: the one the model runs in.
+    """
+
+    weight: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    stride: int
+    padding: int
+    groups: int
+    dtype: np.dtype
+
+    def folded(self) -> FoldedConv:
+        """The scale folded into the weights, in float64, rounded once to dtype."""
+        weight = self.weight.astype(np.float64) * self.scale.reshape(-1, 1, 1, 1)
+        return FoldedConv(weight.astype(self.dtype), self.bias.astype(self.dtype), self.stride, self.padding, self.groups)
+
+
 class Backend:
     """The ops a ResNet forward pass needs. Activations are opaque between from_numpy and to_numpy."""
 
@@ -59,8 +82,26 @@ class Backend:
         """Turn a folded convolution into this backend's form (re-layout, transform, upload)."""
         raise NotImplementedError
 
+    def prepare_conv_bn(self, conv: ConvBatchNorm) -> Any:
+        """Prepare a convolution and its batch norm; by default folded (prepare_conv of conv.folded())."""
+        return self.prepare_conv(conv.folded())
+
+    # Whether the forms prepare_conv_bn and prepare_linear make keep the weights they were given, unfolded
+    # (conv_weight and linear_weight give them back), so that a model running in its weights' own dtype
+    # need not keep a copy of its own beside them.
+    keeps_weights = False
+
+    def conv_weight(self, prepared: Any) -> np.ndarray:
+        """The weights (K, C/G, R, S) prepare_conv_bn was given, in its dtype: bit for bit where they
+        were in that dtype (only where keeps_weights)."""
+        raise NotImplementedError
+
     def prepare_linear(self, weight: np.ndarray, bias: np.ndarray) -> Any:
         """weight (K, C), bias (K,) -> this backend's form."""
+        raise NotImplementedError
+
+    def linear_weight(self, prepared: Any) -> np.ndarray:
+        """The weight (K, C) prepare_linear was given, bit for bit (only where keeps_weights)."""
         raise NotImplementedError
 
     def from_numpy(self, x: np.ndarray) -> Any:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from .errors import FetchError
@@ -158,6 +156,11 @@ def download(
         raise FetchError(
             f"{url}: cannot verify: the file name carries no sha256 prefix (<name>-<hex>.pth) and no sha256 was given"
         )
+    # Imported here, when something is downloaded: urllib.request brings ssl and http.client, some 7 MB
+    # of every npresnet process's memory otherwise.
+    import urllib.error
+    import urllib.request
+
     dst = Path(dst)
     digest = hashlib.sha256()
     try:

@@ -2,11 +2,17 @@
 
 The network's structure comes from a ``ResNetSpec`` (``specs.py``); its
 parameters are a state dict under TorchVision's key names (``weights.py``).
-At first use in a dtype, every conv + batch norm pair is folded into one
-convolution with a bias and handed to the backend to prepare; the forward
-pass then calls only the backend's ops (``backends.py``). Anything that changes
+At first use in a dtype, every conv + batch norm pair (the batch norm as a scale
+and a bias, ``ConvBatchNorm``) is handed to the backend to prepare, which folds
+the scale into the weights or applies it after the sum; the forward pass then
+calls only the backend's ops (``backends.py``). Anything that changes
 parameters or running statistics in place (an optimizer step, a training-mode
 pass) calls ``invalidate`` so that the next forward folds them afresh.
+A backend that keeps each convolution's weights unfolded in its prepared form
+(``Backend.keeps_weights``: the Numba backend's packed panels) holds the only copy
+of them while that form lives; the model gets them back from it, bit for bit,
+whenever they are asked for (``state_dict``, training, an optimizer), so that a
+process running one model holds its weights once, not twice.
 
 Training (``autograd.py``) runs its own unfolded forward and backward over the
 same specs; the model holds the training state torch's modules hold: the mode
@@ -17,14 +23,16 @@ Reference: TorchVision ``models/resnet.py`` (``BasicBlock``, ``Bottleneck``,
 """
 from __future__ import annotations
 
+import functools
 import os
+import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
 from . import functional as F
-from .backends import Backend, FoldedConv, get_backend
+from .backends import Backend, ConvBatchNorm, get_backend
 from .hub import fetch, is_weights_name
 from .manifest import WeightsEntry
 from .specs import (
@@ -155,10 +163,13 @@ class ResNet(SpecProperties):
         # Own, writeable arrays: training updates them in place, and the caller's arrays must not change.
         # copy=False takes the caller's writeable arrays as they are (load() does: nobody else holds what it
         # read, and a second copy of the weights would be the peak of a small process's memory).
-        self._state = {
+        # A conv or fc weight is None here while only its prepared form holds it (see _prepare, _weights_held).
+        self._params: dict[str, np.ndarray | None] = {
             k: v if not copy and isinstance(v, np.ndarray) and v.flags.writeable else np.array(v)
             for k, v in validate_state_dict(state_dict, spec, source).items()
         }
+        # key -> (the array handed over, while anyone else still holds it; a function that rebuilds it)
+        self._weights_held: dict[str, tuple[weakref.ref, Callable[[], np.ndarray]]] = {}
         # bn prefix -> batches seen in training mode (torch's num_batches_tracked), kept from the weights if present.
         self._num_batches_tracked = {c.bn: 0 for c in all_convs(spec)}
         for bn in self._num_batches_tracked:
@@ -185,12 +196,31 @@ class ResNet(SpecProperties):
         """A copy of the parameters under TorchVision's key names (unfolded), in torch's order,
         with each batch norm's num_batches_tracked (an int64 scalar) as torch saves it."""
         state = {}
-        for k, v in self._state.items():
-            state[k] = v.copy()
+        for k, v in self._params.items():
+            state[k] = v.copy() if v is not None else self._held_weight(k)
             if k.endswith(".running_var"):
                 bn = k[: -len(".running_var")]
                 state[f"{bn}.num_batches_tracked"] = np.array(self._num_batches_tracked[bn], dtype=np.int64)
         return state
+
+    @property
+    def _state(self) -> dict[str, np.ndarray]:
+        """The parameters and running statistics by name, the live arrays (training and the optimizers
+        change them in place): the conv weights only the prepared network held are taken back first."""
+        self._take_back_weights()
+        return self._params  # type: ignore[return-value]
+
+    def _take_back_weights(self) -> None:
+        for key in list(self._weights_held):
+            self._params[key] = self._held_weight(key)
+            del self._weights_held[key]
+
+    def _held_weight(self, key: str) -> np.ndarray:
+        """A conv weight the prepared network holds: the array handed over if someone still holds
+        it (and may have changed it in place), else the backend's exact copy."""
+        handed_over, rebuild = self._weights_held[key]
+        weight = handed_over()
+        return weight if weight is not None else rebuild()
 
     def parameters(self, trainable: bool = True) -> dict[str, np.ndarray]:
         """The learnable parameters by name (torch's named_parameters), the live arrays, not copies.
@@ -205,8 +235,9 @@ class ResNet(SpecProperties):
 
     def use_backend(self, backend: str | Backend, threads: int | None = None) -> "ResNet":
         """Run on `backend` from the next call (its prepared weights made then). Returns the model."""
-        self.backend = get_backend(backend, threads, spec=self.spec)
+        backend = get_backend(backend, threads, spec=self.spec)
         self.invalidate()
+        self.backend = backend
         return self
 
     def invalidate(self, stages: Iterable[str] | None = None) -> None:
@@ -216,6 +247,7 @@ class ResNet(SpecProperties):
         (an optimizer step, a training pass); the folded copy of a frozen prefix that none of them
         reaches is kept, so that a frozen backbone is folded once, not at every step. None: all.
         """
+        self._take_back_weights()  # before the prepared network that holds them goes
         if stages is None:
             self._prepared.clear()
             return
@@ -346,18 +378,33 @@ class ResNet(SpecProperties):
         key = (dtype, through)
         if key not in self._prepared:
             ops = self.backend
+            self._take_back_weights()  # from another prepared form, if one holds them
+            s = self._params
+            # The whole network's prepared form, in the weights' own dtype, on a backend that keeps them
+            # unfolded, becomes their only holder: each is handed over as soon as its conv (or the fc) is prepared.
+            hand_over = through is None and ops.keeps_weights
+
+            def keep_only_prepared(key: str, prepared: Any, rebuild: Callable[[Any], np.ndarray]) -> None:
+                if hand_over and s[key].dtype == dtype:
+                    self._weights_held[key] = (weakref.ref(s[key]), functools.partial(rebuild, prepared))
+                    s[key] = None
 
             def fold(c: ConvSpec):
-                s = self._state
-                weight, bias = F.fold_batch_norm(
-                    s[f"{c.conv}.weight"],
+                weight_key = f"{c.conv}.weight"
+                weight = s[weight_key]
+                # The batch norm alone, as y = conv * scale + bias: fold_batch_norm of a unit weight.
+                scale, bias = F.fold_batch_norm(
+                    np.ones((weight.shape[0], 1, 1, 1)),
                     s[f"{c.bn}.running_mean"],
                     s[f"{c.bn}.running_var"],
                     s[f"{c.bn}.weight"],
                     s[f"{c.bn}.bias"],
                 )
-                folded = FoldedConv(weight.astype(dtype), bias.astype(dtype), c.stride, c.padding, c.groups)
-                return ops.prepare_conv(folded)
+                prepared = ops.prepare_conv_bn(
+                    ConvBatchNorm(weight, scale.reshape(-1), bias, c.stride, c.padding, c.groups, dtype)
+                )
+                keep_only_prepared(weight_key, prepared, ops.conv_weight)
+                return prepared
 
             num_stages = len(self.spec.layers) if through is None else STAGES.index(through)
             stages: list[list[dict[str, Any]]] = [[] for _ in range(num_stages)]
@@ -366,7 +413,9 @@ class ResNet(SpecProperties):
                     stages[b.stage - 1].append({role: fold(c) for role, c in block_convs(b).items()})
             fc = None
             if through is None:
-                fc = ops.prepare_linear(self._state["fc.weight"].astype(dtype), self._state["fc.bias"].astype(dtype))
+                # (a copy unless it is handed over: a backend may keep the very array it is given)
+                fc = ops.prepare_linear(s["fc.weight"].astype(dtype, copy=not hand_over), s["fc.bias"].astype(dtype))
+                keep_only_prepared("fc.weight", fc, ops.linear_weight)
             self._prepared[key] = PreparedNet(
                 stem=fold(stem_conv(self.spec)), max_pool=self.spec.stem == IMAGENET_STEM, stages=stages, fc=fc
             )

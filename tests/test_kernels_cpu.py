@@ -7,6 +7,7 @@ at ImageNet size here. Also: thread selection, backend="auto", and that a machin
 without numba gets NumPy with no error.
 """
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import pytest
 import npresnet
 from helpers import assert_close, run_python
 from npresnet import functional as F
-from npresnet.backends import FoldedConv, get_backend
+from npresnet.backends import ConvBatchNorm, FoldedConv, get_backend
 from npresnet.model import random_state_dict
 from npresnet.specs import get_spec
 
@@ -83,16 +84,37 @@ def test_conv_matches_reference(cpu, case, path, dtype):
                 assert got.min() >= 0
 
 
+@pytest.mark.parametrize("path", ["winograd4", "winograd2", "gemm"])
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_unfolded_batch_norm_matches_folded_reference(cpu, case, path):
+    """A batch norm's scale applied after the sum (in U for Winograd) gives the folded convolution's
+    outputs, and the prepared form gives back the very weights it was handed."""
+    N, C, H, W, K, k, stride, padding, groups = CONV_CASES[case]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    weight = rng.standard_normal((K, C // groups, k, k)).astype(np.float32)
+    conv = ConvBatchNorm(weight, rng.uniform(0.1, 4, K), rng.standard_normal(K), stride, padding, groups, np.dtype(np.float32))
+    backend = numba_backend(cpu, path)
+    prepared = backend.prepare_conv_bn(conv)
+    folded = conv.folded()
+    residual = rng.standard_normal(reference_conv(x, folded, False, None).shape).astype(np.float32)
+    got = backend.conv(backend.from_numpy(x), prepared, relu=True, residual=backend.from_numpy(residual))
+    assert_close(backend.to_numpy(got), reference_conv(x, folded, True, residual))
+    back = backend.conv_weight(prepared)
+    assert back.dtype == weight.dtype and back.shape == weight.shape and np.array_equal(back, weight)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("E, M, D, K", [(1, 13, 7, 40), (3, 6, 16, 16), (2, 49, 33, 8), (1, 1, 1, 1)], ids=str)
 def test_gemm_packed_matches_matmul(cpu, E, M, D, K, dtype):
     """gemm_packed on its own: row blocks of 6 and their remainder, whole and partial panels, a batch of
-    GEMMs, a sub-range of panels (one thread's share), with bias, residual and ReLU, NaN kept by ReLU."""
+    GEMMs, a sub-range of panels (one thread's share), with scale, bias, residual and ReLU, NaN kept by ReLU."""
     rng = np.random.default_rng(8)
     a = rng.standard_normal((E, M, D)).astype(dtype)
     a[0, 0, 0] = np.nan  # row 0 of out[0] must come out NaN in every column, ReLU or not
     w = rng.standard_normal((E, D, K)).astype(dtype)
     bias, residual = rng.standard_normal(K).astype(dtype), rng.standard_normal((E, M, K)).astype(dtype)
+    scale = rng.uniform(0.5, 2, K).astype(dtype)
     Wp = cpu.pack_panels(w)
     NR = Wp.shape[3]
     assert NR == 2 * 32 // np.dtype(dtype).itemsize
@@ -100,14 +122,14 @@ def test_gemm_packed_matches_matmul(cpu, E, M, D, K, dtype):
     tile = np.empty((6, NR), dtype)
     for relu in (False, True):
         for has_residual in (False, True):
-            want = np.matmul(a, w) + bias + (residual if has_residual else 0)
+            want = np.matmul(a, w) * scale + bias + (residual if has_residual else 0)
             if relu:
                 want = np.maximum(want, 0)
             out = np.full((E, M, K), 7, dtype)
             panels = Wp.shape[1]
             # Two shares of the panels, as two threads would run them.
             for lo, hi in ((0, panels // 2), (panels // 2, panels)):
-                kernels.gemm_packed(a, Wp, bias, residual if has_residual else out, has_residual, relu, lo, hi, tile, out)
+                kernels.gemm_packed(a, Wp, scale, bias, residual if has_residual else out, has_residual, relu, lo, hi, tile, out)
             np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
             assert np.isnan(out[0, 0]).all()
             assert_close(np.nan_to_num(out), np.nan_to_num(want))
@@ -180,6 +202,43 @@ def test_default_numba_model_at_imagenet_size(cpu, dtype):
     x = np.random.default_rng(7).standard_normal((1, 3, 224, 224)).astype(dtype)
     want = npresnet.resnet18(state, backend="numpy")(x)
     assert_close(npresnet.resnet18(state, backend="numba")(x), want)
+
+
+def test_numba_model_holds_its_weights_once(cpu):
+    """After a forward pass the model's own conv and fc weights are gone (the prepared ones are the only copy), yet
+    state_dict() gives them bit for bit; the live arrays come back for training, and a weight changed in
+    place through them (then invalidate), even one held across a forward pass, is what the next pass uses."""
+    spec = get_spec("resnet18", num_classes=5)
+    rng = np.random.default_rng(3)
+    state = random_state_dict(spec, seed=3)
+    for key in state:  # batch norms that are not the identity, so that folding shows
+        if key.endswith(("running_mean", "bn1.bias", "bn2.bias", "downsample.1.bias")):
+            state[key] = rng.standard_normal(state[key].shape).astype(np.float32)
+        elif key.endswith(("running_var", "bn1.weight", "bn2.weight", "downsample.1.weight")):
+            state[key] = rng.uniform(0.5, 2, state[key].shape).astype(np.float32)
+    weights = [k for k, v in state.items() if v.ndim > 1]  # the convolutions' and the fc's
+    model = npresnet.build(spec, state, backend="numba")
+    x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    held = {k: weakref.ref(v) for k, v in model.parameters().items() if k in weights}
+    assert all(ref() is not None for ref in held.values())
+    assert_close(model(x), npresnet.build(spec, state, backend="numpy")(x))
+    assert [k for k, ref in held.items() if ref() is not None] == []  # the model's copies are freed
+    saved = model.state_dict()
+    for key, value in state.items():
+        assert saved[key].dtype == value.dtype and np.array_equal(saved[key], value), key
+    live = model.parameters()
+    assert all(np.array_equal(live[k], state[k]) for k in weights)
+    live["conv1.weight"] *= 2
+    model.invalidate()
+    del live
+    kept = model.parameters()["layer2.0.conv2.weight"]  # held by the caller across the next forward pass
+    state["conv1.weight"] *= 2
+    assert_close(model(x), npresnet.build(spec, state, backend="numpy")(x))
+    kept *= -1
+    model.invalidate()
+    state["layer2.0.conv2.weight"] *= -1
+    assert_close(model(x), npresnet.build(spec, state, backend="numpy")(x))
+    assert np.array_equal(model.state_dict()["layer2.0.conv2.weight"], state["layer2.0.conv2.weight"])
 
 
 # --- choosing the backend and its threads ---------------------------------------------------

@@ -113,8 +113,8 @@ def test_steps_fold_a_frozen_backbone_once_and_the_rest_afresh(start_state):
     model, _ = models(start_state, np.float64)
     model.freeze("layer2").train()
     folded = []
-    prepare_conv = model.backend.prepare_conv
-    model.backend.prepare_conv = lambda conv: folded.append(conv) or prepare_conv(conv)
+    prepare_conv_bn = model.backend.prepare_conv_bn
+    model.backend.prepare_conv_bn = lambda conv: folded.append(conv) or prepare_conv_bn(conv)
     opt = npresnet.SGD(model, lr=0.1, momentum=0.9)
     x = np.random.default_rng(8).standard_normal((2, 3, 16, 16))
     for _ in range(2):
