@@ -6,8 +6,10 @@ tests start inherit the same environment.
 import ctypes
 import ctypes.util
 import gc
+import importlib.util
 import os
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +18,17 @@ import pytest
 # ran 5x slower with two on a busy machine. The second core runs the background subprocesses (below).
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _runs_numba(item) -> bool:
+    return "numba" in item.nodeid or item.module.__name__.startswith("test_kernels")
+
+
+_STARTED = []  # the background runs started by pytest_collection_finish, stopped at the session's end
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -28,8 +41,15 @@ def pytest_collection_finish(session):
     """Start the slow subprocesses the selected tests' fixtures wait for (each module's BACKGROUND: fixture
     name -> helpers.Background): tests/cuda under the simulator, the digits fine-tuning, the digits model
     torch trains. One at a time, from a thread, so that they share the second core and this process
-    keeps the first while it runs the tests before theirs."""
+    keeps the first while it runs the tests before theirs.
+
+    First of all, where tests run the Numba backend, tests/warm_kernels.py: the kernels compiled into the
+    cache while this process runs other tests (in a fresh checkout, about 40 s of one core)."""
     runs = []
+    if _has("numba") and any(_runs_numba(item) for item in session.items):
+        from helpers import Background  # tests/ is on sys.path once a test module is collected
+
+        runs.append(Background([os.path.join("tests", "warm_kernels.py")]))
     for item in session.items:
         for fixture, run in getattr(item.module, "BACKGROUND", {}).items():
             if fixture in item.fixturenames and run not in runs:
@@ -42,10 +62,13 @@ def pytest_collection_finish(session):
                 run.process.wait()
 
     if runs:
+        _STARTED.extend(runs)
         threading.Thread(target=one_after_another, daemon=True).start()
 
 
 def pytest_sessionfinish(session):
+    for run in _STARTED:
+        run.stop()
     for module in {item.module for item in getattr(session, "items", [])}:
         for run in getattr(module, "BACKGROUND", {}).values():
             run.stop()
@@ -76,3 +99,22 @@ def pytest_runtest_teardown(item, nextitem):
     gc.collect()
     if LIBC is not None and hasattr(LIBC, "malloc_trim"):  # glibc only
         LIBC.malloc_trim(0)
+
+
+@pytest.fixture
+def cli(capsys):
+    """The `npresnet` command called in this process, as the console script calls it: main(argv), with its
+    exit status and output. A process of its own proves nothing more for most tests, and costs a second
+    each; tests of what only a process shows (pipes, exit on a signal, import blocking) start one."""
+    from npresnet.cli import main
+
+    def call(*args):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help, --version, usage errors
+            status = exc.code
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err, captured.err
+        return SimpleNamespace(returncode=status, stdout=captured.out, stderr=captured.err)
+
+    return call

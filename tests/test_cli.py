@@ -7,7 +7,6 @@ import shutil
 import stat
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,22 +26,6 @@ def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "resnet18_10.npz"
     npresnet.save(npresnet.build("resnet18", num_classes=NUM_CLASSES, backend="numpy"), path)
     return path
-
-
-@pytest.fixture
-def cli(capsys):
-    """The command called in this process, as the console script calls it: main(argv), with its exit
-    status and output (a process of its own proves nothing more for most tests, and costs a second each)."""
-
-    def call(*args):
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse: --help, --version, usage errors
-            status = exc.code
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=status, stdout=captured.out, stderr=captured.err)
-
-    return call
 
 
 def run(*args, cwd=None, **options):

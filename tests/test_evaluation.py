@@ -1,7 +1,5 @@
 """`evaluate` on a tiny ImageFolder: every figure recomputed here another way (classify per image, torch's cross-entropy)."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -147,13 +145,7 @@ def test_folder_errors(tmp_path):
 # --- the command --------------------------------------------------------------------------------------------------
 
 
-def cli(*args):
-    result = subprocess.run([sys.executable, "-m", "npresnet", *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
-
-def test_cli_json(data, models):
+def test_cli_json(data, models, cli):
     result = cli("evaluate", data, "--weights", models[0], "--compare", models[1], "--json", "--topk", 2)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
@@ -170,7 +162,7 @@ def test_cli_json(data, models):
     assert out["compare"]["agreement"] == pytest.approx(np.mean(pa == pb))
 
 
-def test_cli_text_with_a_bad_image(data, models, tmp_path):
+def test_cli_text_with_a_bad_image(data, models, tmp_path, cli):
     import shutil
 
     copy = tmp_path / "fruit"
@@ -187,7 +179,7 @@ def test_cli_text_with_a_bad_image(data, models, tmp_path):
     assert [row.split()[:3] for row in table[1:]] == [[name, str(i), "3"] for i, name in enumerate(CLASSES)]
 
 
-def test_cli_class_map_and_its_deprecated_name(data, models, tmp_path):
+def test_cli_class_map_and_its_deprecated_name(data, models, tmp_path, cli):
     """--class-map FILE maps folders to indices; --labels, its old name (classify's --labels is class names
     to print), still works with a warning; giving both is an error."""
     class_map = tmp_path / "map.txt"
@@ -214,7 +206,7 @@ def test_cli_class_map_and_its_deprecated_name(data, models, tmp_path):
     ],
     ids=["no-class-folders", "no-images"],
 )
-def test_cli_empty_folder(tmp_path, models, make, words):
+def test_cli_empty_folder(tmp_path, models, make, words, cli):
     make(tmp_path)
     result = cli("evaluate", tmp_path, "--weights", models[0])
     assert result.returncode == 1

@@ -1,7 +1,5 @@
 """float16 weight files: half the bytes, loaded as float32, logits within 1e-2 of the float32 file."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,12 +21,6 @@ def trained_like_state(arch: str, num_classes: int = 1000, seed: int = 0) -> dic
 def stored(path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as archive:
         return {k: archive[k] for k in archive.files}
-
-
-def cli(*args):
-    result = subprocess.run([sys.executable, "-m", "npresnet", *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
@@ -56,7 +48,7 @@ def test_half_the_bytes_and_logits_within_1e_2(arch, tmp_path):
     assert error > 0  # the weights really were rounded
 
 
-def test_loads_everywhere_a_float32_file_does(tmp_path):
+def test_loads_everywhere_a_float32_file_does(tmp_path, cli):
     state = trained_like_state("resnet18", num_classes=10)
     f16 = tmp_path / "f16.npz"
     npresnet.save(npresnet.build("resnet18", state, backend="numpy"), f16, dtype="float16")
@@ -79,7 +71,7 @@ def test_loads_everywhere_a_float32_file_does(tmp_path):
     assert arrays["conv1.weight"].dtype == np.float32 and "stored_dtype" not in json.loads(str(arrays["__meta__"]))
 
 
-def test_cli_convert_pth_to_float16(tmp_path):
+def test_cli_convert_pth_to_float16(tmp_path, cli):
     tmodel = randomise(torch_resnet(get_spec("resnet18", num_classes=10)), seed=3)
     torch.save(tmodel.state_dict(), tmp_path / "finetuned.pth")
     result = cli("convert", tmp_path / "finetuned.pth", tmp_path / "small.npz", "--dtype", "float16")

@@ -202,7 +202,8 @@ def test_bad_options(options, words, tmp_path):
 # --- the command --------------------------------------------------------------------------------------------------
 
 
-def run_cli(*args, blocked=()):
+def run_cli_without(blocked, *args):
+    """The command in a process of its own in which importing the `blocked` packages fails."""
     code = (
         "import sys\n"
         "class Blocker:\n"
@@ -225,9 +226,9 @@ def weights(tmp_path_factory):
     return path
 
 
-def test_cli_export_end_to_end(weights, tmp_path):
+def test_cli_export_end_to_end(weights, tmp_path, cli):
     out = tmp_path / "backbone.onnx"
-    result = run_cli("export", weights, out, "--features", "--opset", 13, "--size", 96, 128)
+    result = cli("export", weights, out, "--features", "--opset", 13, "--size", 96, 128)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{out}: resnet18, ") and "opset 13" in result.stdout
     assert result.stdout.rstrip().endswith("outputs logits, layer1, layer2, layer3, layer4; batch norm folded")
@@ -240,13 +241,13 @@ def test_cli_export_end_to_end(weights, tmp_path):
     assert_close(got["layer3"], model.features(x)["layer3"])
 
 
-def test_cli_export_of_an_int8_file_says_what_it_wrote(tmp_path):
+def test_cli_export_of_an_int8_file_says_what_it_wrote(tmp_path, cli):
     """An int8 file has no batch norm to fold (quantizing folded it): the line names the QDQ graph instead."""
     model = npresnet.build("resnet18", random_state("resnet18", num_classes=10), backend="numpy")
     int8 = npresnet.quantize(model, images((2, 3, 32, 32)), samples=2)
     npresnet.save(int8, tmp_path / "int8.npz")
     out = tmp_path / "int8.onnx"
-    result = run_cli("export", tmp_path / "int8.npz", out)
+    result = cli("export", tmp_path / "int8.npz", out)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith("outputs logits; int8 QDQ (QuantizeLinear/DequantizeLinear around each Conv and Gemm)")
     assert "folded" not in result.stdout
@@ -263,9 +264,9 @@ def test_cli_export_of_an_int8_file_says_what_it_wrote(tmp_path):
     ],
     ids=["size-one-value", "size-zero", "opset"],
 )
-def test_cli_bad_options(weights, tmp_path, args, words):
+def test_cli_bad_options(weights, tmp_path, args, words, cli):
     out = tmp_path / "out.onnx"
-    result = run_cli("export", weights, out, *args)
+    result = cli("export", weights, out, *args)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("npresnet: error: ") and words in lines[0], result.stderr
@@ -274,7 +275,7 @@ def test_cli_bad_options(weights, tmp_path, args, words):
 
 def test_cli_without_the_onnx_package(weights, tmp_path):
     out = tmp_path / "out.onnx"
-    result = run_cli("export", weights, out, blocked={"onnx"})
+    result = run_cli_without({"onnx"}, "export", weights, out)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("npresnet: error: ") and 'pip install "npresnet[onnx]"' in lines[0]
