@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,20 +139,25 @@ def _run_batch(cases: list[Case], folder: Path, time_factor: float) -> list[Resu
     return results
 
 
-def run_cases(cases: list[Case], time_factor: float = 5.0, batch: int = BATCH) -> list[Result]:
-    """Every case's outcome. Files over 4 MB go to a child of their own; the rest in batches of `batch`."""
+def run_cases(cases: list[Case], time_factor: float = 5.0, batch: int = BATCH, workers: int = 1) -> list[Result]:
+    """Every case's outcome, in the order of `cases`. Files over 4 MB go to a child of their own; the rest in
+    batches of `batch`; `workers` children at a time (each one's bounds are its own, whatever runs beside it)."""
     large = [case for case in cases if len(case.data) > 4_000_000]
     small = [case for case in cases if len(case.data) <= 4_000_000]
     groups = [small[i : i + batch] for i in range(0, len(small), batch)] + [[case] for case in large]
-    results = []
     with tempfile.TemporaryDirectory(prefix="npresnet-fuzz-") as tmp:
-        for n, group in enumerate(groups):
-            folder = Path(tmp) / str(n)
+
+        def run_group(numbered: tuple[int, list[Case]]) -> list[Result]:
+            folder = Path(tmp) / str(numbered[0])
             folder.mkdir()
-            results.extend(_run_batch(group, folder, time_factor))
-            for path in folder.iterdir():
-                path.unlink()
-    return results
+            results = _run_batch(numbered[1], folder, time_factor)
+            shutil.rmtree(folder)
+            return results
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # threads wait; the children work
+            by_group = list(pool.map(run_group, enumerate(groups)))
+    order = {id(case): i for i, case in enumerate(cases)}
+    return sorted((r for results in by_group for r in results), key=lambda r: order[id(r.case)])
 
 
 def summary(results: list[Result]) -> str:

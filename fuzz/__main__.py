@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -17,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-factor", type=float, default=5.0,
                         help="a case is a hang after this many times its bound of 2 s/MB + 1 s (default 5)")
     parser.add_argument("--no-hostile", action="store_true", help="skip the crafted hostile files")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="children loading cases at a time (default: one per CPU)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     pool = seeds()
@@ -24,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     # One generator per case: a seed file whose bytes differ between runs (torch.save writes a fresh
     # serialization id) must not change the mutations of every later case.
     cases += [mutate(pool[i % len(pool)], random.Random(f"{args.seed}-{i}"), i) for i in range(args.cases)]
-    results = run_cases(cases, args.time_factor)
+    results = run_cases(cases, args.time_factor, workers=args.workers)
     print(summary(results))
     print(f"seed {args.seed}, {len(pool)} seed files, {time.monotonic() - started:.0f} s")
     return 0 if all(r.passed for r in results) else 1

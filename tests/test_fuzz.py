@@ -24,7 +24,7 @@ def results():
     # One generator per case, as `python -m fuzz` does: torch.save's seed files differ between runs (a
     # fresh serialization id), which with one shared generator changed the mutations of every other format.
     cases = pool + hostile() + [mutate(pool[i % len(pool)], random.Random(f"0-{i}"), i) for i in range(MUTATIONS)]
-    return run_cases(cases)
+    return run_cases(cases, workers=2)  # two children: the suite's main process only waits here
 
 
 def test_every_case_loads_or_fails_cleanly(results):
