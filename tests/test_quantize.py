@@ -78,6 +78,12 @@ def accuracy(model, x, y) -> float:
     return float(np.mean(model(x).argmax(axis=1) == y))
 
 
+@pytest.fixture(scope="module")
+def float32_accuracy(trained) -> float:
+    """The trained float32 model's held-out accuracy (each int8 method is compared with it)."""
+    return accuracy(npresnet.load(trained["float"], backend="numpy"), trained["x"], trained["y"])
+
+
 # --- semantics: ONNX's QuantizeLinear / DequantizeLinear ---------------------------------------------------------
 
 # x / scale for the crafted inputs (scale 0.5, so both are exact in float32): ties (x.5) must round to
@@ -223,17 +229,15 @@ def test_entropy_bins_matches_the_one_candidate_loop(levels, bins, seed):
 # --- the trained model -------------------------------------------------------------------------------------------
 
 
-def test_float_model_is_really_trained(trained):
-    model = npresnet.load(trained["float"], backend="numpy")
-    assert accuracy(model, trained["x"], trained["y"]) > 0.85  # chance is 0.1
+def test_float_model_is_really_trained(float32_accuracy):
+    assert float32_accuracy > 0.85  # chance is 0.1
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
-def test_int8_accuracy_within_one_point_of_float32(trained, int8_files, method):
-    float32 = npresnet.load(trained["float"], backend="numpy")
+def test_int8_accuracy_within_one_point_of_float32(trained, int8_files, float32_accuracy, method):
     int8 = npresnet.load(int8_files[method])
     assert isinstance(int8, QuantizedResNet) and int8.meta["method"] == method and int8.meta["samples"] == CALIBRATION
-    drop = accuracy(float32, trained["x"], trained["y"]) - accuracy(int8, trained["x"], trained["y"])
+    drop = float32_accuracy - accuracy(int8, trained["x"], trained["y"])
     print(f"\n{method}: int8 accuracy drop {drop * 100:.2f} points")
     assert drop <= 0.01
 
