@@ -33,15 +33,29 @@ TORCHVISION_NUM_PARAMS = {
 DTYPES = {"f32": (np.float32, torch.float32), "f64": (np.float64, torch.float64)}
 
 
-@functools.lru_cache(maxsize=1)
+_ORACLE = {}  # one torch network at a time: (arch, num_classes, stem, seed) -> (network, state)
+
+
 def oracle(arch: str, num_classes: int = 1000, stem: str = "imagenet", seed: int = 0):
     """(torch network with random weights and statistics, its state dict as NumPy arrays sharing its memory).
 
     randomise draws float32 values, so the float64 copies the tests make hold the very same numbers.
+    The previous network is let go before the next is built (an lru_cache would hold both at once).
     """
-    spec = get_spec(arch, num_classes=num_classes, stem=stem)
-    model = randomise(torch_resnet(spec), seed)
-    return model, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    key = (arch, num_classes, stem, seed)
+    if key not in _ORACLE:
+        _ORACLE.clear()
+        reference.cache_clear()
+        spec = get_spec(arch, num_classes=num_classes, stem=stem)
+        model = randomise(torch_resnet(spec), seed)
+        _ORACLE[key] = model, {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return _ORACLE[key]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _let_go_of_the_oracle():
+    yield
+    _ORACLE.clear()
 
 
 @functools.lru_cache(maxsize=4)
