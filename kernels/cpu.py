@@ -729,13 +729,17 @@ class PreparedConv:
         self.bias = np.ascontiguousarray(conv.bias)
         self.W = self.Wp = None
         if G == 1:
-            self.Wp = pack_panels(conv.weight.transpose(2, 3, 1, 0)[None])  # from (1, R, S, C, K), a view
+            self.Wp = self.pack(conv.weight)
         else:
             w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
             self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
         self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
         self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None  # the bias of Winograd's GEMMs
+
+    def pack(self, weight: np.ndarray) -> np.ndarray:
+        """Wp of groups-1 weights (K, C, R, S); a subclass may pack them another way."""
+        return pack_panels(weight.transpose(2, 3, 1, 0)[None])  # from (1, R, S, C, K), a view
 
     def plain_weights(self) -> np.ndarray:
         """The weights as (G, R*S*C/G, K/G), unpacked if packed."""

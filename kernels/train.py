@@ -41,11 +41,16 @@ from npresnet.backends import FoldedConv
 from npresnet.functional import BN_EPS
 
 from . import cpu
-from .cpu import kernel
+from .cpu import compile_kernels, kernel
 
-# Each thread's weight-gradient and col2im GEMMs take output rows in chunks of about this many bytes
-# of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
+# Each thread's col2im GEMMs (and the forward's GEMM paths) take output rows in chunks of about this
+# many bytes of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
 CHUNK_BYTES = 1 << 23
+# The weight gradient's GEMMs take chunks of about this many bytes of patches, but at least this many
+# patch rows: a chunk that stays in cache between its gathering and its GEMM (8 MB chunks were up to 30%
+# slower), and enough rows that adding each chunk's product (R*S*C x K) into the sum stays cheap.
+WEIGHT_GRAD_CHUNK_BYTES = 1 << 20
+WEIGHT_GRAD_MIN_ROWS = 256
 # Per-channel sums run over this many row blocks (shared out between threads), each summed in float64.
 SUM_BLOCKS = 16
 
@@ -210,17 +215,63 @@ def col2im(cols, R, S, stride, padding, P, Q, job_lo, job_hi, grad_x):
                             grad_x[n, h, w, g * Cg + c] += cols[g, row, base + c]
 
 
+@kernel(nogil=True)
+def pack_weights(w, p_lo, p_hi, out):
+    """w (K, X, R, S), any strides -> panels p_lo <= p < p_hi of out (1, panels, R*S*X, NR): the GEMM
+    weights of a groups-1 convolution as cpu.pack_panels lays them out (rows (r, s, x), output channels
+    in panels of NR, zero past K). Given the weights flipped and transposed (a view), it packs the
+    convolution of the input gradient with no copy of them in between."""
+    K, X, R, S = w.shape
+    NR = out.shape[3]
+    for p in range(p_lo, p_hi):
+        panel = out[0, p]
+        for j in range(NR):
+            k = p * NR + j
+            for x in range(X):
+                for r in range(R):
+                    for s in range(S):
+                        panel[(r * S + s) * X + x, j] = w[k, x, r, s] if k < K else 0
+
+
+@kernel(nogil=True)
+def weight_grad_layout(shares, Cg, k_lo, k_hi, out):
+    """shares (T, K, R*S*Cg), columns (r, s, c) -> out (K, Cg, R*S) = shares[0] + ... + shares[T-1],
+    rows k_lo <= k < k_hi: each thread's share of the weight gradient summed and put in torch's layout
+    in one pass (a numpy transpose of layer4's gradient alone took 12 ms, on one thread)."""
+    T, K, width = shares.shape
+    RS = width // Cg
+    for k in range(k_lo, k_hi):
+        for rs in range(RS):
+            for c in range(Cg):
+                v = shares[0, k, rs * Cg + c]
+                for t in range(1, T):
+                    v += shares[t, k, rs * Cg + c]
+                out[k, c, rs] = v
+
+
 def _blocks(M: int) -> int:
     return max(1, min(SUM_BLOCKS, M))
 
 
 class StepConv(cpu.PreparedConv):
     """A convolution prepared for one training step (its weights change at every step): Winograd
-    only where asked (winograd=False: the GEMM path), and the Winograd weights made in the working dtype."""
+    only where asked (winograd=False: the GEMM path), the Winograd weights made in the working dtype,
+    and groups-1 weights packed by pack_weights, shared out between the backend's threads (on one
+    thread, layer4's packing took 5 ms a convolution, twice a step)."""
 
-    def __init__(self, conv: FoldedConv, winograd: bool):
+    def __init__(self, conv: FoldedConv, winograd: bool, backend: cpu.NumbaBackend):
+        self.backend = backend
         super().__init__(conv)
         self.winograd = self.winograd and winograd
+
+    def pack(self, weight):
+        K = weight.shape[0]
+        NR = 2 * 32 // weight.itemsize
+        panels = -(-K // NR)
+        packed = np.empty((1, panels, weight[0].size, NR), dtype=weight.dtype)
+        kernels = compile_kernels(__name__)
+        self.backend._split(lambda lo, hi: kernels.pack_weights(weight, lo, hi, packed), panels)
+        return packed
 
     def U(self, tile: int) -> np.ndarray:
         if tile not in self._U:
@@ -229,8 +280,9 @@ class StepConv(cpu.PreparedConv):
             A = tile + 2
             X = self.Cg * self.K  # groups 1: only those take the Winograd path
             g = self.plain_weights().reshape(3, 3 * X)  # (R, S*X)
-            rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
-            U = np.matmul(Gm, rows)  # (A, A, X): G g G^T
+            with cpu._single_threaded_blas():  # layer2's are big enough to wake OpenBLAS's threads (see linear)
+                rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
+                U = np.matmul(Gm, rows)  # (A, A, X): G g G^T
             self._U[tile] = cpu.pack_panels(U.reshape(A * A, self.Cg, self.K))  # packed as gemm_packed reads it
         return self._U[tile]
 
@@ -260,7 +312,7 @@ class NumbaTrainingOps(TrainingOps):
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
-        self.kernels = cpu.compile_kernels(__name__)
+        self.kernels = compile_kernels(__name__)
 
     # --- layout ---------------------------------------------------------------------------
 
@@ -274,7 +326,8 @@ class NumbaTrainingOps(TrainingOps):
 
     def conv2d(self, x, weight, stride, padding, groups):
         zero = np.zeros(weight.shape[0], dtype=weight.dtype)
-        return self.backend.conv(x, StepConv(FoldedConv(weight, zero, stride, padding, groups), self._winograd(x)), relu=False)
+        conv = StepConv(FoldedConv(weight, zero, stride, padding, groups), self._winograd(x), self.backend)
+        return self.backend.conv(x, conv, relu=False)
 
     def conv2d_backward(self, grad_out, x, weight, stride, padding, groups, input_grad=True):
         """grad_out (N, P, Q, K), x (N, H, W, C), weight (K, C/G, R, S) -> (grad_x (N, H, W, C) or None, grad_weight)."""
@@ -287,9 +340,12 @@ class NumbaTrainingOps(TrainingOps):
             # a convolution of grad_out with the weights flipped and transposed, padding R - 1 - padding.
             G = groups
             flipped = weight.reshape(G, K // G, Cg, R, S).transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]
-            flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
+            if G == 1:
+                flipped = flipped[0]  # (C, K, R, S), a view: pack_weights reads it in place
+            else:
+                flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
             zero = np.zeros(G * Cg, dtype=weight.dtype)
-            transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out))
+            transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out), self.backend)
             return self.backend.conv(grad_out, transposed, relu=False), grad_weight
         return self._input_grad_col2im(grad_out, x.shape, weight, stride, padding, groups), grad_weight
 
@@ -297,8 +353,14 @@ class NumbaTrainingOps(TrainingOps):
         return max(1, CHUNK_BYTES // (Q * G * width * itemsize))
 
     def _weight_grad(self, grad_out, x, weight, stride, padding, groups):
-        """grad_weight[g] = patches[g]^T @ grad_out[g], summed over chunks of output rows, one share per thread."""
-        backend = self.backend
+        """grad_weight[g] = grad_out[g]^T @ patches[g], (K/G, R*S*C/G) per group, then put in torch's layout.
+
+        Shared out between threads by output channels where the patches are small beside the gradient
+        (layer4 on small maps: each thread then makes its rows of the gradient alone, with no sum of
+        shares), else by output rows, each thread summing its own share chunk by chunk, and the shares
+        summed (and laid out) by weight_grad_layout, again split by output channel.
+        """
+        backend, kernels = self.backend, self.kernels
         N, P, Q, K = grad_out.shape
         _, Cg, R, S = weight.shape
         G, Kg, width = groups, K // groups, R * S * Cg
@@ -307,31 +369,55 @@ class NumbaTrainingOps(TrainingOps):
         one_by_one = R == S == 1 and padding == 0 and G == 1
         if one_by_one:
             strided = x[:, ::stride, ::stride, :] if stride > 1 else x  # (N, P, Q, C)
-        step = self._rows_per_chunk(Q, width, G, grad_out.itemsize)
-        shares = []
+        grad_weight = np.empty(weight.shape, dtype=dtype)  # (K, C/G, R, S)
+        layout = grad_weight.reshape(K, Cg, R * S)
 
-        def patches(j, k):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
+        def patches(j, k, name="train_cols"):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
             if one_by_one:
                 return strided.reshape(N * P, Q, -1)[j:k].reshape(1, (k - j) * Q, -1)
-            cols = backend._workspace("train_cols", (G, (k - j) * Q, width), dtype)
+            cols = backend._workspace(name, (G, (k - j) * Q, width), dtype)
             backend.kernels.im2col(x, R, S, stride, padding, P, Q, j, k, cols)
             return cols
 
+        if G == 1 and N * P * Q <= 2 * K:
+            if one_by_one:
+                cols = patches(0, N * P)
+            else:  # gathered once, by both threads, then read by each
+                cols = backend._workspace("train_cols_all", (1, N * P * Q, width), dtype)
+                backend._split(lambda lo, hi: backend.kernels.im2col(x, R, S, stride, padding, P, Q, lo, hi, cols[:, lo * Q : hi * Q]), N * P)
+            product = backend._workspace("train_dw_all", (1, K, width), dtype)
+
+            def channels(lo, hi):
+                np.matmul(go[:, lo:hi].T, cols[0], out=product[0, lo:hi])
+                kernels.weight_grad_layout(product, Cg, lo, hi, layout)
+
+            with cpu._single_threaded_blas():
+                backend._split(channels, K)
+            return grad_weight
+
+        rows = max(WEIGHT_GRAD_MIN_ROWS, WEIGHT_GRAD_CHUNK_BYTES // (G * width * grad_out.itemsize))
+        step = max(1, rows // Q)
+        parts = min(backend.threads, N * P)
+        shares = backend._workspace("train_dw_shares", (parts, K, width), dtype)
+
         def share(lo, hi):
-            grad_w = np.zeros((G, width, Kg), dtype=dtype)
+            mine = shares[-(-lo * parts // (N * P))]  # this thread's: _split's share i starts at N*P*i//parts
             for j in range(lo, hi, step):
                 k = min(j + step, hi)
                 cols = patches(j, k)
-                product = backend._workspace("train_dw", (width, Kg), dtype)
                 for g in range(G):
-                    np.matmul(cols[g].T, go[j * Q : k * Q, g * Kg : (g + 1) * Kg], out=product)
-                    grad_w[g] += product
-            shares.append(grad_w)
+                    a, dst = go[j * Q : k * Q, g * Kg : (g + 1) * Kg].T, mine[g * Kg : (g + 1) * Kg]
+                    if j == lo:
+                        np.matmul(a, cols[g], out=dst)
+                    else:
+                        product = backend._workspace("train_dw", (Kg, width), dtype)
+                        np.matmul(a, cols[g], out=product)
+                        dst += product
 
         with cpu._single_threaded_blas():
             backend._split(share, N * P)
-        grad_w = functools.reduce(np.add, shares)  # (G, R*S*C/G, K/G), rows (r, s, c)
-        return np.ascontiguousarray(grad_w.reshape(G, R, S, Cg, Kg).transpose(0, 4, 3, 1, 2)).reshape(weight.shape)
+        backend._split(lambda lo, hi: kernels.weight_grad_layout(shares, Cg, lo, hi, layout), K)
+        return grad_weight
 
     def _input_grad_col2im(self, grad_out, x_shape, weight, stride, padding, groups):
         """grad_cols = grad_out[g] @ weight[g] per chunk of output rows, added back onto the pixels by col2im."""
@@ -436,6 +522,16 @@ class NumbaTrainingOps(TrainingOps):
         grad_x = np.zeros_like(x)
         self.backend._split(lambda lo, hi: self.kernels.max_pool_3x3s2_backward(grad_out, x, lo, hi, grad_x), x.shape[0])
         return grad_x
+
+    def linear(self, x, weight, bias):
+        # Single-threaded: after a multi-threaded call OpenBLAS's worker spins for about 80 ms, on the core
+        # that the pool's second thread needs (it cost a 2-thread step at 112 a quarter of its CPU time).
+        with cpu._single_threaded_blas():
+            return super().linear(x, weight, bias)
+
+    def linear_backward(self, grad_out, x, weight):
+        with cpu._single_threaded_blas():
+            return super().linear_backward(grad_out, x, weight)
 
     def global_avg_pool(self, x):
         return x.mean(axis=(1, 2))  # (N, C)

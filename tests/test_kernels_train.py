@@ -72,6 +72,8 @@ def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
     x, w, grad_out, _ = conv_inputs(case, np.float64, seed=1)
     x, w, grad_out = (np.round(a * 2) for a in (x, w, grad_out))
     monkeypatch.setattr(train, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(train, "WEIGHT_GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(train, "WEIGHT_GRAD_MIN_ROWS", 1)
     want_x, want_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
     got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups)
     np.testing.assert_array_equal(got_w, want_w)
