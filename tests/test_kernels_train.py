@@ -28,6 +28,7 @@ def ops(train):
     backend.MIN_TILES = 1
     ops = train.NumbaTrainingOps(backend)
     ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
+    ops.shifted_weight_grad_min_size = 1  # and 3x3 stride-1 weight gradients without patches
     return ops
 
 
