@@ -235,6 +235,32 @@ def pack_weights(w, p_lo, p_hi, out):
 
 
 @kernel(nogil=True)
+def winograd_weights(w, Gm, p_lo, p_hi, out):
+    """w (K, C, 3, 3), any strides; Gm (A, 3) float64 -> panels p_lo <= p < p_hi of out (A*A, panels, C, NR):
+    U = Gm g Gm^T of every (input c, output k) pair, in float64 and rounded once, laid out as
+    cpu.pack_panels packs U (A*A, C, K) for gemm_packed (zero past K). Each thread makes its own
+    panels (made on the main thread with NumPy, layer2's took 11 ms a convolution, twice a step)."""
+    K, C = w.shape[0], w.shape[1]
+    A = Gm.shape[0]
+    NR = out.shape[3]
+    rows = np.empty((A, 3))  # Gm g: (A, S)
+    for p in range(p_lo, p_hi):
+        for c in range(C):
+            for j in range(NR):
+                k = p * NR + j
+                if k >= K:
+                    for e in range(A * A):
+                        out[e, p, c, j] = 0
+                    continue
+                for a in range(A):
+                    for s in range(3):
+                        rows[a, s] = Gm[a, 0] * w[k, c, 0, s] + Gm[a, 1] * w[k, c, 1, s] + Gm[a, 2] * w[k, c, 2, s]
+                for a in range(A):
+                    for b in range(A):
+                        out[a * A + b, p, c, j] = rows[a, 0] * Gm[b, 0] + rows[a, 1] * Gm[b, 1] + rows[a, 2] * Gm[b, 2]
+
+
+@kernel(nogil=True)
 def weight_grad_layout(shares, Cg, k_lo, k_hi, out):
     """shares (T, K, R*S*Cg), columns (r, s, c) -> out (K, Cg, R*S) = shares[0] + ... + shares[T-1],
     rows k_lo <= k < k_hi: each thread's share of the weight gradient summed and put in torch's layout
@@ -256,12 +282,13 @@ def _blocks(M: int) -> int:
 
 class StepConv(cpu.PreparedConv):
     """A convolution prepared for one training step (its weights change at every step): Winograd
-    only where asked (winograd=False: the GEMM path), the Winograd weights made in the working dtype,
-    and groups-1 weights packed by pack_weights, shared out between the backend's threads (on one
-    thread, layer4's packing took 5 ms a convolution, twice a step)."""
+    only where asked (winograd=False: the GEMM path), and its weights made by kernels shared out
+    between the backend's threads: groups-1 weights packed by pack_weights (on one thread, layer4's
+    packing took 5 ms a convolution, twice a step), Winograd weights by winograd_weights."""
 
     def __init__(self, conv: FoldedConv, winograd: bool, backend: cpu.NumbaBackend):
         self.backend = backend
+        self.weight = conv.weight  # (K, C/G, R, S), maybe a flipped view: the Winograd weights are made from it
         super().__init__(conv)
         self.winograd = self.winograd and winograd
 
@@ -277,14 +304,12 @@ class StepConv(cpu.PreparedConv):
     def U(self, tile: int) -> np.ndarray:
         if tile not in self._U:
             _, Gm, _ = cpu.WINOGRAD[tile]
-            Gm = Gm.astype(self.dtype)
-            A = tile + 2
-            X = self.Cg * self.K  # groups 1: only those take the Winograd path
-            g = self.plain_weights().reshape(3, 3 * X)  # (R, S*X)
-            with cpu._single_threaded_blas():  # layer2's are big enough to wake OpenBLAS's threads (see linear)
-                rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
-                U = np.matmul(Gm, rows)  # (A, A, X): G g G^T
-            self._U[tile] = cpu.pack_panels(U.reshape(A * A, self.Cg, self.K))  # packed as gemm_packed reads it
+            NR = 2 * 32 // self.dtype.itemsize
+            panels = -(-self.K // NR)
+            U = np.empty(((tile + 2) ** 2, panels, self.Cg, NR), dtype=self.dtype)  # packed as gemm_packed reads it
+            kernels = compile_kernels(__name__)
+            self.backend._split(lambda lo, hi: kernels.winograd_weights(self.weight, Gm, lo, hi, U), panels)
+            self._U[tile] = U
         return self._U[tile]
 
 

@@ -85,6 +85,26 @@ def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("flipped", [False, True], ids=["weights", "flipped-view"])
+def test_step_conv_weights_match_the_inference_backends(ops, train, flipped, dtype):
+    """StepConv packs its GEMM weights and makes its Winograd weights (both tiles) in its own kernels,
+    from the weights or from the flipped, transposed view the input gradient uses: as cpu.PreparedConv does."""
+    from npresnet.backends import FoldedConv
+    from npresnet_kernels import cpu
+
+    w = np.random.default_rng(6).standard_normal((20, 7, 3, 3)).astype(dtype)  # 20 channels: a partial panel
+    if flipped:
+        w = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+    conv = FoldedConv(w, np.zeros(w.shape[0], dtype=dtype), 1, 1, 1)
+    got = train.StepConv(conv, True, ops.backend)
+    want = cpu.PreparedConv(FoldedConv(np.ascontiguousarray(w), conv.bias, 1, 1, 1))
+    np.testing.assert_array_equal(got.Wp, want.Wp)
+    for tile in (2, 4):
+        assert got.U(tile).shape == want.U(tile).shape
+        assert_close(got.U(tile), want.U(tile))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_norm_forward_backward_and_running_stats(ops, training, dtype):
     rng = np.random.default_rng(2)
