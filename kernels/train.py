@@ -47,8 +47,9 @@ from .cpu import compile_kernels, kernel
 # many bytes of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
 CHUNK_BYTES = 1 << 23
 # The weight gradient's GEMMs take chunks of about this many bytes of patches, but at least this many
-# patch rows: a chunk that stays in cache between its gathering and its GEMM (8 MB chunks were up to 30%
-# slower), and enough rows that adding each chunk's product (R*S*C x K) into the sum stays cheap.
+# patch rows and twice the output channels: a chunk that stays in cache between its gathering and its
+# GEMM (8 MB chunks were up to 30% slower), with enough rows that adding each chunk's product
+# (K x R*S*C, half the chunk's size at most) into the sum stays cheap.
 WEIGHT_GRAD_CHUNK_BYTES = 1 << 20
 WEIGHT_GRAD_MIN_ROWS = 256
 # Per-channel sums run over this many row blocks (shared out between threads), each summed in float64.
@@ -426,7 +427,7 @@ class NumbaTrainingOps(TrainingOps):
                 backend._split(channels, K)
             return grad_weight
 
-        rows = max(WEIGHT_GRAD_MIN_ROWS, WEIGHT_GRAD_CHUNK_BYTES // (G * width * grad_out.itemsize))
+        rows = max(WEIGHT_GRAD_MIN_ROWS, 2 * Kg, WEIGHT_GRAD_CHUNK_BYTES // (G * width * grad_out.itemsize))
         step = max(1, rows // Q)
         parts = min(backend.threads, N * P)
         shares = backend._workspace("train_dw_shares", (parts, K, width), dtype)
@@ -484,7 +485,7 @@ class NumbaTrainingOps(TrainingOps):
         backend._split(fill, N)  # all of it before any GEMM: a thread's last taps read the next image's first rows
         parts = min(backend.threads, N)
         shares = backend._workspace("train_dw_shares", (parts, K, 9 * C), dtype)  # columns (r, s, c)
-        step = max(WEIGHT_GRAD_MIN_ROWS, WEIGHT_GRAD_CHUNK_BYTES // ((C + K) * x.itemsize))
+        step = max(WEIGHT_GRAD_MIN_ROWS, 2 * K, WEIGHT_GRAD_CHUNK_BYTES // ((C + K) * x.itemsize))
 
         def share(lo, hi):
             mine = shares[-(-lo * parts // N)]  # this thread's: _split's share i starts at N*i//parts

@@ -67,7 +67,7 @@ def test_conv2d_and_backward(ops, name, dtype):
 
 @pytest.mark.parametrize("name", ["3x3_groups4_stride2", "1x1_stride2_odd", "3x3"])
 def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
-    """One output row per chunk, shared between threads: integer-valued sums come out exact."""
+    """Small chunks (a few output rows each), shared between threads: integer-valued sums come out exact."""
     case = CONV_CASES[name]
     stride, padding, groups = case[6:]
     x, w, grad_out, _ = conv_inputs(case, np.float64, seed=1)
