@@ -10,14 +10,19 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
 (N, C, H, W); ``tests/test_kernels_train.py`` checks each against the reference, and
 ``tests/test_grad.py`` the whole pass against torch autograd. What runs where:
     conv2d            the backend's own convolution (Winograd F(4x4, 3x3) for 3x3 stride 1,
-                      GEMMs elsewhere) with a zero bias.
-    conv2d_backward   weight gradient: patches (the backend's im2col kernel, or the input
-                      itself for 1x1) times grad_out, one GEMM per chunk of output rows, each
-                      thread summing its own share; input gradient: for stride 1, a convolution
-                      of grad_out with the flipped, transposed weights on the backend (so
-                      Winograd again for 3x3); for stride 2, grad_out times the weights, then
-                      ``col2im`` adds each patch back onto its pixels (threads split by image,
-                      so no two write one pixel).
+                      GEMMs elsewhere) with a zero bias; its weights packed (``pack_weights``)
+                      and Winograd-transformed (``winograd_weights``) by the pool's threads.
+    conv2d_backward   weight gradient: grad_out^T times patches (the backend's im2col kernel,
+                      or the input itself for 1x1), one GEMM per chunk of output rows, each
+                      thread summing its own share, the shares summed into torch's layout by
+                      ``weight_grad_layout``; 3x3 stride 1 on maps from 14x14 up without
+                      patches, nine GEMMs on shifted views of one padded grid
+                      (``_weight_grad_shifted``); split by output channel instead where the
+                      patches are small (layer4 on small images). Input gradient: for stride
+                      1, a convolution of grad_out with the flipped, transposed weights on
+                      the backend (so Winograd again for 3x3); for stride 2, grad_out times
+                      the weights, then ``col2im`` adds each patch back onto its pixels
+                      (threads split by image, so no two write one pixel).
     batch norm        per-channel sums in float64 (``channel_sums``, ``centred_square_sums``,
                       ``grad_sums``) over row blocks, the blocks shared out between the pool's
                       threads; normalising and the input gradient each one fused pass, written
@@ -26,7 +31,9 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
                       backward rescans each window with torch's rule.
 No kernel is a parallel numba loop: each is serial and GIL-free, and the backend's thread pool
 (``NumbaBackend._split``) gives each thread its share, as for inference.
-The GEMMs run in NumPy's BLAS, one thread each, inside the backend's thread pool (see cpu.py).
+The GEMMs run in NumPy's BLAS, one thread each, inside the backend's thread pool (see cpu.py);
+so does the fc layer's (``linear``): no call in a step wakes OpenBLAS's own threads, which spin
+for about 80 ms after each multi-threaded call on the core the pool's second thread needs.
 
 Reference: ``npresnet/functional.py`` (the ops) and ``npresnet/autograd.py`` (the pass).
 """
@@ -244,21 +251,24 @@ def winograd_weights(w, Gm, p_lo, p_hi, out):
     K, C = w.shape[0], w.shape[1]
     A = Gm.shape[0]
     NR = out.shape[3]
-    rows = np.empty((A, 3))  # Gm g: (A, S)
+    # One panel's NR output channels at a time, innermost, so that each step below is a vector operation.
+    g = np.empty((9, NR))  # g[r*3 + s, j] of output channel p*NR + j
+    rows = np.empty((A, 3, NR))  # Gm g
     for p in range(p_lo, p_hi):
         for c in range(C):
             for j in range(NR):
                 k = p * NR + j
-                if k >= K:
-                    for e in range(A * A):
-                        out[e, p, c, j] = 0
-                    continue
-                for a in range(A):
-                    for s in range(3):
-                        rows[a, s] = Gm[a, 0] * w[k, c, 0, s] + Gm[a, 1] * w[k, c, 1, s] + Gm[a, 2] * w[k, c, 2, s]
-                for a in range(A):
-                    for b in range(A):
-                        out[a * A + b, p, c, j] = rows[a, 0] * Gm[b, 0] + rows[a, 1] * Gm[b, 1] + rows[a, 2] * Gm[b, 2]
+                for t in range(9):
+                    g[t, j] = w[k, c, t // 3, t % 3] if k < K else 0.0
+            for a in range(A):
+                for s in range(3):
+                    for j in range(NR):
+                        rows[a, s, j] = Gm[a, 0] * g[s, j] + Gm[a, 1] * g[3 + s, j] + Gm[a, 2] * g[6 + s, j]
+            for a in range(A):
+                for b in range(A):
+                    dst = out[a * A + b, p, c]
+                    for j in range(NR):
+                        dst[j] = rows[a, 0, j] * Gm[b, 0] + rows[a, 1, j] * Gm[b, 1] + rows[a, 2, j] * Gm[b, 2]
 
 
 @kernel(nogil=True)
@@ -347,7 +357,13 @@ class NumbaTrainingOps(TrainingOps):
     # --- layout ---------------------------------------------------------------------------
 
     def from_numpy(self, x):
-        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (N, H, W, C)
+        out = np.empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), dtype=x.dtype)  # (N, H, W, C)
+
+        def images(lo, hi):  # numpy lets go of the GIL to copy
+            out[lo:hi] = x[lo:hi].transpose(0, 2, 3, 1)
+
+        self.backend._split(images, x.shape[0])
+        return out
 
     # --- convolution ----------------------------------------------------------------------
 
