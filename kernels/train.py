@@ -420,10 +420,10 @@ class NumbaTrainingOps(TrainingOps):
             return self._weight_grad_shifted(grad_out, x, grad_weight)
         layout = grad_weight.reshape(K, Cg, R * S)
 
-        def patches(j, k, name="train_cols"):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
+        def patches(j, k):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
             if one_by_one:
                 return strided.reshape(N * P, Q, -1)[j:k].reshape(1, (k - j) * Q, -1)
-            cols = backend._workspace(name, (G, (k - j) * Q, width), dtype)
+            cols = backend._workspace("train_cols", (G, (k - j) * Q, width), dtype)
             backend.kernels.im2col(x, R, S, stride, padding, P, Q, j, k, cols)
             return cols
 
