@@ -741,7 +741,7 @@ class PreparedConv:
         self.scale = np.ones(K, dtype=self.dtype) if scale is None else scale.astype(self.dtype)
         self.W = self.Wp = None
         if G == 1:
-            self.Wp = pack_panels(conv.weight.transpose(2, 3, 1, 0)[None])  # from (1, R, S, C, K), a view
+            self.Wp = self.pack(conv.weight)
         else:
             w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
             self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
@@ -750,6 +750,10 @@ class PreparedConv:
         # The scale and bias of Winograd's GEMMs: the batch norm's scale is in U, its bias added by the output transform.
         self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None
         self.ones = np.ones(K, dtype=self.dtype) if self.winograd else None
+
+    def pack(self, weight: np.ndarray) -> np.ndarray:
+        """Wp of groups-1 weights (K, C, R, S); a subclass may pack them another way."""
+        return pack_panels(weight.transpose(2, 3, 1, 0)[None])  # from (1, R, S, C, K), a view
 
     def plain_weights(self) -> np.ndarray:
         """The weights as (G, R*S*C/G, K/G), unpacked if packed."""

@@ -10,14 +10,19 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
 (N, C, H, W); ``tests/test_kernels_train.py`` checks each against the reference, and
 ``tests/test_grad.py`` the whole pass against torch autograd. What runs where:
     conv2d            the backend's own convolution (Winograd F(4x4, 3x3) for 3x3 stride 1,
-                      GEMMs elsewhere) with a zero bias.
-    conv2d_backward   weight gradient: patches (the backend's im2col kernel, or the input
-                      itself for 1x1) times grad_out, one GEMM per chunk of output rows, each
-                      thread summing its own share; input gradient: for stride 1, a convolution
-                      of grad_out with the flipped, transposed weights on the backend (so
-                      Winograd again for 3x3); for stride 2, grad_out times the weights, then
-                      ``col2im`` adds each patch back onto its pixels (threads split by image,
-                      so no two write one pixel).
+                      GEMMs elsewhere) with a zero bias; its weights packed (``pack_weights``)
+                      and Winograd-transformed (``winograd_weights``) by the pool's threads.
+    conv2d_backward   weight gradient: grad_out^T times patches (the backend's im2col kernel,
+                      or the input itself for 1x1), one GEMM per chunk of output rows, each
+                      thread summing its own share, the shares summed into torch's layout by
+                      ``weight_grad_layout``; 3x3 stride 1 on maps from 14x14 up without
+                      patches, nine GEMMs on shifted views of one padded grid
+                      (``_weight_grad_shifted``); split by output channel instead where the
+                      patches are small (layer4 on small images). Input gradient: for stride
+                      1, a convolution of grad_out with the flipped, transposed weights on
+                      the backend (so Winograd again for 3x3); for stride 2, grad_out times
+                      the weights, then ``col2im`` adds each patch back onto its pixels
+                      (threads split by image, so no two write one pixel).
     batch norm        per-channel sums in float64 (``channel_sums``, ``centred_square_sums``,
                       ``grad_sums``) over row blocks, the blocks shared out between the pool's
                       threads; normalising and the input gradient each one fused pass, written
@@ -26,7 +31,9 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
                       backward rescans each window with torch's rule.
 No kernel is a parallel numba loop: each is serial and GIL-free, and the backend's thread pool
 (``NumbaBackend._split``) gives each thread its share, as for inference.
-The GEMMs run in NumPy's BLAS, one thread each, inside the backend's thread pool (see cpu.py).
+The GEMMs run in NumPy's BLAS, one thread each, inside the backend's thread pool (see cpu.py);
+so does the fc layer's (``linear``): no call in a step wakes OpenBLAS's own threads, which spin
+for about 80 ms after each multi-threaded call on the core the pool's second thread needs.
 
 Reference: ``npresnet/functional.py`` (the ops) and ``npresnet/autograd.py`` (the pass).
 """
@@ -41,11 +48,17 @@ from npresnet.backends import FoldedConv
 from npresnet.functional import BN_EPS
 
 from . import cpu
-from .cpu import kernel
+from .cpu import compile_kernels, kernel
 
-# Each thread's weight-gradient and col2im GEMMs take output rows in chunks of about this many bytes
-# of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
+# Each thread's col2im GEMMs (and the forward's GEMM paths) take output rows in chunks of about this
+# many bytes of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
 CHUNK_BYTES = 1 << 23
+# The weight gradient's GEMMs take chunks of about this many bytes of patches, but at least this many
+# patch rows and twice the output channels: a chunk that stays in cache between its gathering and its
+# GEMM (8 MB chunks were up to 30% slower), with enough rows that adding each chunk's product
+# (K x R*S*C, half the chunk's size at most) into the sum stays cheap.
+WEIGHT_GRAD_CHUNK_BYTES = 1 << 20
+WEIGHT_GRAD_MIN_ROWS = 256
 # Per-channel sums run over this many row blocks (shared out between threads), each summed in float64.
 SUM_BLOCKS = 16
 
@@ -152,7 +165,7 @@ def relu_backward_inplace(grad, out, blocks, b_lo, b_hi):
 
 @kernel(nogil=True)
 def max_pool_3x3s2_backward(grad_out, x, n_lo, n_hi, grad_x):
-    """grad_out (N, P, Q, C), x (N, H, W, C) -> grad_x (N, H, W, C) of images n_lo <= n < n_hi, zeroed by the caller.
+    """grad_out (N, P, Q, C), x (N, H, W, C) -> grad_x (N, H, W, C) of images n_lo <= n < n_hi.
 
     Each window starts at its first element inside the image with maximum -inf and moves
     to each later element (row by row) greater than the maximum or NaN: torch's choice.
@@ -160,9 +173,11 @@ def max_pool_3x3s2_backward(grad_out, x, n_lo, n_hi, grad_x):
     """
     N, H, W, C = x.shape
     _, P, Q, _ = grad_out.shape
+    grad_x[n_lo:n_hi] = 0  # here, not by the caller: each thread zeroes its own images (the stem's: 26 MB at 112)
+    best = np.empty(C, dtype=x.dtype)
+    where = np.empty(C, dtype=np.int64)  # h * W + w of the chosen element
     for n in range(n_lo, n_hi):
-        best = np.empty(C, dtype=x.dtype)
-        where = np.empty(C, dtype=np.int64)  # h * W + w of the chosen element
+        pixels = grad_x[n].reshape(H * W, C)
         for p in range(P):
             h_lo, h_hi = max(2 * p - 1, 0), min(2 * p + 2, H)
             for q in range(Q):
@@ -172,13 +187,17 @@ def max_pool_3x3s2_backward(grad_out, x, n_lo, n_hi, grad_x):
                     where[c] = h_lo * W + w_lo
                 for h in range(h_lo, h_hi):
                     for w in range(w_lo, w_hi):
+                        row = x[n, h, w]
+                        hw = h * W + w
+                        # Branch-free (selects, not jumps), so that the channel loop is vectorised.
                         for c in range(C):
-                            v = x[n, h, w, c]
-                            if v > best[c] or v != v:
-                                best[c] = v
-                                where[c] = h * W + w
+                            v = row[c]
+                            take = (v > best[c]) | (v != v)
+                            best[c] = v if take else best[c]
+                            where[c] = hw if take else where[c]
+                go = grad_out[n, p, q]
                 for c in range(C):
-                    grad_x[n, where[c] // W, where[c] % W, c] += grad_out[n, p, q, c]
+                    pixels[where[c], c] += go[c]
 
 
 @kernel(nogil=True)
@@ -210,28 +229,103 @@ def col2im(cols, R, S, stride, padding, P, Q, job_lo, job_hi, grad_x):
                             grad_x[n, h, w, g * Cg + c] += cols[g, row, base + c]
 
 
+@kernel(nogil=True)
+def pack_weights(w, p_lo, p_hi, out):
+    """w (K, X, R, S), any strides -> panels p_lo <= p < p_hi of out (1, panels, R*S*X, NR): the GEMM
+    weights of a groups-1 convolution as cpu.pack_panels lays them out (rows (r, s, x), output channels
+    in panels of NR, zero past K). Given the weights flipped and transposed (a view), it packs the
+    convolution of the input gradient with no copy of them in between."""
+    K, X, R, S = w.shape
+    NR = out.shape[3]
+    for p in range(p_lo, p_hi):
+        panel = out[0, p]
+        for j in range(NR):
+            k = p * NR + j
+            for x in range(X):
+                for r in range(R):
+                    for s in range(S):
+                        panel[(r * S + s) * X + x, j] = w[k, x, r, s] if k < K else 0
+
+
+@kernel(nogil=True)
+def winograd_weights(w, Gm, p_lo, p_hi, out):
+    """w (K, C, 3, 3), any strides; Gm (A, 3) float64 -> panels p_lo <= p < p_hi of out (A*A, panels, C, NR):
+    U = Gm g Gm^T of every (input c, output k) pair, in float64 and rounded once, laid out as
+    cpu.pack_panels packs U (A*A, C, K) for gemm_packed (zero past K). Each thread makes its own
+    panels (made on the main thread with NumPy, layer2's took 11 ms a convolution, twice a step)."""
+    K, C = w.shape[0], w.shape[1]
+    A = Gm.shape[0]
+    NR = out.shape[3]
+    # One panel's NR output channels at a time, innermost, so that each step below is a vector operation.
+    g = np.empty((9, NR))  # g[r*3 + s, j] of output channel p*NR + j
+    rows = np.empty((A, 3, NR))  # Gm g
+    for p in range(p_lo, p_hi):
+        for c in range(C):
+            for j in range(NR):
+                k = p * NR + j
+                for t in range(9):
+                    g[t, j] = w[k, c, t // 3, t % 3] if k < K else 0.0
+            for a in range(A):
+                for s in range(3):
+                    for j in range(NR):
+                        rows[a, s, j] = Gm[a, 0] * g[s, j] + Gm[a, 1] * g[3 + s, j] + Gm[a, 2] * g[6 + s, j]
+            for a in range(A):
+                for b in range(A):
+                    dst = out[a * A + b, p, c]
+                    for j in range(NR):
+                        dst[j] = rows[a, 0, j] * Gm[b, 0] + rows[a, 1, j] * Gm[b, 1] + rows[a, 2, j] * Gm[b, 2]
+
+
+@kernel(nogil=True)
+def weight_grad_layout(shares, Cg, k_lo, k_hi, out):
+    """shares (T, K, R*S*Cg), columns (r, s, c) -> out (K, Cg, R*S) = shares[0] + ... + shares[T-1],
+    rows k_lo <= k < k_hi: each thread's share of the weight gradient summed and put in torch's layout
+    in one pass (a numpy transpose of layer4's gradient alone took 12 ms, on one thread)."""
+    T, K, width = shares.shape
+    RS = width // Cg
+    for k in range(k_lo, k_hi):
+        for rs in range(RS):
+            for c in range(Cg):
+                v = shares[0, k, rs * Cg + c]
+                for t in range(1, T):
+                    v += shares[t, k, rs * Cg + c]
+                out[k, c, rs] = v
+
+
 def _blocks(M: int) -> int:
     return max(1, min(SUM_BLOCKS, M))
 
 
 class StepConv(cpu.PreparedConv):
     """A convolution prepared for one training step (its weights change at every step): Winograd
-    only where asked (winograd=False: the GEMM path), and the Winograd weights made in the working dtype."""
+    only where asked (winograd=False: the GEMM path), and its weights made by kernels shared out
+    between the backend's threads: groups-1 weights packed by pack_weights (on one thread, layer4's
+    packing took 5 ms a convolution, twice a step), Winograd weights by winograd_weights."""
 
-    def __init__(self, conv: FoldedConv, winograd: bool):
+    def __init__(self, conv: FoldedConv, winograd: bool, backend: cpu.NumbaBackend):
+        self.backend = backend
+        self.weight = conv.weight  # (K, C/G, R, S), maybe a flipped view: the Winograd weights are made from it
         super().__init__(conv)
         self.winograd = self.winograd and winograd
+
+    def pack(self, weight):
+        K = weight.shape[0]
+        NR = 2 * 32 // weight.itemsize
+        panels = -(-K // NR)
+        packed = np.empty((1, panels, weight[0].size, NR), dtype=weight.dtype)
+        kernels = compile_kernels(__name__)
+        self.backend._split(lambda lo, hi: kernels.pack_weights(weight, lo, hi, packed), panels)
+        return packed
 
     def U(self, tile: int) -> np.ndarray:
         if tile not in self._U:
             _, Gm, _ = cpu.WINOGRAD[tile]
-            Gm = Gm.astype(self.dtype)
-            A = tile + 2
-            X = self.Cg * self.K  # groups 1: only those take the Winograd path
-            g = self.plain_weights().reshape(3, 3 * X)  # (R, S*X)
-            rows = np.matmul(Gm, g).reshape(A, 3, X)  # (A, S, X)
-            U = np.matmul(Gm, rows)  # (A, A, X): G g G^T
-            self._U[tile] = cpu.pack_panels(U.reshape(A * A, self.Cg, self.K))  # packed as gemm_packed reads it
+            NR = 2 * 32 // self.dtype.itemsize
+            panels = -(-self.K // NR)
+            U = np.empty(((tile + 2) ** 2, panels, self.Cg, NR), dtype=self.dtype)  # packed as gemm_packed reads it
+            kernels = compile_kernels(__name__)
+            self.backend._split(lambda lo, hi: kernels.winograd_weights(self.weight, Gm, lo, hi, U), panels)
+            self._U[tile] = U
         return self._U[tile]
 
 
@@ -257,15 +351,24 @@ class NumbaTrainingOps(TrainingOps):
     # Winograd for 3x3 stride-1 maps of at least this size: the transformed weights (4x the plain ones
     # for F(4x4)) are made afresh at every step, which smaller maps do not repay.
     winograd_min_size = 14
+    # The weight gradient of 3x3 stride-1 convolutions on shifted views of a padded grid (no patches)
+    # for maps of at least this size (see _weight_grad_shifted).
+    shifted_weight_grad_min_size = 14
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
-        self.kernels = cpu.compile_kernels(__name__)
+        self.kernels = compile_kernels(__name__)
 
     # --- layout ---------------------------------------------------------------------------
 
     def from_numpy(self, x):
-        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # (N, H, W, C)
+        out = np.empty((x.shape[0], x.shape[2], x.shape[3], x.shape[1]), dtype=x.dtype)  # (N, H, W, C)
+
+        def images(lo, hi):  # numpy lets go of the GIL to copy
+            out[lo:hi] = x[lo:hi].transpose(0, 2, 3, 1)
+
+        self.backend._split(images, x.shape[0])
+        return out
 
     # --- convolution ----------------------------------------------------------------------
 
@@ -274,7 +377,8 @@ class NumbaTrainingOps(TrainingOps):
 
     def conv2d(self, x, weight, stride, padding, groups):
         zero = np.zeros(weight.shape[0], dtype=weight.dtype)
-        return self.backend.conv(x, StepConv(FoldedConv(weight, zero, stride, padding, groups), self._winograd(x)), relu=False)
+        conv = StepConv(FoldedConv(weight, zero, stride, padding, groups), self._winograd(x), self.backend)
+        return self.backend.conv(x, conv, relu=False)
 
     def conv2d_backward(self, grad_out, x, weight, stride, padding, groups, input_grad=True):
         """grad_out (N, P, Q, K), x (N, H, W, C), weight (K, C/G, R, S) -> (grad_x (N, H, W, C) or None, grad_weight)."""
@@ -287,9 +391,12 @@ class NumbaTrainingOps(TrainingOps):
             # a convolution of grad_out with the weights flipped and transposed, padding R - 1 - padding.
             G = groups
             flipped = weight.reshape(G, K // G, Cg, R, S).transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]
-            flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
+            if G == 1:
+                flipped = flipped[0]  # (C, K, R, S), a view: pack_weights reads it in place
+            else:
+                flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
             zero = np.zeros(G * Cg, dtype=weight.dtype)
-            transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out))
+            transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out), self.backend)
             return self.backend.conv(grad_out, transposed, relu=False), grad_weight
         return self._input_grad_col2im(grad_out, x.shape, weight, stride, padding, groups), grad_weight
 
@@ -297,8 +404,14 @@ class NumbaTrainingOps(TrainingOps):
         return max(1, CHUNK_BYTES // (Q * G * width * itemsize))
 
     def _weight_grad(self, grad_out, x, weight, stride, padding, groups):
-        """grad_weight[g] = patches[g]^T @ grad_out[g], summed over chunks of output rows, one share per thread."""
-        backend = self.backend
+        """grad_weight[g] = grad_out[g]^T @ patches[g], (K/G, R*S*C/G) per group, then put in torch's layout.
+
+        Shared out between threads by output channels where the patches are small beside the gradient
+        (layer4 on small maps: each thread then makes its rows of the gradient alone, with no sum of
+        shares), else by output rows, each thread summing its own share chunk by chunk, and the shares
+        summed (and laid out) by weight_grad_layout, again split by output channel.
+        """
+        backend, kernels = self.backend, self.kernels
         N, P, Q, K = grad_out.shape
         _, Cg, R, S = weight.shape
         G, Kg, width = groups, K // groups, R * S * Cg
@@ -307,8 +420,10 @@ class NumbaTrainingOps(TrainingOps):
         one_by_one = R == S == 1 and padding == 0 and G == 1
         if one_by_one:
             strided = x[:, ::stride, ::stride, :] if stride > 1 else x  # (N, P, Q, C)
-        step = self._rows_per_chunk(Q, width, G, grad_out.itemsize)
-        shares = []
+        grad_weight = np.empty(weight.shape, dtype=dtype)  # (K, C/G, R, S)
+        if (R, S, stride, padding, G) == (3, 3, 1, 1, 1) and min(P, Q) >= self.shifted_weight_grad_min_size:
+            return self._weight_grad_shifted(grad_out, x, grad_weight)
+        layout = grad_weight.reshape(K, Cg, R * S)
 
         def patches(j, k):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
             if one_by_one:
@@ -317,21 +432,102 @@ class NumbaTrainingOps(TrainingOps):
             backend.kernels.im2col(x, R, S, stride, padding, P, Q, j, k, cols)
             return cols
 
+        if G == 1 and N * P * Q <= 2 * K:
+            if one_by_one:
+                cols = patches(0, N * P)
+            else:  # gathered once, by both threads, then read by each
+                cols = backend._workspace("train_cols_all", (1, N * P * Q, width), dtype)
+                backend._split(lambda lo, hi: backend.kernels.im2col(x, R, S, stride, padding, P, Q, lo, hi, cols[:, lo * Q : hi * Q]), N * P)
+            product = backend._workspace("train_dw_all", (1, K, width), dtype)
+
+            def channels(lo, hi):
+                np.matmul(go[:, lo:hi].T, cols[0], out=product[0, lo:hi])
+                kernels.weight_grad_layout(product, Cg, lo, hi, layout)
+
+            with cpu._single_threaded_blas():
+                backend._split(channels, K)
+            return grad_weight
+
+        rows = max(WEIGHT_GRAD_MIN_ROWS, 2 * Kg, WEIGHT_GRAD_CHUNK_BYTES // (G * width * grad_out.itemsize))
+        step = max(1, rows // Q)
+        parts = min(backend.threads, N * P)
+        shares = backend._workspace("train_dw_shares", (parts, K, width), dtype)
+
         def share(lo, hi):
-            grad_w = np.zeros((G, width, Kg), dtype=dtype)
+            mine = shares[-(-lo * parts // (N * P))]  # this thread's: _split's share i starts at N*P*i//parts
             for j in range(lo, hi, step):
                 k = min(j + step, hi)
                 cols = patches(j, k)
-                product = backend._workspace("train_dw", (width, Kg), dtype)
                 for g in range(G):
-                    np.matmul(cols[g].T, go[j * Q : k * Q, g * Kg : (g + 1) * Kg], out=product)
-                    grad_w[g] += product
-            shares.append(grad_w)
+                    a, dst = go[j * Q : k * Q, g * Kg : (g + 1) * Kg].T, mine[g * Kg : (g + 1) * Kg]
+                    if j == lo:
+                        np.matmul(a, cols[g], out=dst)
+                    else:
+                        product = backend._workspace("train_dw", (Kg, width), dtype)
+                        np.matmul(a, cols[g], out=product)
+                        dst += product
 
         with cpu._single_threaded_blas():
             backend._split(share, N * P)
-        grad_w = functools.reduce(np.add, shares)  # (G, R*S*C/G, K/G), rows (r, s, c)
-        return np.ascontiguousarray(grad_w.reshape(G, R, S, Cg, Kg).transpose(0, 4, 3, 1, 2)).reshape(weight.shape)
+        backend._split(lambda lo, hi: kernels.weight_grad_layout(shares, Cg, lo, hi, layout), K)
+        return grad_weight
+
+    def _weight_grad_shifted(self, grad_out, x, grad_weight):
+        """The weight gradient of a 3x3, stride-1, padding-1 convolution (groups 1) with no patch matrix.
+
+        x and grad_out go onto one grid of rows W + 1 wide (one zero column, shared as the right padding of
+        a row and the left of the next) and H + 1 rows per image (one zero row between images), flattened:
+        x's pixel (h, w) at grid position (h + 1, w + 1), grad_out's (p, q) at (p, q), its extra row and
+        column zero. The pixel under tap (r, s) of output position i is then at x's grid row i + r*(W+1) + s,
+        so grad_weight[:, :, r, s] = grad_out_grid^T @ x_grid[r*(W+1) + s :][:L]: nine GEMMs on shifted
+        views, taken chunk by chunk (one chunk stays in cache for all nine), one share per thread summed
+        by weight_grad_layout. On 28x28 maps this saves gathering nine copies of the input (about a third
+        of the time); the grid's padding makes 7x7 maps (30% more rows) slower than patches.
+        """
+        backend = self.backend
+        N, H, W, C = x.shape
+        K = grad_out.shape[3]
+        Hp, Wp = H + 1, W + 1
+        L = N * Hp * Wp  # grid rows; each tap reads rows up to L + 2*Wp + 2
+        dtype = x.dtype
+        x_grid = backend._workspace("train_x_grid", (L + 2 * Wp + 2, C), dtype)
+        go_grid = backend._workspace("train_go_grid", (L, K), dtype)
+        x4, go4 = x_grid[:L].reshape(N, Hp, Wp, C), go_grid.reshape(N, Hp, Wp, K)
+
+        def fill(lo, hi):  # images lo <= n < hi; numpy lets go of the GIL to copy
+            x4[lo:hi, 0] = 0
+            x4[lo:hi, 1:, 0] = 0
+            x4[lo:hi, 1:, 1:] = x[lo:hi]
+            go4[lo:hi, :H, :W] = grad_out[lo:hi]
+            go4[lo:hi, :H, W] = 0
+            go4[lo:hi, H] = 0
+
+        x_grid[L:] = 0
+        backend._split(fill, N)  # all of it before any GEMM: a thread's last taps read the next image's first rows
+        parts = min(backend.threads, N)
+        shares = backend._workspace("train_dw_shares", (parts, K, 9 * C), dtype)  # columns (r, s, c)
+        step = max(WEIGHT_GRAD_MIN_ROWS, 2 * K, WEIGHT_GRAD_CHUNK_BYTES // ((C + K) * x.itemsize))
+
+        def share(lo, hi):
+            mine = shares[-(-lo * parts // N)]  # this thread's: _split's share i starts at N*i//parts
+            product = backend._workspace("train_dw", (K, C), dtype)
+            first, last = lo * Hp * Wp, hi * Hp * Wp
+            for i in range(first, last, step):
+                j = min(i + step, last)
+                go_rows = go_grid[i:j].T  # (K, rows)
+                for tap in range(9):
+                    offset = (tap // 3) * Wp + tap % 3
+                    np.matmul(go_rows, x_grid[i + offset : j + offset], out=product)
+                    if i == first:
+                        mine[:, tap * C : (tap + 1) * C] = product
+                    else:
+                        mine[:, tap * C : (tap + 1) * C] += product
+
+        with cpu._single_threaded_blas():
+            backend._split(share, N)
+        layout = grad_weight.reshape(K, C, 9)
+        backend._split(lambda lo, hi: self.kernels.weight_grad_layout(shares, C, lo, hi, layout), K)
+        return grad_weight
 
     def _input_grad_col2im(self, grad_out, x_shape, weight, stride, padding, groups):
         """grad_cols = grad_out[g] @ weight[g] per chunk of output rows, added back onto the pixels by col2im."""
@@ -342,10 +538,11 @@ class NumbaTrainingOps(TrainingOps):
         dtype = grad_out.dtype
         go = grad_out.reshape(N * P * Q, K)
         w = np.ascontiguousarray(weight.reshape(G, Kg, Cg, R, S).transpose(0, 1, 3, 4, 2)).reshape(G, Kg, width)
-        grad_x = np.zeros(x_shape, dtype=dtype)  # (N, H, W, C)
+        grad_x = np.empty(x_shape, dtype=dtype)  # (N, H, W, C)
         step = self._rows_per_chunk(Q, width, G, grad_out.itemsize)
 
         def images(lo, hi):
+            grad_x[lo:hi] = 0  # each thread zeroes its own images (numpy lets go of the GIL to fill)
             for j in range(lo * P, hi * P, step):
                 k = min(j + step, hi * P)
                 cols = backend._workspace("train_cols", (G, (k - j) * Q, width), dtype)
@@ -433,9 +630,19 @@ class NumbaTrainingOps(TrainingOps):
         return self.backend.max_pool(x)
 
     def max_pool2d_backward(self, grad_out, x):
-        grad_x = np.zeros_like(x)
+        grad_x = np.empty_like(x)
         self.backend._split(lambda lo, hi: self.kernels.max_pool_3x3s2_backward(grad_out, x, lo, hi, grad_x), x.shape[0])
         return grad_x
+
+    def linear(self, x, weight, bias):
+        # Single-threaded: after a multi-threaded call OpenBLAS's worker spins for about 80 ms, on the core
+        # that the pool's second thread needs (it cost a 2-thread step at 112 a quarter of its CPU time).
+        with cpu._single_threaded_blas():
+            return super().linear(x, weight, bias)
+
+    def linear_backward(self, grad_out, x, weight):
+        with cpu._single_threaded_blas():
+            return super().linear_backward(grad_out, x, weight)
 
     def global_avg_pool(self, x):
         return x.mean(axis=(1, 2))  # (N, C)

@@ -28,6 +28,7 @@ def ops(train):
     backend.MIN_TILES = 1
     ops = train.NumbaTrainingOps(backend)
     ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
+    ops.shifted_weight_grad_min_size = 1  # and 3x3 stride-1 weight gradients without patches
     return ops
 
 
@@ -66,12 +67,14 @@ def test_conv2d_and_backward(ops, name, dtype):
 
 @pytest.mark.parametrize("name", ["3x3_groups4_stride2", "1x1_stride2_odd", "3x3"])
 def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
-    """One output row per chunk, shared between threads: integer-valued sums come out exact."""
+    """Small chunks (a few output rows each), shared between threads: integer-valued sums come out exact."""
     case = CONV_CASES[name]
     stride, padding, groups = case[6:]
     x, w, grad_out, _ = conv_inputs(case, np.float64, seed=1)
     x, w, grad_out = (np.round(a * 2) for a in (x, w, grad_out))
     monkeypatch.setattr(train, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(train, "WEIGHT_GRAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr(train, "WEIGHT_GRAD_MIN_ROWS", 1)
     want_x, want_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
     got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups)
     np.testing.assert_array_equal(got_w, want_w)
@@ -79,6 +82,26 @@ def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
         np.testing.assert_array_equal(nchw(got_x), want_x)
     else:
         assert_close(nchw(got_x), want_x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("flipped", [False, True], ids=["weights", "flipped-view"])
+def test_step_conv_weights_match_the_inference_backends(ops, train, flipped, dtype):
+    """StepConv packs its GEMM weights and makes its Winograd weights (both tiles) in its own kernels,
+    from the weights or from the flipped, transposed view the input gradient uses: as cpu.PreparedConv does."""
+    from npresnet.backends import FoldedConv
+    from npresnet_kernels import cpu
+
+    w = np.random.default_rng(6).standard_normal((20, 7, 3, 3)).astype(dtype)  # 20 channels: a partial panel
+    if flipped:
+        w = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+    conv = FoldedConv(w, np.zeros(w.shape[0], dtype=dtype), 1, 1, 1)
+    got = train.StepConv(conv, True, ops.backend)
+    want = cpu.PreparedConv(FoldedConv(np.ascontiguousarray(w), conv.bias, 1, 1, 1))
+    np.testing.assert_array_equal(got.Wp, want.Wp)
+    for tile in (2, 4):
+        assert got.U(tile).shape == want.U(tile).shape
+        assert_close(got.U(tile), want.U(tile))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
