@@ -106,6 +106,15 @@ class Optimizer:
     def _update(self, param: np.ndarray, grad: np.ndarray, state: dict[str, Any], group: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def _work_array(self, param: np.ndarray) -> np.ndarray:
+        """A scratch array shaped like `param`: a view of one buffer as large as the largest parameter,
+        shared by every update (each is done with it before the next begins)."""
+        buffer = getattr(self, "_work", None)
+        if buffer is None or buffer.size < param.size or buffer.dtype != param.dtype:
+            size = max(p.size for p in self.model._state.values() if p.dtype == param.dtype)
+            buffer = self._work = np.empty(max(size, param.size), dtype=param.dtype)
+        return buffer[: param.size].reshape(param.shape)
+
     def state_dict(self) -> dict[str, Any]:
         """{"state": {name: {...}}, "param_groups": [...]}: copies, savable as .npz arrays + JSON."""
         return {"state": copy.deepcopy(self.state), "param_groups": copy.deepcopy(self.param_groups)}
@@ -147,18 +156,24 @@ class SGD(Optimizer):
         super().__init__(model, groups, defaults)
 
     def _update(self, param, grad, state, group):
-        weight_decay, momentum = group["weight_decay"], group["momentum"]
+        weight_decay, momentum, dampening = group["weight_decay"], group["momentum"], group["dampening"]
+        # The same operations as torch, in its order; the temporaries go to one work array shaped like
+        # `param` (a fresh array per operation costs a step as much as the arithmetic: page faults).
+        work = self._work_array(param)
         if weight_decay:
-            grad = grad + weight_decay * param
+            np.multiply(param, weight_decay, out=work)
+            work += grad  # grad + weight_decay * param
+            grad = work
         if momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = grad.copy()
             else:
                 buf *= momentum
-                buf += (1 - group["dampening"]) * grad
+                buf += grad if dampening == 0 else (1 - dampening) * grad
             grad = grad + momentum * buf if group["nesterov"] else buf
-        param -= group["lr"] * grad
+        np.multiply(grad, group["lr"], out=work)
+        param -= work
 
 
 class AdamW(Optimizer):
