@@ -421,10 +421,13 @@ def max_pool2d_backward(
     grad_out: (N, C, P, Q); x: the forward's input (N, C, H, W). Returns (N, C, H, W).
     As ATen's kernel: a window starts at its first element inside the image with maximum
     -inf, then moves, scanning row by row, to each element greater than the maximum or NaN
-    (padding, -inf, is never greater). So among tied maxima the first in scan order wins.
+    (padding, -inf, is never greater). So the first element in scan order that equals the
+    window's maximum wins; where the maximum is NaN, the last NaN; where it is -inf, the
+    first element inside the image.
 
-    The scan runs over all windows at once, one kernel offset (r, s) at a time, and the
-    gradient goes back the same way (within one offset distinct windows read distinct pixels).
+    All windows go at once, one kernel offset (r, s) at a time, in scan order: an offset
+    claims the windows whose maximum it holds and that no earlier offset claimed, and adds
+    their gradient onto its elements (within one offset distinct windows read distinct pixels).
     The padded input is first split into its stride x stride phases (rows a, a + stride, ...;
     columns likewise): the elements at offset (r, s) of all windows are then a plain slice of
     one phase, which NumPy's vector loops run several times faster than a stride-2 view.
@@ -434,31 +437,37 @@ def max_pool2d_backward(
     k = kernel_size
     padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
     phases = {(a, b): np.ascontiguousarray(padded[:, :, a::stride, b::stride]) for a in range(stride) for b in range(stride)}
+    grad_phases = {ab: np.zeros_like(phase, dtype=grad_out.dtype) for ab, phase in phases.items()}
 
     def at_offset(arrays, r, s):  # offset (r, s) of every window: (N, C, P, Q)
         return arrays[r % stride, s % stride][:, :, r // stride : r // stride + P, s // stride : s // stride + Q]
 
-    first_row = np.maximum(0, padding - np.arange(P) * stride)  # (P,) offset of each window's first row inside
-    first_col = np.maximum(0, padding - np.arange(Q) * stride)  # (Q,)
-    best_offset = np.empty((N, C, P, Q), dtype=np.int16)  # r * k + s of the chosen element
-    best_offset[...] = first_row[:, None] * k + first_col[None, :]
-    best = np.full((N, C, P, Q), -np.inf, dtype=x.dtype)
+    def inside_image(r, s):  # (P, Q): whether offset (r, s) of each window lies inside the image
+        rows = np.arange(P) * stride + r - padding
+        cols = np.arange(Q) * stride + s - padding
+        return ((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :]
+
+    offsets = [(r, s) for r in range(k) for s in range(k)]  # scan order
+    maximum = at_offset(phases, 0, 0).copy()  # (N, C, P, Q), as max_pool2d (NaN wins)
+    for r, s in offsets[1:]:
+        np.maximum(maximum, at_offset(phases, r, s), out=maximum)
+    claimed = np.zeros((N, C, P, Q), dtype=bool)
     take = np.empty((N, C, P, Q), dtype=bool)
-    for r in range(k):
-        for s in range(k):
-            window = at_offset(phases, r, s)
-            np.greater(window, best, out=take)
-            take |= np.isnan(window)
-            np.copyto(best, window, where=take)
-            np.copyto(best_offset, r * k + s, where=take)
-    del phases, best
-    grad_phases = {key: np.zeros(phase_shape, dtype=grad_out.dtype) for key, phase_shape in
-                   ((ab, padded[:, :, ab[0]::stride, ab[1]::stride].shape) for ab in np.ndindex(stride, stride))}
-    for r in range(k):
-        for s in range(k):
-            grad_window = at_offset(grad_phases, r, s)
-            np.equal(best_offset, r * k + s, out=take)
-            grad_window += np.where(take, grad_out, 0)
+
+    def claim(take, grad_window):  # windows in `take` not yet claimed send their gradient to this offset
+        np.greater(take, claimed, out=take)  # take and not claimed
+        claimed[...] |= take
+        grad_window += grad_out * take  # a NaN or inf grad_out would also reach the window's other pixels
+
+    for r, s in offsets:
+        np.equal(at_offset(phases, r, s), maximum, out=take)
+        inside = inside_image(r, s)
+        if not inside.all():  # padding equals a maximum of -inf; the first element inside wins instead
+            take &= inside
+        claim(take, at_offset(grad_phases, r, s))
+    if np.isnan(maximum).any():  # the windows with a NaN (none claimed yet): the last NaN wins
+        for r, s in reversed(offsets):
+            claim(np.isnan(at_offset(phases, r, s)), at_offset(grad_phases, r, s))
     grad_padded = np.empty(padded.shape, dtype=grad_out.dtype)
     for (a, b), grad_phase in grad_phases.items():
         grad_padded[:, :, a::stride, b::stride] = grad_phase
