@@ -384,11 +384,11 @@ def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def relu_backward(grad_out: np.ndarray, out: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Gradient of relu given its output: grad_out where out > 0, else 0 (torch's threshold_backward).
 
-    grad_out, out: same shape. inplace=True overwrites grad_out.
+    grad_out, out: same shape. inplace=True overwrites grad_out. A multiplication by the mask
+    (several times faster than a masked copy), so a NaN or infinite grad_out where out <= 0
+    gives NaN, where torch gives 0.
     """
-    grad = grad_out if inplace else grad_out.copy()
-    np.copyto(grad, 0, where=~(out > 0))
-    return grad
+    return np.multiply(grad_out, out > 0, out=grad_out if inplace else None)
 
 
 def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> np.ndarray:
