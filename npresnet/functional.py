@@ -83,18 +83,18 @@ def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, group
 def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.ndarray:
     """The adjoint of patch_matrix: add every patch column back onto the input pixel it was read from.
 
-    cols: (C, R, S, N, P, Q), patch_matrix's layout -> (N, C, H, W). One strided addition per
+    cols: (C, R, S, N, P, Q), patch_matrix's layout -> (N, C, H, W), a transposed view of the
+    channel-major sums (the caller copies it where it stores it). One strided addition per
     kernel offset (r, s): within one offset, distinct output positions read distinct pixels.
-    The sums are made channel-major, as cols is laid out, then transposed once.
     """
     C, R, S, N, P, Q = cols.shape
     if R == 1 and S == 1 and padding == 0 and stride == 1:
-        return np.ascontiguousarray(cols.reshape(C, N, H, W).transpose(1, 0, 2, 3))
+        return cols.reshape(C, N, H, W).transpose(1, 0, 2, 3)
     out = np.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
     for r in range(R):
         for s in range(S):
             out[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride] += cols[:, r, s]
-    return np.ascontiguousarray(out[:, :, padding : padding + H, padding : padding + W].transpose(1, 0, 2, 3))
+    return out[:, :, padding : padding + H, padding : padding + W].transpose(1, 0, 2, 3)
 
 
 # conv2d and conv2d_backward take a few images at a time: one chunk's patch matrix stays
@@ -395,7 +395,8 @@ def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: in
     """Max pooling, as ``torch.nn.functional.max_pool2d`` (floor mode).
 
     x: (N, C, H, W) -> (N, C, P, Q), P = floor((H + 2*padding - kernel_size) / stride) + 1.
-    The padding is -inf so that it never wins the max, as in torch.
+    The padding is -inf so that it never wins the max, as in torch. The window's max is taken
+    along its rows, then down its columns: 2k passes instead of k*k.
     """
     if padding > kernel_size // 2:
         raise ValueError("max_pool2d: padding must be at most half the kernel size (as in torch)")
@@ -405,11 +406,12 @@ def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: in
     if P < 1 or Q < 1:
         raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
     padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
-    out = None
-    for r in range(kernel_size):
-        for s in range(kernel_size):
-            window = padded[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride]
-            out = window.copy() if out is None else np.maximum(out, window, out=out)
+    row_max = padded[:, :, :, 0 : stride * (Q - 1) + 1 : stride].copy()  # (N, C, Hp, Q)
+    for s in range(1, kernel_size):
+        np.maximum(row_max, padded[:, :, :, s : s + stride * (Q - 1) + 1 : stride], out=row_max)
+    out = row_max[:, :, 0 : stride * (P - 1) + 1 : stride].copy()  # (N, C, P, Q)
+    for r in range(1, kernel_size):
+        np.maximum(out, row_max[:, :, r : r + stride * (P - 1) + 1 : stride], out=out)
     return out
 
 
