@@ -431,18 +431,31 @@ def max_pool2d_backward(
     claims the windows whose maximum it holds and that no earlier offset claimed, and adds
     their gradient onto its elements (within one offset distinct windows read distinct pixels).
     The padded input is first split into its stride x stride phases (rows a, a + stride, ...;
-    columns likewise): the elements at offset (r, s) of all windows are then a plain slice of
-    one phase, which NumPy's vector loops run several times faster than a stride-2 view.
+    columns likewise) by one transposed copy: the elements at offset (r, s) of all windows are
+    then a plain slice of one phase, which NumPy's vector loops run several times faster than a
+    stride-2 view; the gradient's phases go back by one copy the other way.
     """
     N, C, H, W = x.shape
     P, Q = grad_out.shape[2:]
     k = kernel_size
-    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
-    phases = {(a, b): np.ascontiguousarray(padded[:, :, a::stride, b::stride]) for a in range(stride) for b in range(stride)}
-    grad_phases = {ab: np.zeros_like(phase, dtype=grad_out.dtype) for ab, phase in phases.items()}
+    # The image starts `lead` (padding rounded up to a multiple of stride) rows and columns into the
+    # -inf border, and the border's far sides end on a multiple of stride, so that the phases are
+    # one reshape apart from it; window p's offset r is row p*stride + r + shift of `padded`.
+    lead = -(-padding // stride) * stride
+    shift = lead - padding
+    Hs = lead + -(-(H + padding) // stride) * stride
+    Ws = lead + -(-(W + padding) // stride) * stride
+    padded = np.full((N, C, Hs, Ws), -np.inf, dtype=x.dtype)
+    padded[:, :, lead : lead + H, lead : lead + W] = x
+    phases = np.ascontiguousarray(  # (N, C, a, b, Hs/stride, Ws/stride): phase (a, b) is padded[:, :, a::stride, b::stride]
+        padded.reshape(N, C, Hs // stride, stride, Ws // stride, stride).transpose(0, 1, 3, 5, 2, 4)
+    )
+    del padded
+    grad_phases = np.zeros_like(phases, dtype=grad_out.dtype)
 
     def at_offset(arrays, r, s):  # offset (r, s) of every window: (N, C, P, Q)
-        return arrays[r % stride, s % stride][:, :, r // stride : r // stride + P, s // stride : s // stride + Q]
+        r, s = r + shift, s + shift
+        return arrays[:, :, r % stride, s % stride, r // stride : r // stride + P, s // stride : s // stride + Q]
 
     def inside_image(r, s):  # (P, Q): whether offset (r, s) of each window lies inside the image
         rows = np.arange(P) * stride + r - padding
@@ -470,10 +483,10 @@ def max_pool2d_backward(
     if np.isnan(maximum).any():  # the windows with a NaN (none claimed yet): the last NaN wins
         for r, s in reversed(offsets):
             claim(np.isnan(at_offset(phases, r, s)), at_offset(grad_phases, r, s))
-    grad_padded = np.empty(padded.shape, dtype=grad_out.dtype)
-    for (a, b), grad_phase in grad_phases.items():
-        grad_padded[:, :, a::stride, b::stride] = grad_phase
-    return np.ascontiguousarray(grad_padded[:, :, padding : padding + H, padding : padding + W])
+    grad_padded = grad_phases.transpose(0, 1, 4, 2, 5, 3)  # (N, C, Hs/stride, a, Ws/stride, b), padded's order
+    first, rows, cols = lead // stride, -(-H // stride), -(-W // stride)
+    grad_image = np.ascontiguousarray(grad_padded[:, :, first : first + rows, :, first : first + cols])
+    return np.ascontiguousarray(grad_image.reshape(N, C, rows * stride, cols * stride)[:, :, :H, :W])  # (N, C, H, W)
 
 
 def adaptive_avg_pool2d(x: np.ndarray, output_size: int | tuple[int, int] = 1) -> np.ndarray:
