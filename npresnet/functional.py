@@ -447,9 +447,8 @@ def max_pool2d_backward(
     Ws = lead + -(-(W + padding) // stride) * stride
     padded = np.full((N, C, Hs, Ws), -np.inf, dtype=x.dtype)
     padded[:, :, lead : lead + H, lead : lead + W] = x
-    phases = np.ascontiguousarray(  # (N, C, a, b, Hs/stride, Ws/stride): phase (a, b) is padded[:, :, a::stride, b::stride]
-        padded.reshape(N, C, Hs // stride, stride, Ws // stride, stride).transpose(0, 1, 3, 5, 2, 4)
-    )
+    # (N, C, a, b, Hs/stride, Ws/stride): phases[:, :, a, b] is padded[:, :, a::stride, b::stride]
+    phases = padded.reshape(N, C, Hs // stride, stride, Ws // stride, stride).transpose(0, 1, 3, 5, 2, 4).copy()
     del padded
     grad_phases = np.zeros_like(phases, dtype=grad_out.dtype)
 
