@@ -83,18 +83,18 @@ def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, group
 def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.ndarray:
     """The adjoint of patch_matrix: add every patch column back onto the input pixel it was read from.
 
-    cols: (C, R, S, N, P, Q), patch_matrix's layout -> (N, C, H, W). One strided addition per
+    cols: (C, R, S, N, P, Q), patch_matrix's layout -> (N, C, H, W), a transposed view of the
+    channel-major sums (the caller copies it where it stores it). One strided addition per
     kernel offset (r, s): within one offset, distinct output positions read distinct pixels.
-    The sums are made channel-major, as cols is laid out, then transposed once.
     """
     C, R, S, N, P, Q = cols.shape
     if R == 1 and S == 1 and padding == 0 and stride == 1:
-        return np.ascontiguousarray(cols.reshape(C, N, H, W).transpose(1, 0, 2, 3))
+        return cols.reshape(C, N, H, W).transpose(1, 0, 2, 3)
     out = np.zeros((C, N, H + 2 * padding, W + 2 * padding), dtype=cols.dtype)
     for r in range(R):
         for s in range(S):
             out[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride] += cols[:, r, s]
-    return np.ascontiguousarray(out[:, :, padding : padding + H, padding : padding + W].transpose(1, 0, 2, 3))
+    return out[:, :, padding : padding + H, padding : padding + W].transpose(1, 0, 2, 3)
 
 
 # conv2d and conv2d_backward take a few images at a time: one chunk's patch matrix stays
@@ -384,18 +384,19 @@ def relu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 def relu_backward(grad_out: np.ndarray, out: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Gradient of relu given its output: grad_out where out > 0, else 0 (torch's threshold_backward).
 
-    grad_out, out: same shape. inplace=True overwrites grad_out.
+    grad_out, out: same shape. inplace=True overwrites grad_out. A multiplication by the mask
+    (several times faster than a masked copy), so a NaN or infinite grad_out where out <= 0
+    gives NaN, where torch gives 0.
     """
-    grad = grad_out if inplace else grad_out.copy()
-    np.copyto(grad, 0, where=~(out > 0))
-    return grad
+    return np.multiply(grad_out, out > 0, out=grad_out if inplace else None)
 
 
 def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> np.ndarray:
     """Max pooling, as ``torch.nn.functional.max_pool2d`` (floor mode).
 
     x: (N, C, H, W) -> (N, C, P, Q), P = floor((H + 2*padding - kernel_size) / stride) + 1.
-    The padding is -inf so that it never wins the max, as in torch.
+    The padding is -inf so that it never wins the max, as in torch. The window's max is taken
+    along its rows, then down its columns: 2k passes instead of k*k.
     """
     if padding > kernel_size // 2:
         raise ValueError("max_pool2d: padding must be at most half the kernel size (as in torch)")
@@ -405,11 +406,12 @@ def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: in
     if P < 1 or Q < 1:
         raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
     padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
-    out = None
-    for r in range(kernel_size):
-        for s in range(kernel_size):
-            window = padded[:, :, r : r + stride * (P - 1) + 1 : stride, s : s + stride * (Q - 1) + 1 : stride]
-            out = window.copy() if out is None else np.maximum(out, window, out=out)
+    row_max = padded[:, :, :, 0 : stride * (Q - 1) + 1 : stride].copy()  # (N, C, Hp, Q)
+    for s in range(1, kernel_size):
+        np.maximum(row_max, padded[:, :, :, s : s + stride * (Q - 1) + 1 : stride], out=row_max)
+    out = row_max[:, :, 0 : stride * (P - 1) + 1 : stride].copy()  # (N, C, P, Q)
+    for r in range(1, kernel_size):
+        np.maximum(out, row_max[:, :, r : r + stride * (P - 1) + 1 : stride], out=out)
     return out
 
 
@@ -421,48 +423,69 @@ def max_pool2d_backward(
     grad_out: (N, C, P, Q); x: the forward's input (N, C, H, W). Returns (N, C, H, W).
     As ATen's kernel: a window starts at its first element inside the image with maximum
     -inf, then moves, scanning row by row, to each element greater than the maximum or NaN
-    (padding, -inf, is never greater). So among tied maxima the first in scan order wins.
+    (padding, -inf, is never greater). So the first element in scan order that equals the
+    window's maximum wins; where the maximum is NaN, the last NaN; where it is -inf, the
+    first element inside the image.
 
-    The scan runs over all windows at once, one kernel offset (r, s) at a time, and the
-    gradient goes back the same way (within one offset distinct windows read distinct pixels).
+    All windows go at once, one kernel offset (r, s) at a time, in scan order: an offset
+    claims the windows whose maximum it holds and that no earlier offset claimed, and adds
+    their gradient onto its elements (within one offset distinct windows read distinct pixels).
     The padded input is first split into its stride x stride phases (rows a, a + stride, ...;
-    columns likewise): the elements at offset (r, s) of all windows are then a plain slice of
-    one phase, which NumPy's vector loops run several times faster than a stride-2 view.
+    columns likewise) by one transposed copy: the elements at offset (r, s) of all windows are
+    then a plain slice of one phase, which NumPy's vector loops run several times faster than a
+    stride-2 view; the gradient's phases go back by one copy the other way.
     """
     N, C, H, W = x.shape
     P, Q = grad_out.shape[2:]
     k = kernel_size
-    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
-    phases = {(a, b): np.ascontiguousarray(padded[:, :, a::stride, b::stride]) for a in range(stride) for b in range(stride)}
+    # The image starts `lead` (padding rounded up to a multiple of stride) rows and columns into the
+    # -inf border, and the border's far sides end on a multiple of stride, so that the phases are
+    # one reshape apart from it; window p's offset r is row p*stride + r + shift of `padded`.
+    lead = -(-padding // stride) * stride
+    shift = lead - padding
+    Hs = lead + -(-(H + padding) // stride) * stride
+    Ws = lead + -(-(W + padding) // stride) * stride
+    padded = np.full((N, C, Hs, Ws), -np.inf, dtype=x.dtype)
+    padded[:, :, lead : lead + H, lead : lead + W] = x
+    # (N, C, a, b, Hs/stride, Ws/stride): phases[:, :, a, b] is padded[:, :, a::stride, b::stride]
+    phases = padded.reshape(N, C, Hs // stride, stride, Ws // stride, stride).transpose(0, 1, 3, 5, 2, 4).copy()
+    del padded
+    grad_phases = np.zeros_like(phases, dtype=grad_out.dtype)
 
     def at_offset(arrays, r, s):  # offset (r, s) of every window: (N, C, P, Q)
-        return arrays[r % stride, s % stride][:, :, r // stride : r // stride + P, s // stride : s // stride + Q]
+        r, s = r + shift, s + shift
+        return arrays[:, :, r % stride, s % stride, r // stride : r // stride + P, s // stride : s // stride + Q]
 
-    first_row = np.maximum(0, padding - np.arange(P) * stride)  # (P,) offset of each window's first row inside
-    first_col = np.maximum(0, padding - np.arange(Q) * stride)  # (Q,)
-    best_offset = np.empty((N, C, P, Q), dtype=np.int16)  # r * k + s of the chosen element
-    best_offset[...] = first_row[:, None] * k + first_col[None, :]
-    best = np.full((N, C, P, Q), -np.inf, dtype=x.dtype)
+    def inside_image(r, s):  # (P, Q): whether offset (r, s) of each window lies inside the image
+        rows = np.arange(P) * stride + r - padding
+        cols = np.arange(Q) * stride + s - padding
+        return ((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :]
+
+    offsets = [(r, s) for r in range(k) for s in range(k)]  # scan order
+    maximum = at_offset(phases, 0, 0).copy()  # (N, C, P, Q), as max_pool2d (NaN wins)
+    for r, s in offsets[1:]:
+        np.maximum(maximum, at_offset(phases, r, s), out=maximum)
+    claimed = np.zeros((N, C, P, Q), dtype=bool)
     take = np.empty((N, C, P, Q), dtype=bool)
-    for r in range(k):
-        for s in range(k):
-            window = at_offset(phases, r, s)
-            np.greater(window, best, out=take)
-            take |= np.isnan(window)
-            np.copyto(best, window, where=take)
-            np.copyto(best_offset, r * k + s, where=take)
-    del phases, best
-    grad_phases = {key: np.zeros(phase_shape, dtype=grad_out.dtype) for key, phase_shape in
-                   ((ab, padded[:, :, ab[0]::stride, ab[1]::stride].shape) for ab in np.ndindex(stride, stride))}
-    for r in range(k):
-        for s in range(k):
-            grad_window = at_offset(grad_phases, r, s)
-            np.equal(best_offset, r * k + s, out=take)
-            grad_window += np.where(take, grad_out, 0)
-    grad_padded = np.empty(padded.shape, dtype=grad_out.dtype)
-    for (a, b), grad_phase in grad_phases.items():
-        grad_padded[:, :, a::stride, b::stride] = grad_phase
-    return np.ascontiguousarray(grad_padded[:, :, padding : padding + H, padding : padding + W])
+
+    def claim(take, grad_window):  # windows in `take` not yet claimed send their gradient to this offset
+        np.greater(take, claimed, out=take)  # take and not claimed
+        claimed[...] |= take
+        grad_window += grad_out * take  # a NaN or inf grad_out would also reach the window's other pixels
+
+    for r, s in offsets:
+        np.equal(at_offset(phases, r, s), maximum, out=take)
+        inside = inside_image(r, s)
+        if not inside.all():  # padding equals a maximum of -inf; the first element inside wins instead
+            take &= inside
+        claim(take, at_offset(grad_phases, r, s))
+    if np.isnan(maximum).any():  # the windows with a NaN (none claimed yet): the last NaN wins
+        for r, s in reversed(offsets):
+            claim(np.isnan(at_offset(phases, r, s)), at_offset(grad_phases, r, s))
+    grad_padded = grad_phases.transpose(0, 1, 4, 2, 5, 3)  # (N, C, Hs/stride, a, Ws/stride, b), padded's order
+    first, rows, cols = lead // stride, -(-H // stride), -(-W // stride)
+    grad_image = np.ascontiguousarray(grad_padded[:, :, first : first + rows, :, first : first + cols])
+    return np.ascontiguousarray(grad_image.reshape(N, C, rows * stride, cols * stride)[:, :, :H, :W])  # (N, C, H, W)
 
 
 def adaptive_avg_pool2d(x: np.ndarray, output_size: int | tuple[int, int] = 1) -> np.ndarray:

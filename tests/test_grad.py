@@ -139,6 +139,9 @@ MAXPOOL_INPUTS = {
     "constant": lambda rng: np.ones((1, 2, 7, 6)),
     "negative-constant": lambda rng: -np.ones((1, 2, 5, 5)),  # padding must never win
     "1x1": lambda rng: rng.standard_normal((2, 2, 1, 1)),
+    # NaN wins, the last one in scan order; a window of -inf inside picks its first element inside.
+    "nan": lambda rng: np.where(rng.random((2, 3, 9, 8)) < 0.2, np.nan, rng.integers(0, 3, size=(2, 3, 9, 8))),
+    "minus-inf": lambda rng: np.where(rng.random((2, 3, 9, 8)) < 0.7, -np.inf, rng.integers(0, 3, size=(2, 3, 9, 8))),
 }
 
 
