@@ -29,6 +29,11 @@ def _runs_numba(item) -> bool:
 
 
 _STARTED = []  # the background runs started by pytest_collection_finish, stopped at the session's end
+# Where this process's memory peaks (torch's and npresnet's copies of the widest networks, float64 training
+# passes): a heavy background run starts after the last of their tests, so that the two peaks never meet.
+HEAVY_MODULES = ("test_grad", "test_model")
+_PAST_HEAVY = threading.Event()
+_LAST_HEAVY = []  # the node id of the last test of HEAVY_MODULES in this session
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -55,8 +60,17 @@ def pytest_collection_finish(session):
             if fixture in item.fixturenames and run not in runs:
                 runs.append(run)
 
+    runs.sort(key=lambda run: run.heavy)  # stable: the heavy ones last, in their order
+    heavy_items = [item.nodeid for item in session.items if item.module.__name__ in HEAVY_MODULES]
+    if heavy_items:
+        _LAST_HEAVY.append(heavy_items[-1])
+    else:
+        _PAST_HEAVY.set()
+
     def one_after_another():
         for run in runs:
+            if run.heavy:
+                _PAST_HEAVY.wait()
             run.start()
             if run.process is not None:  # None: stopped, the session over
                 run.process.wait()
@@ -66,7 +80,13 @@ def pytest_collection_finish(session):
         threading.Thread(target=one_after_another, daemon=True).start()
 
 
+def pytest_runtest_logfinish(nodeid, location):
+    if _LAST_HEAVY and nodeid == _LAST_HEAVY[0]:
+        _PAST_HEAVY.set()
+
+
 def pytest_sessionfinish(session):
+    _PAST_HEAVY.set()  # a heavy run still waiting: the stop below keeps it from starting
     for run in _STARTED:
         run.stop()
     for module in {item.module for item in getattr(session, "items", [])}:

@@ -72,8 +72,10 @@ class Background:
     args: as for run_python; with `folder`, a fresh temporary folder is appended to them (the output goes there).
     """
 
-    def __init__(self, args, *, env=None, folder=False):
-        self.args, self.env, self.with_folder = list(args), env, folder
+    def __init__(self, args, *, env=None, folder=False, heavy=False):
+        # heavy: it holds a gigabyte, so tests/conftest.py starts it only once the suite's own memory peak
+        # (HEAVY_MODULES) is behind it, not beside it.
+        self.args, self.env, self.with_folder, self.heavy = list(args), env, folder, heavy
         self.process, self.folder, self.stopped = None, None, False
         self.lock = threading.Lock()
 

@@ -48,7 +48,7 @@ def run(*args):
 
 
 # torch's half a minute of training, in a process of its own started with the session (tests/conftest.py).
-BACKGROUND = {"trained": Background([os.path.join("tests", "digits.py")], folder=True)}
+BACKGROUND = {"trained": Background([os.path.join("tests", "digits.py")], folder=True, heavy=True)}  # torch: ~1 GB
 
 
 @pytest.fixture(scope="module")
