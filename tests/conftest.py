@@ -29,6 +29,11 @@ def _runs_numba(item) -> bool:
 
 
 _STARTED = []  # the background runs started by pytest_collection_finish, stopped at the session's end
+# Where this process's memory peaks (torch's and npresnet's copies of the widest networks, float64 training
+# passes): a heavy background run starts after the last of their tests, so that the two peaks never meet.
+HEAVY_MODULES = ("test_grad", "test_model")
+_PAST_HEAVY = threading.Event()
+_LAST_HEAVY = []  # the node id of the last test of HEAVY_MODULES in this session
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -41,7 +46,7 @@ def pytest_collection_finish(session):
     """Start the slow subprocesses the selected tests' fixtures wait for (each module's BACKGROUND: fixture
     name -> helpers.Background): tests/cuda under the simulator, the digits fine-tuning, the digits model
     torch trains. One at a time, from a thread, so that they share the second core and this process
-    keeps the first while it runs the tests before theirs; a heavy one (helpers.Background) at once.
+    keeps the first while it runs the tests before theirs.
 
     First of all, where tests run the Numba backend, tests/warm_kernels.py: the kernels compiled into the
     cache while this process runs other tests (in a fresh checkout, about 40 s of one core)."""
@@ -55,25 +60,33 @@ def pytest_collection_finish(session):
             if fixture in item.fixturenames and run not in runs:
                 runs.append(run)
 
-    _STARTED.extend(runs)
-    # A heavy run starts at once, beside the others: this process's memory is at its lowest in the first
-    # modules, and rises (test_grad, test_model, and what stays of them) for the rest of the session.
-    for run in runs:
-        if run.heavy:
-            run.start()
-    runs = [run for run in runs if not run.heavy]
+    runs.sort(key=lambda run: run.heavy)  # stable: the heavy ones last, in their order
+    heavy_items = [item.nodeid for item in session.items if item.module.__name__ in HEAVY_MODULES]
+    if heavy_items:
+        _LAST_HEAVY.append(heavy_items[-1])
+    else:
+        _PAST_HEAVY.set()
 
     def one_after_another():
         for run in runs:
+            if run.heavy:
+                _PAST_HEAVY.wait()
             run.start()
             if run.process is not None:  # None: stopped, the session over
                 run.process.wait()
 
     if runs:
+        _STARTED.extend(runs)
         threading.Thread(target=one_after_another, daemon=True).start()
 
 
+def pytest_runtest_logfinish(nodeid, location):
+    if _LAST_HEAVY and nodeid == _LAST_HEAVY[0]:
+        _PAST_HEAVY.set()
+
+
 def pytest_sessionfinish(session):
+    _PAST_HEAVY.set()  # a heavy run still waiting: the stop below keeps it from starting
     for run in _STARTED:
         run.stop()
     for module in {item.module for item in getattr(session, "items", [])}:

@@ -73,8 +73,8 @@ class Background:
     """
 
     def __init__(self, args, *, env=None, folder=False, heavy=False):
-        # heavy: it holds a gigabyte, so tests/conftest.py starts it at once, while the suite's own memory
-        # is at its lowest, rather than in turn.
+        # heavy: it holds a gigabyte, so tests/conftest.py starts it only once the suite's own memory peak
+        # (HEAVY_MODULES) is behind it, not beside it.
         self.args, self.env, self.with_folder, self.heavy = list(args), env, folder, heavy
         self.process, self.folder, self.stopped = None, None, False
         self.lock = threading.Lock()
