@@ -229,6 +229,66 @@ def simd_fma(typingctx, acc, array, index, vector):
     return acc(acc, array, index, vector), codegen
 
 
+# --- the 6 x NR block's way out, shared by gemm_packed and conv_packed (inlined into each) -----------
+# Twelve accumulators c<row><half> hold a block of six output rows by NR = 2L channels; o is the flat
+# index in out (and residual, laid out alike) of the block's first element, K the length of a row.
+
+
+@njit(inline="always")
+def finish_block(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                 scale, bias, col, rf, has_residual, relu, of, o, K, L):
+    """A whole block, finished in registers straight into out: scale, bias, residual, ReLU."""
+    simd_finish(c00, scale, bias, col, rf, has_residual, relu, of, o)
+    simd_finish(c01, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+    o += K
+    simd_finish(c10, scale, bias, col, rf, has_residual, relu, of, o)
+    simd_finish(c11, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+    o += K
+    simd_finish(c20, scale, bias, col, rf, has_residual, relu, of, o)
+    simd_finish(c21, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+    o += K
+    simd_finish(c30, scale, bias, col, rf, has_residual, relu, of, o)
+    simd_finish(c31, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+    o += K
+    simd_finish(c40, scale, bias, col, rf, has_residual, relu, of, o)
+    simd_finish(c41, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+    o += K
+    simd_finish(c50, scale, bias, col, rf, has_residual, relu, of, o)
+    simd_finish(c51, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+
+
+@njit(inline="always")
+def store_block(tf, L, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51):
+    """A block into the tile (6, NR), for finish_tile."""
+    NR = 2 * L
+    simd_store(tf, 0, c00)
+    simd_store(tf, L, c01)
+    simd_store(tf, NR, c10)
+    simd_store(tf, NR + L, c11)
+    simd_store(tf, 2 * NR, c20)
+    simd_store(tf, 2 * NR + L, c21)
+    simd_store(tf, 3 * NR, c30)
+    simd_store(tf, 3 * NR + L, c31)
+    simd_store(tf, 4 * NR, c40)
+    simd_store(tf, 4 * NR + L, c41)
+    simd_store(tf, 5 * NR, c50)
+    simd_store(tf, 5 * NR + L, c51)
+
+
+@njit(inline="always")
+def finish_tile(tf, rows, width, NR, scale, bias, col, rf, has_residual, relu, of, o, K):
+    """The first `rows` rows and `width` columns of the tile, finished element by element into out
+    (a block cut short by the last rows or a last, partial panel)."""
+    for i in range(rows):
+        for j in range(width):
+            v = tf[i * NR + j] * scale[col + j] + bias[col + j]
+            if has_residual:
+                v += rf[o + i * K + j]
+            if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
+                v = 0
+            of[o + i * K + j] = v
+
+
 @kernel(nogil=True)
 def gemm_packed(a, Wp, scale, bias, residual, has_residual, relu, p_lo, p_hi, tile, out):
     """out[e] (M, K) = [relu](a[e] (M, D) @ W[e] * scale + bias [+ residual[e] (M, K)]) for every e < E, in the
@@ -290,38 +350,12 @@ def gemm_packed(a, Wp, scale, bias, residual, has_residual, relu, p_lo, p_hi, ti
                             r += D
                             c50 = simd_fma(c50, af, r, b0)
                             c51 = simd_fma(c51, af, r, b1)
-                        if width == NR:  # finished in registers, straight into out
-                            o = o0 + i0 * K + col
-                            simd_finish(c00, scale, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c01, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                            o += K
-                            simd_finish(c10, scale, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c11, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                            o += K
-                            simd_finish(c20, scale, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c21, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                            o += K
-                            simd_finish(c30, scale, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c31, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                            o += K
-                            simd_finish(c40, scale, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c41, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                            o += K
-                            simd_finish(c50, scale, bias, col, rf, has_residual, relu, of, o)
-                            simd_finish(c51, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+                        o = o0 + i0 * K + col
+                        if width == NR:
+                            finish_block(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                                         scale, bias, col, rf, has_residual, relu, of, o, K, L)
                             continue
-                        simd_store(tf, 0, c00)
-                        simd_store(tf, L, c01)
-                        simd_store(tf, NR, c10)
-                        simd_store(tf, NR + L, c11)
-                        simd_store(tf, 2 * NR, c20)
-                        simd_store(tf, 2 * NR + L, c21)
-                        simd_store(tf, 3 * NR, c30)
-                        simd_store(tf, 3 * NR + L, c31)
-                        simd_store(tf, 4 * NR, c40)
-                        simd_store(tf, 4 * NR + L, c41)
-                        simd_store(tf, 5 * NR, c50)
-                        simd_store(tf, 5 * NR + L, c51)
+                        store_block(tf, L, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51)
                     else:
                         for i in range(rows):
                             c0 = simd_zero(a)
@@ -332,15 +366,7 @@ def gemm_packed(a, Wp, scale, bias, residual, has_residual, relu, p_lo, p_hi, ti
                                 c1 = simd_fma(c1, af, r0 + k, simd_load(wf, w0 + k * NR + L))
                             simd_store(tf, i * NR, c0)
                             simd_store(tf, i * NR + L, c1)
-                    for i in range(rows):
-                        row = i0 + i
-                        for j in range(width):
-                            v = tile[i, j] * scale[col + j] + bias[col + j]
-                            if has_residual:
-                                v += residual[e, row, col + j]
-                            if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
-                                v = 0
-                            out[e, row, col + j] = v
+                    finish_tile(tf, rows, width, NR, scale, bias, col, rf, has_residual, relu, of, o0 + i0 * K + col, K)
 
 @kernel(nogil=True)
 def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P, Q, m_lo, m_hi, p_lo, p_hi, tile, out):
@@ -407,46 +433,14 @@ def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P,
                         c41 = simd_fma(c41, xf, x4 + shift + j, b1)
                         c50 = simd_fma(c50, xf, x5 + shift + j, b0)
                         c51 = simd_fma(c51, xf, x5 + shift + j, b1)
-                if rows == 6 and width == NR:  # finished in registers, straight into out
-                    o = i0 * K + col
-                    simd_finish(c00, scale, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c01, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                    o += K
-                    simd_finish(c10, scale, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c11, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                    o += K
-                    simd_finish(c20, scale, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c21, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                    o += K
-                    simd_finish(c30, scale, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c31, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                    o += K
-                    simd_finish(c40, scale, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c41, scale, bias, col + L, rf, has_residual, relu, of, o + L)
-                    o += K
-                    simd_finish(c50, scale, bias, col, rf, has_residual, relu, of, o)
-                    simd_finish(c51, scale, bias, col + L, rf, has_residual, relu, of, o + L)
+                o = i0 * K + col
+                if rows == 6 and width == NR:
+                    finish_block(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                                 scale, bias, col, rf, has_residual, relu, of, o, K, L)
                     continue
-                simd_store(tf, 0, c00)
-                simd_store(tf, L, c01)
-                simd_store(tf, NR, c10)
-                simd_store(tf, NR + L, c11)
-                simd_store(tf, 2 * NR, c20)
-                simd_store(tf, 2 * NR + L, c21)
-                simd_store(tf, 3 * NR, c30)
-                simd_store(tf, 3 * NR + L, c31)
-                simd_store(tf, 4 * NR, c40)
-                simd_store(tf, 4 * NR + L, c41)
-                simd_store(tf, 5 * NR, c50)
-                simd_store(tf, 5 * NR + L, c51)
-                for i in range(rows):
-                    for j in range(width):
-                        v = tile[i, j] * scale[col + j] + bias[col + j]
-                        if has_residual:
-                            v += residual[i0 + i, col + j]
-                        if relu and v < 0:  # written so that NaN stays NaN, as np.maximum(x, 0)
-                            v = 0
-                        out[i0 + i, col + j] = v
+                store_block(tf, L, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51)
+                finish_tile(tf, rows, width, NR, scale, bias, col, rf, has_residual, relu, of, o, K)
+
 
 @kernel(nogil=True)
 def im2col(x, R, S, stride, padding, P, Q, job_lo, job_hi, cols):
