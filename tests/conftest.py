@@ -9,7 +9,6 @@ import gc
 import importlib.util
 import os
 import threading
-from types import SimpleNamespace
 
 import pytest
 
@@ -122,19 +121,8 @@ def pytest_runtest_teardown(item, nextitem):
 
 
 @pytest.fixture
-def cli(capsys):
-    """The `npresnet` command called in this process, as the console script calls it: main(argv), with its
-    exit status and output. A process of its own proves nothing more for most tests, and costs a second
-    each; tests of what only a process shows (pipes, exit on a signal, import blocking) start one."""
-    from npresnet.cli import main
+def cli():
+    """helpers.run_cli: the command called in this process, its exit status and output."""
+    from helpers import run_cli
 
-    def call(*args):
-        try:
-            status = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse: --help, --version, usage errors
-            status = exc.code
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err, captured.err
-        return SimpleNamespace(returncode=status, stdout=captured.out, stderr=captured.err)
-
-    return call
+    return run_cli

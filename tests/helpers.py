@@ -1,4 +1,6 @@
 """The one comparison helper every test uses, and the one way tests start a Python process (in the background too)."""
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -7,6 +9,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -61,6 +64,25 @@ def start_python(args, *, env=None, cwd=None, **options) -> subprocess.Popen:
     """Start this Python on `args` (see python_command) without waiting: the caller waits, or kills it."""
     argv, environment = python_command(args, env)
     return subprocess.Popen(argv, env=environment, cwd=cwd, text=True, **options)
+
+
+
+def run_cli(*args) -> SimpleNamespace:
+    """The `npresnet` command called in this process, as the console script calls it: main(argv), with its
+    exit status and output (returncode, stdout, stderr), and no traceback. A process of its own proves
+    nothing more for most tests, and costs a second each; tests of what only a process shows (pipes,
+    exit on a signal, import blocking) start one (run_python)."""
+    from npresnet.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help, --version, usage errors
+            status = exc.code
+    result = SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 class Background:

@@ -4,10 +4,7 @@ The trained model (tests/digits.py): TorchVision's resnet18 with the CIFAR stem,
 two epochs on scikit-learn's digits (8x8 grey images as RGB, 10 classes), exported to npresnet by its
 state dict. Its held-out accuracy is what int8 must keep (within 1 point), and its files what int8 must shrink.
 """
-import contextlib
-import io
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,11 +13,10 @@ torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("sklearn.datasets")
 
 import digits  # noqa: E402
-from helpers import Background  # noqa: E402
+from helpers import Background, run_cli  # noqa: E402
 
 import npresnet  # noqa: E402
 from npresnet import functional as F  # noqa: E402
-from npresnet.cli import main  # noqa: E402
 from npresnet.quantization import (  # noqa: E402
     HISTOGRAM_BINS,
     INT8,
@@ -35,17 +31,6 @@ from npresnet.specs import get_spec  # noqa: E402
 from npresnet.weights import WeightsError, load_npz, save_npz  # noqa: E402
 
 CALIBRATION = digits.CALIBRATION
-
-def run(*args):
-    """The command, called in this process as the console script calls it (main(argv)): a process of its
-    own would prove nothing more here, and cost a second or two each of the dozen times."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        returncode = main([str(a) for a in args])
-    result = SimpleNamespace(returncode=returncode, stdout=out.getvalue(), stderr=err.getvalue())
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
-
 
 # torch's half a minute of training, in a process of its own started with the session (tests/conftest.py).
 BACKGROUND = {"trained": Background([os.path.join("tests", "digits.py")], folder=True, heavy=True)}  # torch: ~1 GB
@@ -67,7 +52,7 @@ def int8_files(trained):
     files = {}
     for method in ("minmax", "percentile", "entropy"):
         files[method] = trained["float"].parent / f"digits_int8_{method}.npz"
-        result = run("quantize", trained["float"], "--calibrate", trained["calibration"], "--method", method,
+        result = run_cli("quantize", trained["float"], "--calibrate", trained["calibration"], "--method", method,
                      "--samples", CALIBRATION, "-o", files[method])
         assert result.returncode == 0, result.stderr
         assert result.stderr == ""
@@ -274,7 +259,7 @@ def test_quantized_model_in_classify_embed_and_the_command(trained, int8_files):
     vectors = npresnet.embed(images, int8)
     assert vectors.shape == (3, 512) and vectors.dtype == np.float32
     png = next(trained["calibration"].rglob("*.png"))
-    result = run("classify", "--weights", int8_files["entropy"], "--topk", 1, png)
+    result = run_cli("classify", "--weights", int8_files["entropy"], "--topk", 1, png)
     assert result.returncode == 0 and f"({png.parent.name})" in result.stdout
 
 
@@ -283,7 +268,7 @@ def test_onnxruntime_on_the_qdq_export_agrees_with_npresnet_int8(trained, int8_f
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     path = tmp_path / f"digits_int8_{method}.onnx"
-    result = run("export", int8_files[method], path)  # onnx.checker's full check runs before the file is written
+    result = run_cli("export", int8_files[method], path)  # onnx.checker's full check runs before the file is written
     assert result.returncode == 0, result.stderr
     proto = onnx.load(path)
     ops = {n.op_type for n in proto.graph.node}
@@ -311,7 +296,7 @@ def test_quantized_file_refused_where_it_cannot_run(int8_files, tmp_path):
     path = int8_files["minmax"]
     with pytest.raises(npresnet.BackendUnavailable, match="'numba' backend cannot run.*'numpy'"):
         npresnet.load(path, backend="numba")
-    result = run("classify", "--weights", path, "--backend", "cuda", path)
+    result = run_cli("classify", "--weights", path, "--backend", "cuda", path)
     assert result.returncode == 1 and "int8 quantized model" in result.stderr and "'numpy'" in result.stderr
     with pytest.raises(WeightsError, match="int8 quantized model"):
         npresnet.convert(path, tmp_path / "converted.npz")
@@ -320,7 +305,7 @@ def test_quantized_file_refused_where_it_cannot_run(int8_files, tmp_path):
         npresnet.ResNet(get_spec("resnet18", num_classes=10, stem="cifar"), npresnet.load(path).state_dict())
     with pytest.raises(WeightsError, match="int8 weights for resnet18.*not resnet34"):
         npresnet.build("resnet34", path)
-    result = run("quantize", path, "--calibrate", tmp_path, "-o", tmp_path / "twice.npz")
+    result = run_cli("quantize", path, "--calibrate", tmp_path, "-o", tmp_path / "twice.npz")
     assert result.returncode == 1 and "already quantized" in result.stderr
     assert not (tmp_path / "twice.npz").exists()
 
@@ -350,20 +335,20 @@ def test_calibration_errors(trained, tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("not an image")
-    result = run("quantize", trained["float"], "--calibrate", empty, "-o", tmp_path / "out.npz")
+    result = run_cli("quantize", trained["float"], "--calibrate", empty, "-o", tmp_path / "out.npz")
     assert result.returncode == 1 and "no image files to calibrate on" in result.stderr
     few = tmp_path / "few"
     few.mkdir()
     for png in sorted(trained["calibration"].rglob("*.png"))[:3]:
         (few / png.name).write_bytes(png.read_bytes())
     (few / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result = run("quantize", trained["float"], "--calibrate", few, "--samples", 10, "-o", tmp_path / "few.npz")
+    result = run_cli("quantize", trained["float"], "--calibrate", few, "--samples", 10, "-o", tmp_path / "few.npz")
     assert "has 4 images, fewer than --samples 10" in result.stderr
     assert "broken.png" in result.stderr  # reported, skipped; the other three calibrate
     assert result.returncode == 1 and npresnet.load(tmp_path / "few.npz").meta["samples"] == 3
     only_broken = tmp_path / "broken"
     only_broken.mkdir()
     (only_broken / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    result = run("quantize", trained["float"], "--calibrate", only_broken, "-o", tmp_path / "none.npz")
+    result = run_cli("quantize", trained["float"], "--calibrate", only_broken, "-o", tmp_path / "none.npz")
     assert result.returncode == 1 and "none.npz not written" in result.stderr
     assert not (tmp_path / "none.npz").exists() and not list(tmp_path.glob(".none.npz*"))

@@ -1,17 +1,14 @@
 """fit() and `npresnet train` on tiny data: resume equals never stopping, NaN stops cleanly, the files it writes."""
-import contextlib
 import dataclasses
-import io
 import signal
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import npresnet
+from helpers import run_cli
 from npresnet import training
-from npresnet.cli import main
 from npresnet.training import SilentReporter, TrainConfig, TrainingDiverged, TrainingInterrupted, fit
 
 CLASSES = ("ant", "bee", "cat")
@@ -140,18 +137,11 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_files(tmp_path
     # The command says the same in one error line and exits 1.
     calls.clear()
     poison_at[0] = 1
-    result = run("train", data, "--arch", "resnet18", "--stem", "cifar", "--epochs", 2, "--batch-size", 6,
+    result = run_cli("train", data, "--arch", "resnet18", "--stem", "cifar", "--epochs", 2, "--batch-size", 6,
                  "--image-size", 8, "-o", tmp_path / "cli.npz")
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("npresnet: error:")]
     assert len(errors) == 1 and "became nan" in errors[0] and "Traceback" not in result.stderr
-
-
-def run(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_train_command_writes_weights_that_classify_reads_with_their_class_names(tmp_path):
@@ -161,7 +151,7 @@ def test_train_command_writes_weights_that_classify_reads_with_their_class_names
     start = tmp_path / "start.npz"
     npresnet.save(npresnet.build(TINY_SPEC.replace(num_classes=3), backend="numpy"), start)
     out = tmp_path / "runs" / "pets.npz"
-    result = run("train", data, "--weights", start, "--epochs", 2, "--batch-size", 6, "--image-size", 8,
+    result = run_cli("train", data, "--weights", start, "--epochs", 2, "--batch-size", 6, "--image-size", 8,
                  "--freeze", "layer2", "--backbone-lr", 0.01, "--lr", 0.05, "--optimizer", "adamw", "-o", out)
     assert result.returncode == 0, result.stderr
     for name in ("broken.jpg", "empty.png"):
@@ -181,7 +171,7 @@ def test_train_command_writes_weights_that_classify_reads_with_their_class_names
     assert model.meta["classes"] == list(CLASSES) and model.meta["crop_size"] == 8
     assert (tmp_path / "runs" / "pets.best.npz").exists() and (tmp_path / "runs" / "pets.ckpt.npz").exists()
 
-    shown = run("classify", "--weights", out, "--topk", 3, data / "val" / "cat")
+    shown = run_cli("classify", "--weights", out, "--topk", 3, data / "val" / "cat")
     assert shown.returncode == 0, shown.stderr
     names = {line.split("%", 1)[1].rsplit("(", 1)[0].strip() for line in shown.stdout.splitlines() if "%" in line}
     assert names == set(CLASSES)

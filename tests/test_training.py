@@ -1,15 +1,14 @@
 """npresnet train's parts that stand alone: the checkpoint format, the settings, the metrics, the display, the errors."""
-import contextlib
 import io
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import npresnet
-from npresnet.cli import Progress, TrainReport, main
+from helpers import run_cli
+from npresnet.cli import Progress, TrainReport
 from npresnet.predict import labels_for
 from npresnet.training import (
     Checkpoint,
@@ -27,14 +26,6 @@ from npresnet.weights import WeightsError, save_npz
 class Terminal(io.StringIO):
     def isatty(self):
         return True
-
-
-def run(*args):
-    """The command, in this process (a subprocess would spend seconds starting up): returncode, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -129,7 +120,7 @@ def test_classify_names_the_classes_a_trained_file_carries(tmp_path):
     assert labels_for(model, ["a", "b", "c"]) == ["a", "b", "c"]  # an explicit list still wins
     path = tmp_path / "pets.npz"
     npresnet.save(model, path)
-    result = run("classify", "--weights", path, "--topk", 3, "tests/data/")
+    result = run_cli("classify", "--weights", path, "--topk", 3, "tests/data/")
     assert result.returncode == 0, result.stderr
     named = [line.split("%", 1)[1].rsplit("(", 1)[0].strip() for line in result.stdout.splitlines() if "%" in line]
     assert named and set(named) == {"cat", "dog", "owl"}
@@ -156,10 +147,10 @@ def test_train_progress_is_a_bar_on_a_terminal_and_quiet_when_piped():
 def test_cli_names_a_bad_data_folder(tmp_path):
     (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
     out = tmp_path / "out.npz"
-    result = run("train", tmp_path / "data", "--arch", "resnet18", "--stem", "cifar", "-o", out)
+    result = run_cli("train", tmp_path / "data", "--arch", "resnet18", "--stem", "cifar", "-o", out)
     assert result.returncode == 1 and not out.exists()
     assert error_lines(result.stderr) == [f"npresnet: error: {tmp_path / 'data'}: no val/ folder in it "
                                           f"(expected {tmp_path / 'data'}/train/<class>/*.jpg and {tmp_path / 'data'}/val/<class>/*.jpg)"]
-    result = run("train", tmp_path / "data", "-o", tmp_path / "out.pth")
+    result = run_cli("train", tmp_path / "data", "-o", tmp_path / "out.pth")
     assert result.returncode == 1 and error_lines(result.stderr) == [
         f"npresnet: error: {tmp_path / 'out.pth'}: the output file must end in .npz"]
