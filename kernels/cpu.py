@@ -692,6 +692,11 @@ WINOGRAD = {
 }
 
 
+def panel_width(dtype) -> int:
+    """NR, the output channels of one packed panel: two 32-byte SIMD registers (16 float32, 8 float64)."""
+    return 2 * 32 // np.dtype(dtype).itemsize
+
+
 def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
     """w (E, ..., K) -> (E, ceil(K/NR), D, NR) in `dtype` (default w's), D the product of the middle
     axes in C order: gemm_packed's weights, NR = two SIMD registers of output channels (16 float32 or
@@ -700,7 +705,7 @@ def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
     dtype = np.dtype(dtype or w.dtype)
     E, K = w.shape[0], w.shape[-1]
     D = math.prod(w.shape[1:-1])
-    NR = 2 * 32 // dtype.itemsize
+    NR = panel_width(dtype)
     panels = -(-K // NR)
     packed = np.empty((E, panels, D, NR), dtype=dtype)
     for p in range(panels):

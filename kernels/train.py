@@ -310,7 +310,7 @@ class StepConv(cpu.PreparedConv):
 
     def pack(self, weight):
         K = weight.shape[0]
-        NR = 2 * 32 // weight.itemsize
+        NR = cpu.panel_width(weight.dtype)
         panels = -(-K // NR)
         packed = np.empty((1, panels, weight[0].size, NR), dtype=weight.dtype)
         kernels = compile_kernels(__name__)
@@ -320,7 +320,7 @@ class StepConv(cpu.PreparedConv):
     def U(self, tile: int) -> np.ndarray:
         if tile not in self._U:
             _, Gm, _ = cpu.WINOGRAD[tile]
-            NR = 2 * 32 // self.dtype.itemsize
+            NR = cpu.panel_width(self.dtype)
             panels = -(-self.K // NR)
             U = np.empty(((tile + 2) ** 2, panels, self.Cg, NR), dtype=self.dtype)  # packed as gemm_packed reads it
             kernels = compile_kernels(__name__)
