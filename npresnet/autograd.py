@@ -59,14 +59,15 @@ class TrainingOps:
         return F.conv2d_backward(grad_out, x, weight, stride, padding, groups, input_grad=input_grad)
 
     def batch_norm_train(self, x, running_mean, running_var, weight, bias, momentum):
-        return F.batch_norm_train(x, running_mean, running_var, weight, bias, momentum)
+        """As F.batch_norm_train; x's memory becomes the saved x_hat (the pass does not read x again)."""
+        return F.batch_norm_train(x, running_mean, running_var, weight, bias, momentum, inplace=True)
 
     def batch_norm_eval(self, x, running_mean, running_var, weight, bias):
         return F.batch_norm_eval(x, running_mean, running_var, weight, bias)
 
     def batch_norm_backward(self, grad_out, saved, weight):
         """As F.batch_norm_backward; may reuse the saved arrays' memory (they are not read again)."""
-        return F.batch_norm_backward(grad_out, saved, weight)
+        return F.batch_norm_backward(grad_out, saved, weight, inplace=True)
 
     def relu_(self, x):
         """ReLU in place."""
