@@ -627,7 +627,7 @@ class NumbaTrainingOps(TrainingOps):
         return grad_out
 
     def max_pool2d(self, x):
-        return self.backend.max_pool(x)
+        return self.backend.max_pool(x), x  # the backward kernel finds each window's winner in x again
 
     def max_pool2d_backward(self, grad_out, x):
         grad_x = np.empty_like(x)

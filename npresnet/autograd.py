@@ -78,10 +78,12 @@ class TrainingOps:
         return F.relu_backward(grad_out, out, inplace=True)
 
     def max_pool2d(self, x):
-        return F.max_pool2d(x, 3, 2, 1)  # the ImageNet stem's
+        """The ImageNet stem's max pool: (out, saved for max_pool2d_backward)."""
+        out, indices = F.max_pool2d_with_indices(x, 3, 2, 1)
+        return out, (indices, x.shape)
 
-    def max_pool2d_backward(self, grad_out, x):
-        return F.max_pool2d_backward(grad_out, x, 3, 2, 1)
+    def max_pool2d_backward(self, grad_out, saved):
+        return F.max_pool2d_backward(grad_out, *saved)
 
     def linear(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -236,7 +238,9 @@ def value_and_grad(
         stem = stem_conv(spec)
         stem_out, stem_saved = run.conv_bn(ops.from_numpy(x), stem)
         ops.relu_(stem_out)  # (N, 64, H/2, W/2)
-        h = ops.max_pool2d(stem_out) if spec.stem == IMAGENET_STEM else stem_out  # (N, 64, H/4, W/4)
+        h = stem_out
+        if spec.stem == IMAGENET_STEM:
+            h, pool_saved = ops.max_pool2d(stem_out)  # (N, 64, H/4, W/4)
     else:
         h = ops.from_numpy(model._forward_frozen(x, frozen))
     trained_blocks = [b for b in spec.blocks() if STAGES.index(b.prefix.split(".")[0]) >= first_trainable]
@@ -264,7 +268,7 @@ def value_and_grad(
             del saved, block_input
         if first_trainable == 0:
             if spec.stem == IMAGENET_STEM:
-                grad_h = ops.max_pool2d_backward(grad_h, stem_out)
+                grad_h = ops.max_pool2d_backward(grad_h, pool_saved)
             ops.relu_backward_(grad_h, stem_out)
             del stem_out, out
             run.conv_bn_backward(grad_h, stem, stem_saved, input_grad=False)

@@ -437,77 +437,94 @@ def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: in
     return out
 
 
-def max_pool2d_backward(
-    grad_out: np.ndarray, x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1
-) -> np.ndarray:
-    """Gradient of max_pool2d: each output's gradient goes to the one input torch picks.
+def max_pool2d_with_indices(
+    x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """max_pool2d and where each window's maximum lies, as ``torch.nn.functional.max_pool2d(return_indices=True)``.
 
-    grad_out: (N, C, P, Q); x: the forward's input (N, C, H, W). Returns (N, C, H, W).
-    As ATen's kernel: a window starts at its first element inside the image with maximum
-    -inf, then moves, scanning row by row, to each element greater than the maximum or NaN
-    (padding, -inf, is never greater). So the first element in scan order that equals the
-    window's maximum wins; where the maximum is NaN, the last NaN; where it is -inf, the
-    first element inside the image.
+    x: (N, C, H, W) -> (out (N, C, P, Q), indices (N, C, P, Q) int64), indices[n, c, p, q] = h*W + w,
+    the position in x[n, c] of the element torch picks, which max_pool2d_backward sends the gradient to.
+    As ATen's kernel: a window starts at its first element inside the image with maximum -inf,
+    then moves, scanning row by row, to each element greater than the maximum or NaN (padding is
+    never visited). So the first element in scan order that equals the window's maximum wins;
+    where the maximum is NaN, the last NaN; where it is -inf, the first element inside the image.
 
-    All windows go at once, one kernel offset (r, s) at a time, in scan order: an offset
-    claims the windows whose maximum it holds and that no earlier offset claimed, and adds
-    their gradient onto its elements (within one offset distinct windows read distinct pixels).
-    The padded input is first split into its stride x stride phases (rows a, a + stride, ...;
-    columns likewise) by one transposed copy: the elements at offset (r, s) of all windows are
-    then a plain slice of one phase, which NumPy's vector loops run several times faster than a
-    stride-2 view; the gradient's phases go back by one copy the other way.
+    All windows scan at once, one kernel offset (r, s) at a time. The offset each window stands
+    on is kept as a small integer and updated by arithmetic (winner += better * (offset - winner)),
+    not by a masked write, which branches on every element of a random mask and runs several
+    times slower. The work happens in the padded input's stride x stride phases (rows a,
+    a + stride, ...; columns likewise; the -inf border rounded out to whole phases): the elements at
+    offset (r, s) of all windows are then a plain slice of one phase, which NumPy's vector loops
+    run several times faster than a stride-2 view.
     """
+    if padding > kernel_size // 2:
+        raise ValueError("max_pool2d: padding must be at most half the kernel size (as in torch)")
     N, C, H, W = x.shape
-    P, Q = grad_out.shape[2:]
+    P = conv_output_size(H, kernel_size, stride, padding)
+    Q = conv_output_size(W, kernel_size, stride, padding)
+    if P < 1 or Q < 1:
+        raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
     k = kernel_size
     # The image starts `lead` (padding rounded up to a multiple of stride) rows and columns into the
-    # -inf border, and the border's far sides end on a multiple of stride, so that the phases are
-    # one reshape apart from it; window p's offset r is row p*stride + r + shift of `padded`.
+    # -inf border, and the border's far sides end on a multiple of stride; window p's offset r is
+    # row p*stride + r + shift of the padded input, phase (p*stride + r + shift) % stride.
     lead = -(-padding // stride) * stride
     shift = lead - padding
     Hs = lead + -(-(H + padding) // stride) * stride
     Ws = lead + -(-(W + padding) // stride) * stride
-    padded = np.full((N, C, Hs, Ws), -np.inf, dtype=x.dtype)
-    padded[:, :, lead : lead + H, lead : lead + W] = x
-    # (N, C, a, b, Hs/stride, Ws/stride): phases[:, :, a, b] is padded[:, :, a::stride, b::stride]
-    phases = padded.reshape(N, C, Hs // stride, stride, Ws // stride, stride).transpose(0, 1, 3, 5, 2, 4).copy()
-    del padded
-    grad_phases = np.zeros_like(phases, dtype=grad_out.dtype)
+    first = lead // stride  # the image's first row and column in every phase
+    phases = np.empty((N, C, stride, stride, Hs // stride, Ws // stride), dtype=x.dtype)
+    for a in range(stride):
+        for b in range(stride):  # phase (a, b) holds x[:, :, a::stride, b::stride] inside a -inf border
+            phase, last_row, last_col = phases[:, :, a, b], first + len(range(a, H, stride)), first + len(range(b, W, stride))
+            phase[:, :, first:last_row, first:last_col] = x[:, :, a::stride, b::stride]
+            for border in (phase[:, :, :first], phase[:, :, last_row:], phase[:, :, :, :first], phase[:, :, :, last_col:]):
+                border[...] = -np.inf
 
-    def at_offset(arrays, r, s):  # offset (r, s) of every window: (N, C, P, Q)
+    def at_offset(r, s):  # offset (r, s) of every window: (N, C, P, Q)
         r, s = r + shift, s + shift
-        return arrays[:, :, r % stride, s % stride, r // stride : r // stride + P, s // stride : s // stride + Q]
-
-    def inside_image(r, s):  # (P, Q): whether offset (r, s) of each window lies inside the image
-        rows = np.arange(P) * stride + r - padding
-        cols = np.arange(Q) * stride + s - padding
-        return ((rows >= 0) & (rows < H))[:, None] & ((cols >= 0) & (cols < W))[None, :]
+        return phases[:, :, r % stride, s % stride, r // stride : r // stride + P, s // stride : s // stride + Q]
 
     offsets = [(r, s) for r in range(k) for s in range(k)]  # scan order
-    maximum = at_offset(phases, 0, 0).copy()  # (N, C, P, Q), as max_pool2d (NaN wins)
-    for r, s in offsets[1:]:
-        np.maximum(maximum, at_offset(phases, r, s), out=maximum)
-    claimed = np.zeros((N, C, P, Q), dtype=bool)
-    take = np.empty((N, C, P, Q), dtype=bool)
+    rows, cols = np.arange(P)[:, None] * stride - padding, np.arange(Q)[None, :] * stride - padding  # window corners
+    first_inside = np.full((P, Q), len(offsets), dtype=np.uint8)
+    for i in reversed(range(len(offsets))):
+        r, s = offsets[i]
+        first_inside[(rows + r >= 0) & (rows + r < H) & (cols + s >= 0) & (cols + s < W)] = i
+    winner = np.empty((N, C, P, Q), dtype=np.uint8)  # the index into offsets each window stands on
+    winner[...] = first_inside
+    out = np.full((N, C, P, Q), -np.inf, dtype=x.dtype)  # the maximum so far
+    with_nan = x.size > 0 and bool(np.isnan(x.max()))  # max propagates NaN: one pass, no temporary
+    better = np.empty((N, C, P, Q), dtype=bool)
+    step = np.empty((N, C, P, Q), dtype=np.uint8)
+    for i, (r, s) in enumerate(offsets):
+        value = at_offset(r, s)
+        np.greater(value, out, out=better)
+        if with_nan:
+            better |= np.isnan(value)
+        np.maximum(out, value, out=out)  # as the scan: a NaN stays
+        np.subtract(i, winner, out=step)  # uint8, modulo 256: winner + step is i
+        step *= better
+        winner += step
+    delta = np.array([r * W + s for r, s in offsets], dtype=np.int64)  # offset (r, s) from a window's corner
+    indices = np.take(delta, winner)
+    indices += rows * W + cols  # the corner h*W + w of each window
+    return out, indices
 
-    def claim(take, grad_window):  # windows in `take` not yet claimed send their gradient to this offset
-        np.greater(take, claimed, out=take)  # take and not claimed
-        claimed[...] |= take
-        grad_window += grad_out * take  # a NaN or inf grad_out would also reach the window's other pixels
 
-    for r, s in offsets:
-        np.equal(at_offset(phases, r, s), maximum, out=take)
-        inside = inside_image(r, s)
-        if not inside.all():  # padding equals a maximum of -inf; the first element inside wins instead
-            take &= inside
-        claim(take, at_offset(grad_phases, r, s))
-    if np.isnan(maximum).any():  # the windows with a NaN (none claimed yet): the last NaN wins
-        for r, s in reversed(offsets):
-            claim(np.isnan(at_offset(phases, r, s)), at_offset(grad_phases, r, s))
-    grad_padded = grad_phases.transpose(0, 1, 4, 2, 5, 3)  # (N, C, Hs/stride, a, Ws/stride, b), padded's order
-    first, rows, cols = lead // stride, -(-H // stride), -(-W // stride)
-    grad_image = np.ascontiguousarray(grad_padded[:, :, first : first + rows, :, first : first + cols])
-    return np.ascontiguousarray(grad_image.reshape(N, C, rows * stride, cols * stride)[:, :, :H, :W])  # (N, C, H, W)
+def max_pool2d_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: tuple[int, int, int, int]) -> np.ndarray:
+    """Gradient of max pooling: each window's gradient goes to the element its index names.
+
+    grad_out, indices: (N, C, P, Q), indices from max_pool2d_with_indices; input_shape: (N, C, H, W).
+    Returns (N, C, H, W). Where windows overlap, an element collects the gradient of every window it
+    won, added in window order as torch does (np.add.at, unbuffered); a NaN or inf gradient reaches
+    its window's winner only.
+    """
+    N, C, H, W = input_shape
+    grad_x = np.zeros((N * C, H * W), dtype=grad_out.dtype)
+    flat = indices.reshape(N * C, -1) + (np.arange(N * C, dtype=np.int64) * (H * W))[:, None]  # into grad_x.ravel()
+    np.add.at(grad_x.reshape(-1), flat.reshape(-1), grad_out.reshape(-1))
+    return grad_x.reshape(N, C, H, W)
 
 
 def adaptive_avg_pool2d(x: np.ndarray, output_size: int | tuple[int, int] = 1) -> np.ndarray:

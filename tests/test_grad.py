@@ -147,14 +147,35 @@ MAXPOOL_INPUTS = {
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("kind", list(MAXPOOL_INPUTS))
-def test_max_pool2d_backward_picks_torchs_element(kind, dtype):
+def test_max_pool2d_indices_and_backward_pick_torchs_element(kind, dtype):
     rng = np.random.default_rng(4)
     x = MAXPOOL_INPUTS[kind](rng).astype(dtype)
-    out = F.max_pool2d(x, 3, 2, 1)
+    out, indices = F.max_pool2d_with_indices(x, 3, 2, 1)
+    tx = t(x, True)
+    want_out, want_indices = TF.max_pool2d(tx, 3, 2, 1, return_indices=True)
+    np.testing.assert_array_equal(out, want_out.detach().numpy())
+    np.testing.assert_array_equal(out, F.max_pool2d(x, 3, 2, 1))
+    np.testing.assert_array_equal(indices, want_indices.numpy())
     grad_out = (np.arange(out.size).reshape(out.shape) + 1).astype(dtype)  # distinct: shows where each went
+    want_out.backward(t(grad_out))
+    np.testing.assert_array_equal(F.max_pool2d_backward(grad_out, indices, x.shape), tx.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_max_pool2d_backward_adds_in_torchs_order_and_keeps_non_finite_gradients_to_the_winner(dtype):
+    """Random gradients (sums where windows overlap round as torch's do, in window order), with NaN and inf
+    among them: as in torch, a non-finite gradient reaches its window's winner and no other element."""
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 4, (2, 3, 9, 8)).astype(dtype)  # ties: one element often wins several windows
+    out, indices = F.max_pool2d_with_indices(x, 3, 2, 1)
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    grad_out.reshape(-1)[::11] = np.nan
+    grad_out.reshape(-1)[1::13] = np.inf
     tx = t(x, True)
     TF.max_pool2d(tx, 3, 2, 1).backward(t(grad_out))
-    np.testing.assert_array_equal(F.max_pool2d_backward(grad_out, x, 3, 2, 1), tx.grad.numpy())
+    want = tx.grad.numpy()
+    assert np.isfinite(want).mean() > 0.5 and (want != 0).any()
+    np.testing.assert_array_equal(F.max_pool2d_backward(grad_out, indices, x.shape), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

@@ -156,9 +156,13 @@ MAXPOOL_INPUTS = {
 def test_max_pool2d_and_backward(ops, kind, dtype):
     x = MAXPOOL_INPUTS[kind](np.random.default_rng(3)).astype(dtype)
     want = F.max_pool2d(x, 3, 2, 1)
-    np.testing.assert_array_equal(nchw(ops.max_pool2d(nhwc(x))), want)
+    got, saved = ops.max_pool2d(nhwc(x))
+    np.testing.assert_array_equal(nchw(got), want)
     grad_out = (np.arange(want.size).reshape(want.shape) + 1).astype(dtype)  # distinct: shows where each went
-    np.testing.assert_array_equal(nchw(ops.max_pool2d_backward(nhwc(grad_out), nhwc(x))), F.max_pool2d_backward(grad_out, x, 3, 2, 1))
+    np.testing.assert_array_equal(
+        nchw(ops.max_pool2d_backward(nhwc(grad_out), saved)),
+        F.max_pool2d_backward(grad_out, F.max_pool2d_with_indices(x, 3, 2, 1)[1], x.shape),
+    )
 
 
 def test_global_avg_pool_and_backward(ops):
