@@ -225,8 +225,9 @@ def conv2d_backward(
     The forward is out[g] = w[g] @ cols[g] with the patches of all images side by side
     (cols: (G, C/G*R*S, N*P*Q)), so grad_w[g] = grad_out[g] @ cols[g]^T, one matrix product
     over every image and position at once, and grad_cols[g] = w[g]^T @ grad_out[g], which
-    col2im adds back onto the pixels each column was read from. Images go in chunks so that
-    only one chunk's patch matrix exists at a time.
+    col2im adds back onto the pixels each column was read from; with stride 1 and a kernel
+    larger than 1x1, the same gradient is the convolution of grad_out with flipped_kernel(weight),
+    which runs faster. Images go in chunks so that only one chunk's patch matrix exists at a time.
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
@@ -234,7 +235,15 @@ def conv2d_backward(
     P, Q = grad_out.shape[2:]
     w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
     grad_w_t = np.zeros((G, C_per_group * R * S, K // G), dtype=x.dtype)  # grad_w transposed, see below
-    grad_x = np.empty_like(x) if input_grad else None
+    grad_x = None
+    if input_grad and stride == 1 and (R, S) != (1, 1) and padding <= min(R, S) - 1:
+        # Stride 1: the input's gradient is the full convolution of grad_out with the kernel flipped
+        # and each group's in/out channels swapped; one dense product (inner length K/G*R*S) and a
+        # patch copy cost less than the product with inner length K/G and the nine col2im passes.
+        grad_x = conv2d(grad_out, flipped_kernel(weight, G), padding=R - 1 - padding, groups=G)  # (N, C, H, W)
+        input_grad = False  # done: the loop below computes the weight's gradient only
+    elif input_grad:
+        grad_x = np.empty_like(x)
     chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
@@ -249,6 +258,19 @@ def conv2d_backward(
             grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
             grad_x[n0:n1] = col2im(grad_cols, H, W, stride, padding)
     return grad_x, np.ascontiguousarray(grad_w_t.transpose(0, 2, 1)).reshape(weight.shape)
+
+
+def flipped_kernel(weight: np.ndarray, groups: int = 1) -> np.ndarray:
+    """The kernel of conv2d's adjoint (the transposed convolution): (K, C/G, R, S) -> (C, K/G, R, S).
+
+    Within each group input and output channels swap and the R x S window turns half a circle:
+    flipped[g*C/G + c, k, r, s] = weight[g*K/G + k, c, R-1-r, S-1-s]. With stride 1,
+    conv2d(grad_out, flipped, padding=R-1-padding, groups) is the gradient with respect to conv2d's input.
+    """
+    K, C_per_group, R, S = weight.shape
+    G = groups
+    per_group = weight.reshape(G, K // G, C_per_group, R, S).transpose(0, 2, 1, 3, 4)  # (G, C/G, K/G, R, S)
+    return np.ascontiguousarray(per_group[..., ::-1, ::-1]).reshape(G * C_per_group, K // G, R, S)
 
 
 def batch_norm(
