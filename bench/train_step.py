@@ -6,10 +6,14 @@
 One step is the forward pass in training mode (batch statistics), the backward pass to every
 parameter, and an SGD update (momentum 0.9, weight decay 1e-4): npresnet.value_and_grad +
 npresnet.SGD.step against torch's forward, loss.backward() and torch.optim.SGD.step, on the same
-random float32 batch. Each (runner, size) runs in its own fresh process, so that its peak resident
-memory (ru_maxrss) belongs to that runner alone; the process builds the model, runs `--warmup`
-steps, then times `--repeats` steps and reports the median wall and CPU seconds. Threads are
-pinned through the environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and torch.set_num_threads.
+random float32 batch. Each (runner, size) runs in its own process, so that its peak resident
+memory (ru_maxrss) belongs to that runner alone; the process builds the model and runs `--warmup`
+steps. The runners of one size then take turns, one timed step each, `--repeats` rounds (with a
+pause between steps, so that no BLAS thread still spinning from one runner's step slows the next):
+this machine's speed drifts by 20% over minutes, and runners timed one after the other measured
+that drift as much as themselves. Each row is the median of its runner's steps, wall and CPU
+seconds. Threads are pinned through the environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and
+torch.set_num_threads.
 The npresnet runners: "numpy", the NumPy backend (the training pass on the reference ops of
 functional.py), and "numba", the Numba backend (its compiled training ops, npresnet_kernels.train;
 its kernels are compiled, or loaded from the cache, during the warm-up step).
@@ -76,7 +80,11 @@ def _torch_step(arch: str, threads: int):
     return step
 
 
-def worker(runner: str, arch: str, batch: int, size: int, threads: int, warmup: int, repeats: int) -> dict:
+def worker(runner: str, arch: str, batch: int, size: int, threads: int, warmup: int) -> None:
+    """Build and warm up, say "ready"; then one timed step per "step" line on stdin, "done" for the summary.
+
+    Every reply is one JSON line on stdout.
+    """
     import numpy as np
 
     step = _torch_step(arch, threads) if runner == "torch" else _npresnet_step(arch, threads, backend=runner)
@@ -85,23 +93,58 @@ def worker(runner: str, arch: str, batch: int, size: int, threads: int, warmup: 
     labels = rng.integers(0, 1000, batch)
     for _ in range(warmup):
         step(x, labels)
-    times, cpu_times = [], []
-    for _ in range(repeats):
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         start, cpu = time.perf_counter(), time.process_time()
         loss = step(x, labels)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu)
-    assert np.isfinite(loss)
-    return {
-        "runner": runner,
-        "arch": arch,
-        "batch": batch,
-        "size": size,
-        "s_per_step": statistics.median(times),
-        "cpu_s_per_step": statistics.median(cpu_times),
-        "times": times,
-        "peak_rss_mb": _peak_rss_mb(),
-    }
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        assert np.isfinite(loss)
+        print(json.dumps({"s": wall, "cpu_s": cpu}), flush=True)
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+class _Worker:
+    """A worker process for one (runner, size), driven line by line."""
+
+    def __init__(self, runner: str, size: int, args):
+        self.runner, self.size, self.batch = runner, size, args.batch
+        cmd = [sys.executable, __file__, "--worker", runner, str(size), "--batch", str(args.batch),
+               "--threads", str(args.threads), "--warmup", str(args.warmup)]
+        self.proc = subprocess.Popen(cmd, env=_env(args.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+
+    def ask(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def reply(self) -> dict:
+        out = self.proc.stdout.readline()
+        if not out:
+            raise RuntimeError(f"the {self.runner} worker at {self.size} exited with status {self.proc.wait()}")
+        return json.loads(out)
+
+    def step(self) -> None:
+        r = self.ask("step")
+        self.times.append(r["s"])
+        self.cpu_times.append(r["cpu_s"])
+
+    def finish(self) -> dict:
+        peak = self.ask("done")["peak_rss_mb"]
+        self.proc.wait(timeout=60)
+        return {
+            "runner": self.runner,
+            "arch": "resnet18",
+            "batch": self.batch,
+            "size": self.size,
+            "s_per_step": statistics.median(self.times),
+            "cpu_s_per_step": statistics.median(self.cpu_times),
+            "times": self.times,
+            "peak_rss_mb": peak,
+        }
 
 
 def _env(threads: int) -> dict:
@@ -116,7 +159,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines = [
         f"Machine: {meta['machine']}, {meta['cpus']} CPUs, Python {meta['python']}; {meta['threads']} threads; "
         f"resnet18 training step (forward in train mode, backward, SGD momentum) on float32; median of "
-        f"{meta['repeats']} after {meta['warmup']} warm-up step(s); each row its own process; "
+        f"{meta['repeats']} after {meta['warmup']} warm-up step(s); each row its own process, the runners "
+        f"taking turns step by step; "
         f"load average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after; {meta['when']}.",
         "",
         "| size | batch | runner | s/step | images/s | ratio to torch | CPU s/step | peak RSS MB | RSS ratio to torch |",
@@ -139,14 +183,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runners", nargs="*", default=["numpy", "numba", "torch"], choices=["numpy", "numba", "torch"])
     parser.add_argument("--name", default="train_step")
     parser.add_argument("--worker", nargs=2, metavar=("RUNNER", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         runner, size = args.worker
-        print(json.dumps(worker(runner, "resnet18", args.batch, int(size), args.threads, args.warmup, args.repeats)))
+        worker(runner, "resnet18", args.batch, int(size), args.threads, args.warmup)
         return 0
     meta = {
         "machine": platform.machine(),
@@ -160,15 +204,25 @@ def main(argv=None) -> int:
     }
     results = []
     for size in args.sizes:
-        for runner in args.runners:
-            cmd = [sys.executable, __file__, "--worker", runner, str(size), "--batch", str(args.batch),
-                   "--threads", str(args.threads), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
-            proc = subprocess.run(cmd, env=_env(args.threads), capture_output=True, text=True, timeout=3600)
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                return 1
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
+        workers = []
+        try:
+            for runner in args.runners:  # one at a time: building and warming up is not timed, but it uses the cores
+                workers.append(_Worker(runner, size, args))
+                workers[-1].reply()  # ready
+            for _ in range(args.repeats):
+                for w in workers:
+                    time.sleep(0.5)  # let the last step's BLAS threads go idle
+                    w.step()
+            for w in workers:
+                results.append(w.finish())
+                print(json.dumps(results[-1]), flush=True)
+        except RuntimeError as e:
+            sys.stderr.write(f"{e}\n")
+            return 1
+        finally:
+            for w in workers:
+                if w.proc.poll() is None:
+                    w.proc.kill()
     meta["load_after"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
