@@ -66,21 +66,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import importlib
 import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-import numba  # ImportError here keeps the backend unregistered: the point of this module
 import numpy as np
+
+from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, kernel_cache_dir, register_backend
+from npresnet.functional import conv_output_size
+
+from . import scipy_hidden_from_numba
+
+with scipy_hidden_from_numba():
+    import numba  # ImportError here keeps the backend unregistered: the point of this module
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils, event
 from numba.extending import intrinsic, models, register_model
-
-from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, kernel_cache_dir, register_backend
-from npresnet.functional import conv_output_size
 
 # The kernels, as Python functions, of this module and of the others that use `kernel` (train.py):
 # module name -> {name: (function, njit options)}. compile_kernels(module) compiles one module's.
@@ -1120,6 +1125,8 @@ def compile_kernels(module: str) -> SimpleNamespace:
     Also the OpenBLAS probe, made here and not at import.
     """
     _openblas()
+    with scipy_hidden_from_numba():  # numba's CPU target imports arraymath at the first call; here, without SciPy
+        importlib.import_module("numba.np.arraymath")
     with _our_cache_dir():
         kernels = {name: njit(cache=True, **options)(f) for name, (f, options) in _KERNELS[module].items()}
     _compile_notice().dispatchers.update(id(d) for d in kernels.values())

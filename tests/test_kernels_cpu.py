@@ -322,6 +322,29 @@ def test_kernel_cache_goes_under_npresnet_home_and_compiling_is_announced(cpu, t
     assert not kernels_cached("numba")
 
 
+def test_numba_starts_without_scipy_and_leaves_it_importable():
+    """numba imports SciPy when it is imported and when its CPU target starts (0.6 s of a fresh process's
+    start); the backend hides SciPy from both (npresnet_kernels.scipy_hidden_from_numba), and afterwards
+    SciPy imports as usual and a user's numba np.dot, which looks for SciPy's BLAS, still compiles.
+    SciPy is installed with the test dependencies (scikit-learn needs it)."""
+    proc = run_python(
+        """
+        import sys
+        import numpy as np
+        from npresnet.backends import get_backend
+        b = get_backend("numba")  # imports numba
+        import numba
+        b.to_numpy(b.max_pool(b.from_numpy(np.zeros((1, 1, 4, 4), np.float32))))  # a kernel: numba's CPU target starts
+        assert numba.njit(lambda v: v + 1)(1) == 2
+        assert "scipy" not in sys.modules, sorted(m for m in sys.modules if m.startswith("scipy"))
+        import scipy.linalg.cython_blas  # importable again
+        a = np.arange(3.0)
+        assert numba.njit(lambda u, v: np.dot(u, v))(a, a) == 5.0
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_blas_thread_count_is_restored_after_a_conv(cpu):
     """The backend runs BLAS single-threaded inside a conv and leaves the user's setting as it found it."""
     get_threads = cpu._openblas()[1] if cpu._openblas() else (lambda: None)  # None: NumPy without OpenBLAS
