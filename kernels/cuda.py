@@ -39,12 +39,16 @@ import functools
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
-from numba import cuda  # ImportError without numba-cuda: the backend is then unavailable
 
 from npresnet.backends import Backend, BackendUnavailable, FoldedConv, register_backend
 from npresnet.functional import conv_output_size
+
+from . import scipy_hidden_from_numba
+
+with scipy_hidden_from_numba():
+    import numba
+    from numba import cuda  # ImportError without numba-cuda: the backend is then unavailable
 
 
 # --- tile shapes ---------------------------------------------------------------------------

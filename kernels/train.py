@@ -43,9 +43,9 @@ import functools
 
 import numpy as np
 
+from npresnet import functional as F
 from npresnet.autograd import TrainingOps, register_training_ops
 from npresnet.backends import FoldedConv
-from npresnet.functional import BN_EPS
 
 from . import cpu
 from .cpu import compile_kernels, kernel
@@ -390,11 +390,7 @@ class NumbaTrainingOps(TrainingOps):
             # grad_x[h, w] = sum over (r, s) of grad_out[h + padding - r, w + padding - s] . weight[r, s]:
             # a convolution of grad_out with the weights flipped and transposed, padding R - 1 - padding.
             G = groups
-            flipped = weight.reshape(G, K // G, Cg, R, S).transpose(0, 2, 1, 3, 4)[:, :, :, ::-1, ::-1]
-            if G == 1:
-                flipped = flipped[0]  # (C, K, R, S), a view: pack_weights reads it in place
-            else:
-                flipped = np.ascontiguousarray(flipped).reshape(G * Cg, K // G, R, S)  # (C, K/G, R, S)
+            flipped = F.flipped_kernel(weight, G)  # (C, K/G, R, S); with groups 1 a view, which pack_weights reads in place
             zero = np.zeros(G * Cg, dtype=weight.dtype)
             transposed = StepConv(FoldedConv(flipped, zero, 1, R - 1 - padding, G), self._winograd(grad_out), self.backend)
             return self.backend.conv(grad_out, transposed, relu=False), grad_weight
@@ -569,7 +565,7 @@ class NumbaTrainingOps(TrainingOps):
         sums[...] = 0
         self._blockwise(self.kernels.centred_square_sums, x2, mean.astype(x.dtype), sums, blocks=_blocks(M))
         var = sums.sum(axis=0) / M  # biased
-        inv_std = (1.0 / np.sqrt(var + BN_EPS)).astype(x.dtype)
+        inv_std = (1.0 / np.sqrt(var + F.BN_EPS)).astype(x.dtype)
         out = np.empty_like(x)
         self._blockwise(
             self.kernels.normalise, x2, mean.astype(x.dtype), inv_std, weight.astype(x.dtype), bias.astype(x.dtype),
@@ -584,7 +580,7 @@ class NumbaTrainingOps(TrainingOps):
     def batch_norm_eval(self, x, running_mean, running_var, weight, bias):
         """As F.batch_norm_eval on x (N, H, W, C); x's memory becomes the saved x_hat."""
         C = x.shape[-1]
-        inv_std = (1.0 / np.sqrt(running_var.astype(np.float64) + BN_EPS)).astype(x.dtype)
+        inv_std = (1.0 / np.sqrt(running_var.astype(np.float64) + F.BN_EPS)).astype(x.dtype)
         out = np.empty_like(x)
         x2 = x.reshape(-1, C)
         self._blockwise(

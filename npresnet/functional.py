@@ -266,11 +266,14 @@ def flipped_kernel(weight: np.ndarray, groups: int = 1) -> np.ndarray:
     Within each group input and output channels swap and the R x S window turns half a circle:
     flipped[g*C/G + c, k, r, s] = weight[g*K/G + k, c, R-1-r, S-1-s]. With stride 1,
     conv2d(grad_out, flipped, padding=R-1-padding, groups) is the gradient with respect to conv2d's input.
+    With groups 1 a view of weight (no copy: a consumer that reads it once gathers it itself), else a copy.
     """
     K, C_per_group, R, S = weight.shape
     G = groups
-    per_group = weight.reshape(G, K // G, C_per_group, R, S).transpose(0, 2, 1, 3, 4)  # (G, C/G, K/G, R, S)
-    return np.ascontiguousarray(per_group[..., ::-1, ::-1]).reshape(G * C_per_group, K // G, R, S)
+    per_group = weight.reshape(G, K // G, C_per_group, R, S).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]  # (G, C/G, K/G, R, S)
+    if G == 1:
+        return per_group[0]
+    return np.ascontiguousarray(per_group).reshape(G * C_per_group, K // G, R, S)
 
 
 def batch_norm(
@@ -435,6 +438,17 @@ def relu_backward(grad_out: np.ndarray, out: np.ndarray, inplace: bool = False) 
     return np.multiply(grad_out, out > 0, out=grad_out if inplace else None)
 
 
+def _pool_output_size(H: int, W: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
+    """(P, Q) of a max pool over an H x W input, or ValueError where torch refuses the pool."""
+    if padding > kernel_size // 2:
+        raise ValueError("max_pool2d: padding must be at most half the kernel size (as in torch)")
+    P = conv_output_size(H, kernel_size, stride, padding)
+    Q = conv_output_size(W, kernel_size, stride, padding)
+    if P < 1 or Q < 1:
+        raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
+    return P, Q
+
+
 def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> np.ndarray:
     """Max pooling, as ``torch.nn.functional.max_pool2d`` (floor mode).
 
@@ -442,13 +456,8 @@ def max_pool2d(x: np.ndarray, kernel_size: int = 3, stride: int = 2, padding: in
     The padding is -inf so that it never wins the max, as in torch. The window's max is taken
     along its rows, then down its columns: 2k passes instead of k*k.
     """
-    if padding > kernel_size // 2:
-        raise ValueError("max_pool2d: padding must be at most half the kernel size (as in torch)")
     N, C, H, W = x.shape
-    P = conv_output_size(H, kernel_size, stride, padding)
-    Q = conv_output_size(W, kernel_size, stride, padding)
-    if P < 1 or Q < 1:
-        raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
+    P, Q = _pool_output_size(H, W, kernel_size, stride, padding)
     padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
     row_max = padded[:, :, :, 0 : stride * (Q - 1) + 1 : stride].copy()  # (N, C, Hp, Q)
     for s in range(1, kernel_size):
@@ -479,13 +488,8 @@ def max_pool2d_with_indices(
     offset (r, s) of all windows are then a plain slice of one phase, which NumPy's vector loops
     run several times faster than a stride-2 view.
     """
-    if padding > kernel_size // 2:
-        raise ValueError("max_pool2d: padding must be at most half the kernel size (as in torch)")
     N, C, H, W = x.shape
-    P = conv_output_size(H, kernel_size, stride, padding)
-    Q = conv_output_size(W, kernel_size, stride, padding)
-    if P < 1 or Q < 1:
-        raise ValueError(f"max_pool2d: input {H}x{W} is too small for a {kernel_size}x{kernel_size} window")
+    P, Q = _pool_output_size(H, W, kernel_size, stride, padding)
     k = kernel_size
     # The image starts `lead` (padding rounded up to a multiple of stride) rows and columns into the
     # -inf border, and the border's far sides end on a multiple of stride; window p's offset r is
