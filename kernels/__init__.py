@@ -1,13 +1,30 @@
 """npresnet's optional compiled kernels, installed as ``npresnet_kernels``.
 
-``cpu.py``: Numba CPU kernels (backend "numba"); ``cuda.py``: numba.cuda kernels
-(backend "cuda"). Each registers its backend with ``npresnet.backends`` on import,
-and fails to import (ImportError) where its compiler is missing. ``train.py``: the
-numba backend's training ops, registered with ``npresnet.autograd`` the same way.
+``cpu.py``: the Numba CPU backend (backend "numba"), whose kernels are in ``cpu_kernels.py`` and are
+built ahead of time by ``aot.py``; ``cuda.py``: numba.cuda kernels (backend "cuda"). Each registers
+its backend with ``npresnet.backends`` on import, and fails to import (ImportError) where its compiler
+is missing. ``train.py``: the numba backend's training ops, registered with ``npresnet.autograd`` the
+same way.
 """
 
 import contextlib
+import logging
 import sys
+
+_announced = False
+
+
+def announce_compiling(cache_dir: str) -> None:
+    """One line on stderr (the "npresnet" logger, which a user can configure or silence) the first time
+    this process compiles one of our kernels, so that a first run's seconds of compiling do not look
+    like a hang."""
+    global _announced
+    if not _announced:
+        _announced = True
+        logging.getLogger("npresnet").warning(
+            "npresnet: compiling the Numba kernels for this machine (once; a few seconds; cached in %s)", cache_dir
+        )
+
 
 # SciPy as numba would otherwise meet it: numba imports scipy only to check its version when it is
 # imported (0.2 s), and scipy.linalg.cython_blas to look for a BLAS for its own np.dot when its CPU

@@ -2,8 +2,10 @@
 
 Importing this module registers ``NumbaTrainingOps`` for models on the "numba" backend
 (``npresnet.autograd.register_training_ops``); like ``cpu.py`` it raises ImportError where
-numba is missing, and changes no process-wide setting. Its kernels are marked with cpu.py's
-``kernel`` and compiled by its ``compile_kernels``, as the backend's own are.
+numba is missing, and changes no process-wide setting. Its kernels are marked with cpu_kernels.py's
+``kernel`` and are numba dispatchers from its ``compile_kernels`` (numba's JIT and its cache: a training
+run outlasts numba's second of start-up); the inference kernels it calls through the backend are
+loaded ahead of time, as for inference (``aot.py``).
 
 Every op keeps the signature and the numbers of its NumPy reference in ``functional.py``
 (through ``npresnet.autograd.TrainingOps``), with activations (N, H, W, C) instead of
@@ -48,7 +50,7 @@ from npresnet.autograd import TrainingOps, register_training_ops
 from npresnet.backends import FoldedConv
 
 from . import cpu
-from .cpu import compile_kernels, kernel
+from .cpu_kernels import compile_kernels, kernel
 
 # Each thread's col2im GEMMs (and the forward's GEMM paths) take output rows in chunks of about this
 # many bytes of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.

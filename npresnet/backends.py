@@ -19,11 +19,9 @@ and kernel compilation included, from the measured costs in ``AUTO_COSTS``
 """
 from __future__ import annotations
 
-import glob
 import importlib
 import importlib.util
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -255,30 +253,23 @@ def kernel_cache_dir() -> str:
     return os.path.join(base, "npresnet", "numba")
 
 
+# backend -> the module of its ahead-of-time-built kernels (npresnet_kernels.aot)
+_KERNEL_MODULES = {"numba": "npresnet_kernels.cpu_kernels"}
+
+
 def kernels_cached(name: str) -> bool:
-    """Whether every kernel of backend `name` is in the kernel cache, newer than its source: numba's index
-    files (``<module>.<kernel>-<line>.py3x.nbi``; numba drops an index older than the source), one per
-    ``@kernel`` function of the module, found without importing the compiler. False for a backend without
-    a kernel module."""
-    if name not in _OPTIONAL:
+    """Whether every kernel of backend `name` is built in the kernel cache from its current source
+    (``npresnet_kernels.aot.built_kernels``: file names only, neither numba nor llvmlite imported).
+    False for a backend without such kernels, or where they cannot be found."""
+    if name not in _KERNEL_MODULES:
         return False
     try:
-        spec = importlib.util.find_spec(_OPTIONAL[name][0])
-    except ImportError:
+        from npresnet_kernels import aot
+
+        kernels = aot.declared_kernels(_KERNEL_MODULES[name])
+        return bool(kernels) and kernels <= aot.built_kernels(_KERNEL_MODULES[name])
+    except (ImportError, OSError):
         return False
-    if spec is None or not spec.origin:
-        return False
-    module = os.path.splitext(os.path.basename(spec.origin))[0]
-    source_time = os.path.getmtime(spec.origin)
-    with open(spec.origin, encoding="utf-8") as source:
-        kernels = set(re.findall(r"^@kernel\(.*\)\ndef (\w+)\(", source.read(), flags=re.MULTILINE))
-    root = glob.escape(kernel_cache_dir())
-    fresh = {
-        os.path.basename(path)[len(module) + 1 :].rsplit("-", 1)[0]
-        for path in glob.glob(os.path.join(root, "**", f"{module}.*.nbi"), recursive=True)
-        if os.path.getmtime(path) >= source_time
-    }
-    return bool(kernels) and kernels <= fresh
 
 
 def choose_backend(

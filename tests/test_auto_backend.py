@@ -5,8 +5,6 @@ expected answers are worked out here from the costs (start-up + compile when the
 empty + images x time per image), not read back from the code.
 """
 import argparse
-import os
-import time
 
 import pytest
 
@@ -58,26 +56,50 @@ def test_a_backend_that_cannot_run_here_is_never_chosen():
     assert pick(10**6, available=["numpy"]) == "numpy"
 
 
-def test_kernels_cached_reads_numba_index_files_newer_than_the_kernel_source(tmp_path, monkeypatch):
-    """Warm only when every kernel has an index file, and only one written after the kernel source."""
-    cpu = pytest.importorskip("npresnet_kernels.cpu")
+def test_kernels_cached_reads_the_objects_built_from_the_current_kernel_source(tmp_path, monkeypatch):
+    """Warm only when every kernel has an object built from the kernels' current source (on any CPU);
+    objects of another source (an older npresnet) do not count."""
+    pytest.importorskip("npresnet_kernels.cpu")
+    from npresnet_kernels import aot
+
+    module = backends._KERNEL_MODULES["numba"]
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("NPRESNET_HOME", str(tmp_path))
     assert backends.kernel_cache_dir() == str(tmp_path / "numba")
     assert not backends.kernels_cached("numba")
-    folder = tmp_path / "numba" / "kernels_0123"
-    folder.mkdir(parents=True)
-    names = sorted(cpu._KERNELS[cpu.__name__])
-    assert len(names) >= 5
-    after = os.path.getmtime(cpu.__file__) + 60
-    for i, name in enumerate(names):
-        index = folder / f"cpu.{name}-{100 + i}.py311.nbi"
-        index.write_bytes(b"")
-        os.utime(index, (time.time(), after))
-        assert backends.kernels_cached("numba") == (name == names[-1])  # one missing kernel: cold
-    os.utime(index, (time.time(), after - 120))  # written before the source changed: stale
+    names = sorted(aot.declared_kernels(module))
+    assert {"gemm_packed", "conv_packed", "winograd_input", "winograd_output", "max_pool_3x3s2"} <= set(names)
+    stale = tmp_path / "numba" / "aot" / "0123456789abcdef" / "cpu"
+    current = tmp_path / "numba" / "aot" / aot.source_key(module) / "othercpu"
+    stale.mkdir(parents=True)
+    current.mkdir(parents=True)
+    for name in names:
+        (stale / f"cpu_kernels.{name}.000000000000.o").write_bytes(b"")
     assert not backends.kernels_cached("numba")
+    for name in names:
+        (current / f"cpu_kernels.{name}.000000000000.o").write_bytes(b"")
+        assert backends.kernels_cached("numba") == (name == names[-1])  # one missing kernel: cold
     assert not backends.kernels_cached("numpy")  # no kernels to cache
+
+
+def test_the_source_key_changes_with_the_kernel_source(tmp_path, monkeypatch):
+    pytest.importorskip("npresnet_kernels.cpu")
+    from npresnet_kernels import aot
+
+    source = tmp_path / "kernels_copy.py"
+    source.write_text("@kernel(nogil=True)\ndef a(x):\n    pass\n")
+    monkeypatch.setattr(aot, "_module_file", lambda module: str(source))
+    aot.source_key.cache_clear()
+    aot.declared_kernels.cache_clear()
+    try:
+        before = aot.source_key("m")
+        assert aot.declared_kernels("m") == {"a"}
+        source.write_text("@kernel(nogil=True)\ndef a(x):\n    x[0] = 1\n")
+        aot.source_key.cache_clear()
+        assert aot.source_key("m") != before
+    finally:
+        aot.source_key.cache_clear()
+        aot.declared_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("table", ["numba_cheap", "numba_dear"])

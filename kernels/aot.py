@@ -1,0 +1,471 @@
+"""Kernels built ahead of time: each Numba kernel compiled once into an object file, then loaded without numba.
+
+Importing numba and starting its CPU target takes about a second, and numba loads a kernel from its
+own cache only with both; a fresh process that classified one photo paid that on every run. Here each
+kernel of a module (``cpu_kernels.py``), for the argument types of its first call, is compiled by numba's
+ahead-of-time compiler (numba.pycc's ModuleCompiler: for this machine's CPU, no Python wrapper) into a
+native object file in the kernel cache. Later processes link the object into memory with llvmlite's MCJIT
+(a tenth of a second, no numba) and call it through ctypes, which releases the GIL while the kernel runs,
+as numba's nogil dispatchers did.
+
+The objects are keyed by the source of the kernels and of this file, the numba and llvmlite versions,
+and the CPU as LLVM sees it (name and features): a change to any builds anew. A file's SHA-256, in its
+header, is checked before LLVM reads it; a damaged file is built again. An object may refer only to
+symbols every process has (libc's): the kernels allocate nothing and call none of numba's C helpers
+(``cpu_kernels.py`` says how), and a build that refers to anything else is not kept. Where an object
+cannot be built or loaded (no llvmlite, an object format other than ELF, such a symbol), the kernel
+falls back to numba's JIT dispatcher (``cpu_kernels.compile_kernels``), as before this module.
+
+Calls follow numba's native calling convention (numba.core.callconv.CPUCallConv):
+status = f(&return slot, &exception info, *arguments), each array passed as the fields of numba's
+array struct (meminfo, parent, size, itemsize, data, shape..., strides... in bytes) and each boolean as
+a byte. The kernels return nothing: status 0 (or numba's "returned None", -2) is success.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import struct
+import sys
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+
+from npresnet.backends import kernel_cache_dir
+
+from . import announce_compiling, scipy_hidden_from_numba
+
+MAGIC = b"npresnet aot object 1\n"
+# Symbols the linker provides, not a library: MCJIT's (RuntimeDyld's) own GOT for position-independent code.
+_LINKER_SYMBOLS = {"_GLOBAL_OFFSET_TABLE_"}
+_STATUS_OK = (0, -2)  # numba's RETCODE_OK and RETCODE_NONE
+# LLVM argument types of the native function -> ctypes
+_CTYPES = {"p": ctypes.c_void_p, "obj": ctypes.py_object, "i64": ctypes.c_int64, "i32": ctypes.c_int32, "i8": ctypes.c_int8,
+           "i1": ctypes.c_bool, "f64": ctypes.c_double, "f32": ctypes.c_float}
+
+
+class AotUnavailable(Exception):
+    """This kernel cannot be built or loaded ahead of time here: use numba's JIT."""
+
+
+# --- argument types --------------------------------------------------------------------------------
+
+
+def arg_code(a) -> tuple:
+    """What a kernel is built for, for argument a: arrays by dtype, ndim and layout ('C' contiguous, else
+    'A', any strides), scalars by kind and width."""
+    if isinstance(a, np.ndarray):
+        return ("array", a.dtype.str, a.ndim, "C" if a.flags.c_contiguous else "A")
+    if isinstance(a, (bool, np.bool_)):
+        return ("bool",)
+    if isinstance(a, (int, np.integer)):
+        return ("int", np.dtype(type(a)).str if isinstance(a, np.integer) else "<i8")
+    if isinstance(a, (float, np.floating)):
+        return ("float", np.dtype(type(a)).str if isinstance(a, np.floating) else "<f8")
+    raise TypeError(f"a kernel argument of type {type(a).__name__}")
+
+
+def _numba_type(code: tuple):
+    from numba import from_dtype, types
+
+    if code[0] == "array":
+        return types.Array(from_dtype(np.dtype(code[1])), code[2], code[3])
+    if code[0] == "bool":
+        return types.boolean
+    return from_dtype(np.dtype(code[1]))
+
+
+def _llvm_type_code(t) -> str:
+    from llvmlite import ir
+
+    if isinstance(t, ir.PointerType):
+        return "p"
+    if isinstance(t, ir.IntType):
+        return f"i{t.width}"
+    if isinstance(t, ir.DoubleType):
+        return "f64"
+    if isinstance(t, ir.FloatType):
+        return "f32"
+    raise AotUnavailable(f"an argument of LLVM type {t}")
+
+
+def _fields(codes) -> int:
+    """How many native arguments the Python arguments of these codes become (arrays: 5 + 2*ndim)."""
+    return sum(5 + 2 * c[2] if c[0] == "array" else 1 for c in codes)
+
+
+# --- object files -------------------------------------------------------------------------------------
+
+
+def undefined_symbols(obj: bytes) -> list[str]:
+    """The symbols a 64-bit little-endian ELF object refers to without defining them (its symbol table's
+    entries in section 0, SHN_UNDEF). Raises AotUnavailable for any other format."""
+    if obj[:4] != b"\x7fELF" or obj[4:6] != b"\x02\x01":
+        raise AotUnavailable("the object is not 64-bit little-endian ELF")
+    (shoff,) = struct.unpack_from("<Q", obj, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
+    # Section headers: (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
+    names = []
+    for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+        if kind != 2:  # SHT_SYMTAB
+            continue
+        strings = sections[link][4]
+        for entry in range(offset + entsize, offset + size, entsize):  # entry 0 is the null symbol
+            name, _, _, shndx, _, _ = struct.unpack_from("<IBBHQQ", obj, entry)
+            if shndx == 0 and name:
+                names.append(obj[strings + name : obj.index(b"\0", strings + name)].decode())
+    return names
+
+
+def _process_symbol(name: str) -> int | None:
+    """The address of a C symbol this process already has (libc's, libm's), or None."""
+    try:
+        return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+def _pack(header: dict, obj: bytes) -> bytes:
+    header = dict(header, sha256=hashlib.sha256(obj).hexdigest())
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + obj
+
+
+def _unpack(data: bytes) -> tuple[dict, bytes]:
+    """(header, object) of a file _pack wrote; ValueError if it is not one, or damaged."""
+    if not data.startswith(MAGIC):
+        raise ValueError("not an npresnet object file")
+    end = data.index(b"\n", len(MAGIC))
+    header = json.loads(data[len(MAGIC) : end])
+    obj = data[end + 1 :]
+    if hashlib.sha256(obj).hexdigest() != header.get("sha256"):
+        raise ValueError("damaged: its SHA-256 does not match its header")
+    return header, obj
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- where the objects live -------------------------------------------------------------------------
+
+
+def _module_file(module: str) -> str:
+    spec = importlib.util.find_spec(module)  # found, not imported: the kernels' module imports numba
+    if spec is None or not spec.origin:
+        raise ImportError(f"no module {module}")
+    return spec.origin
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+@functools.lru_cache(maxsize=None)
+def source_key(module: str) -> str:
+    """What every object of `module` is built from, short: its source, this file's, numba's and llvmlite's versions."""
+    h = hashlib.sha256()
+    for path in (_module_file(module), __file__):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(f"numba {_version('numba')} llvmlite {_version('llvmlite')}".encode())
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _llvm():
+    """llvmlite's binding layer, its native target ready (0.1 s; no numba)."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    return llvm
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_key() -> str:
+    llvm = _llvm()
+    return hashlib.sha256(f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}".encode()).hexdigest()[:8]
+
+
+def objects_dir(module: str) -> str:
+    """The folder of `module`'s objects for this machine: <kernel cache>/aot/<source key>/<CPU key>."""
+    return os.path.join(kernel_cache_dir(), "aot", source_key(module), cpu_key())
+
+
+@functools.lru_cache(maxsize=None)
+def declared_kernels(module: str) -> frozenset[str]:
+    """The names of `module`'s @kernel functions, read from its source (not imported: it imports numba)."""
+    with open(_module_file(module), encoding="utf-8") as f:
+        return frozenset(re.findall(r"^@kernel\(.*\)\ndef (\w+)\(", f.read(), flags=re.MULTILINE))
+
+
+def built_kernels(module: str) -> set[str]:
+    """The kernels of `module` with at least one object built from their current source, on any CPU
+    (found without llvmlite or numba: what backend "auto" reads to guess whether compiling lies ahead)."""
+    root = os.path.join(kernel_cache_dir(), "aot", source_key(module))
+    try:
+        cpus = os.listdir(root)
+    except OSError:
+        return set()
+    prefix = module.rsplit(".", 1)[-1] + "."
+    return {
+        name[len(prefix) :].split(".", 1)[0]
+        for cpu in cpus
+        for name in (os.listdir(os.path.join(root, cpu)) if os.path.isdir(os.path.join(root, cpu)) else ())
+        if name.startswith(prefix) and name.endswith(".o")
+    }
+
+
+def _object_path(module: str, name: str, codes: tuple) -> str:
+    signature = hashlib.sha256(repr(codes).encode()).hexdigest()[:12]
+    return os.path.join(objects_dir(module), f"{module.rsplit('.', 1)[-1]}.{name}.{signature}.o")
+
+
+# --- building ------------------------------------------------------------------------------------------
+
+
+def build(module: str, name: str, codes: tuple) -> tuple[dict, bytes]:
+    """Compile kernel `name` of `module` for arguments of these codes: (header, ELF object).
+
+    Imports numba (and the kernels' module). Raises AotUnavailable where the object would need a
+    symbol this process cannot give it."""
+    with scipy_hidden_from_numba():  # numba imported (here, by the kernels' module) and started without SciPy
+        kernels = importlib.import_module(module)
+        from numba import types
+
+        with warnings.catch_warnings():  # numba.pycc is "pending deprecation"; its compiler is what is used
+            warnings.simplefilter("ignore")
+            from numba.pycc.compiler import ExportEntry, ModuleCompiler
+
+        py_func = kernels._KERNELS[module][name][0]
+        signature = types.void(*(_numba_type(c) for c in codes))
+        symbol = f"npresnet_{name}"
+        compiler = ModuleCompiler([ExportEntry(symbol, signature, py_func)], f"npresnet_{name}", cpu_name="host")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.o")
+            compiler.write_native_object(path, wrap=False)
+            with open(path, "rb") as f:
+                obj = f.read()
+        function_type = compiler.context.call_conv.get_function_type(signature.return_type, signature.args)
+    if len(function_type.args) != 2 + _fields(codes):
+        raise AotUnavailable(f"{name}: {len(function_type.args)} native arguments, expected {2 + _fields(codes)}")
+    entry, argtypes = _entry_point(symbol, function_type, codes)
+    undefined = [s for s in undefined_symbols(obj) if s not in _LINKER_SYMBOLS]
+    missing = [s for s in undefined if _process_symbol(s) is None]
+    if missing:
+        raise AotUnavailable(f"{name} refers to {', '.join(missing)}")
+    header = {"kernel": name, "codes": repr(codes), "symbol": symbol + "_entry", "argtypes": argtypes,
+              "undefined": undefined, "kernel_bytes": len(obj)}
+    return header, obj + entry
+
+
+def _entry_point(symbol: str, function_type, codes) -> tuple[bytes, list[str]]:
+    """An object file with `symbol`_entry(ret, exc, *arguments): each array argument the ndarray object
+    itself, whose fields (data, shape, strides: NumPy's PyArrayObject, see ARRAY_FIELDS) it reads into the
+    kernel's array arguments; the scalars as they are. With ctypes passing objects as they are, a call
+    costs a few microseconds, as numba's own dispatch does (the fields, read in Python, cost ten times that).
+    Returns the object and the entry's argument types (for ctypes)."""
+    from llvmlite import ir
+
+    i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+    module = ir.Module(name=symbol + "_entry")
+    kernel = ir.Function(module, function_type, name=symbol)
+    params, argtypes, position = [i8p, i8p], ["p", "p"], 2
+    for code in codes:
+        if code[0] == "array":
+            params.append(i8p)
+            argtypes.append("obj")
+            position += 5 + 2 * code[2]
+        else:
+            params.append(function_type.args[position])
+            argtypes.append(_llvm_type_code(function_type.args[position]))
+            position += 1
+    entry = ir.Function(module, ir.FunctionType(ir.IntType(32), params), name=symbol + "_entry")
+    builder = ir.IRBuilder(entry.append_basic_block())
+
+    def field(obj, offset, pointee):  # the pointer-sized field at `offset` bytes into the object
+        address = builder.gep(obj, [ir.Constant(i64, offset)], source_etype=ir.IntType(8))
+        return builder.load(builder.bitcast(address, pointee.as_pointer().as_pointer()), typ=pointee.as_pointer())
+
+    kernel_types = iter(function_type.args)
+    args = [builder.bitcast(entry.args[0], next(kernel_types)), builder.bitcast(entry.args[1], next(kernel_types))]
+    for code, param in zip(codes, entry.args[2:]):
+        if code[0] != "array":
+            args.append(param)
+            next(kernel_types)
+            continue
+        meminfo, parent, _, _, data_type = (next(kernel_types) for _ in range(5))
+        ndim = code[2]
+        dims, strides = field(param, ARRAY_FIELDS["dimensions"], i64), field(param, ARRAY_FIELDS["strides"], i64)
+        shape = [builder.load(builder.gep(dims, [ir.Constant(i64, k)], source_etype=i64), typ=i64) for k in range(ndim)]
+        stride = [builder.load(builder.gep(strides, [ir.Constant(i64, k)], source_etype=i64), typ=i64) for k in range(ndim)]
+        size = ir.Constant(i64, 1)
+        for extent in shape:
+            size = builder.mul(size, extent)
+        data = builder.bitcast(field(param, ARRAY_FIELDS["data"], ir.IntType(8)), data_type)
+        args += [ir.Constant(meminfo, None), ir.Constant(parent, None), size, ir.Constant(i64, np.dtype(code[1]).itemsize), data]
+        args += shape + stride
+        for _ in range(2 * ndim):
+            next(kernel_types)
+    builder.ret(builder.call(kernel, args))
+    llvm = _llvm()
+    target = llvm.Target.from_default_triple().create_target_machine(reloc="pic", opt=2)
+    ir_module = llvm.parse_assembly(str(module))
+    ir_module.verify()
+    return target.emit_object(ir_module), argtypes
+
+
+# --- loading and calling -------------------------------------------------------------------------------
+
+# NumPy's PyArrayObject (numpy/ndarraytypes.h, PyArrayObject_fields), after CPython's 16-byte object
+# header: the same in NumPy 1.x and 2.x. array_fields_ok checks it in this process before any entry reads it.
+ARRAY_FIELDS = {"data": 16, "dimensions": 32, "strides": 40}
+
+
+@functools.lru_cache(maxsize=None)
+def array_fields_ok() -> bool:
+    a = np.zeros((3, 4, 5), dtype=np.float32)[1:, ::2, 1:]
+
+    def word(offset):
+        return ctypes.c_void_p.from_address(id(a) + offset).value
+
+    def ints(address, n):
+        return list((ctypes.c_int64 * n).from_address(address))
+
+    return (
+        word(ARRAY_FIELDS["data"]) == a.ctypes.data
+        and ints(word(ARRAY_FIELDS["dimensions"]), 3) == list(a.shape)
+        and ints(word(ARRAY_FIELDS["strides"]), 3) == list(a.strides)
+    )
+
+
+_engines: list = []  # every MCJIT engine holds its kernel's code: kept for the life of the process
+
+
+def load(header: dict, obj: bytes) -> int:
+    """Link the object into this process (its own MCJIT engine, so that objects never clash): the
+    kernel's address."""
+    llvm = _llvm()
+    for symbol in header["undefined"]:
+        address = _process_symbol(symbol)
+        if address is None:
+            raise AotUnavailable(f"{header['kernel']} refers to {symbol}, which this process lacks")
+        llvm.add_symbol(symbol, address)
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), llvm.Target.from_default_triple().create_target_machine())
+    kernel_bytes = header["kernel_bytes"]
+    for part in (obj[:kernel_bytes], obj[kernel_bytes:]):  # the kernel, then its entry point
+        engine.add_object_file(llvm.ObjectFileRef.from_data(part))
+    engine.finalize_object()
+    address = engine.get_function_address(header["symbol"])
+    if not address:
+        raise AotUnavailable(f"{header['kernel']}: no symbol {header['symbol']} in its object")
+    _engines.append(engine)
+    return address
+
+
+def native_call(name: str, address: int, argtypes: list[str]):
+    """call(args) for the entry point at address: arrays passed as the objects they are (the entry reads
+    their fields), scalars converted by ctypes, the GIL released for the call."""
+    function = ctypes.CFUNCTYPE(ctypes.c_int32, *(_CTYPES[t] for t in argtypes))(address)
+    # The return slot (a kernel returns nothing, but numba's convention has the callee write it) and the
+    # exception info, for every call: owned by `call` below, so that they live as long as it does.
+    slots = (ctypes.c_int64 * 2)()
+    ret, exc = ctypes.addressof(slots), ctypes.addressof(slots) + 8
+
+    def call(args, slots=slots):
+        status = function(ret, exc, *args)
+        if status not in _STATUS_OK:
+            raise RuntimeError(f"npresnet kernel {name} failed (numba status {status})")
+
+    return call
+
+
+def aot_supported() -> bool:
+    """Whether objects can be built and loaded here: ELF objects (Linux), llvmlite installed."""
+    return sys.platform.startswith("linux") and importlib.util.find_spec("llvmlite") is not None
+
+
+class Kernel:
+    """One kernel of a module, callable as its numba dispatcher was: specialised on the codes of its
+    arguments, each specialisation loaded from the kernel cache, else built and cached, else (where
+    that cannot be done) numba's JIT dispatcher."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+        self.calls: dict[tuple, object] = {}
+        self.lock = threading.Lock()  # the pool's threads meet a new specialisation together
+
+    def __call__(self, *args):
+        # The same specialisations as arg_code's, told apart faster (this runs on every call).
+        key = tuple([(a.dtype, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray) else type(a) for a in args])
+        call = self.calls.get(key)
+        if call is None:
+            with self.lock:
+                call = self.calls.get(key) or self._specialise(tuple(map(arg_code, args)))
+                self.calls[key] = call
+        call(args)
+
+    def _specialise(self, codes):
+        if aot_supported() and array_fields_ok():
+            try:
+                return self._native(codes)
+            except AotUnavailable:
+                pass
+        dispatcher = getattr(importlib.import_module(self.module).compile_kernels(self.module), self.name)
+        return lambda args: dispatcher(*args)
+
+    def _native(self, codes):
+        path = _object_path(self.module, self.name, codes)
+        try:
+            with open(path, "rb") as f:
+                header, obj = _unpack(f.read())
+        except (OSError, ValueError):  # not built yet, or damaged: build it
+            announce_compiling(kernel_cache_dir())
+            header, obj = build(self.module, self.name, codes)
+            try:
+                _write_atomically(path, _pack(header, obj))
+            except OSError:
+                pass  # a read-only cache: this process keeps its build
+        return native_call(self.name, load(header, obj), header["argtypes"])
+
+
+class KernelTable:
+    """The kernels of a module (``table.gemm_packed(...)``), each a Kernel."""
+
+    def __init__(self, module: str):
+        self._module = module
+
+    def __getattr__(self, name):
+        if name not in declared_kernels(self._module):
+            raise AttributeError(f"{self._module} has no kernel {name!r}")
+        kernel = Kernel(self._module, name)
+        setattr(self, name, kernel)
+        return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_table(module: str) -> KernelTable:
+    """The one KernelTable of `module` in this process."""
+    return KernelTable(module)

@@ -1,0 +1,120 @@
+"""The kernels built ahead of time (npresnet_kernels.aot): object files checked, loaded and called as
+numba's own dispatchers were, and numba's JIT where they cannot be.
+
+The backend's ops against the NumPy reference, through these kernels, are test_kernels_cpu's."""
+import os
+
+import numpy as np
+import pytest
+
+from npresnet import functional as F
+
+pytest.importorskip("numba")
+from npresnet_kernels import aot  # noqa: E402
+
+MODULE = "npresnet_kernels.cpu_kernels"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty kernel cache for the test."""
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("NPRESNET_HOME", str(tmp_path))
+    return tmp_path / "numba" / "aot"
+
+
+def pool(kernel, x, contiguous=True):
+    """max_pool_3x3s2 of NCHW x through `kernel`, over NHWC as the backend lays it out (or a strided view)."""
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if contiguous else x.transpose(0, 2, 3, 1)
+    N, H, W, C = nhwc.shape
+    out = np.full((N, (H + 1) // 2, (W + 1) // 2, C), np.nan, dtype=x.dtype)
+    kernel(nhwc, 0, N * out.shape[1], out)
+    return out.transpose(0, 3, 1, 2)
+
+
+def test_undefined_symbols_reads_an_elf_objects_symbol_table():
+    llvm = aot._llvm()
+    module = llvm.parse_assembly(
+        """
+        declare double @some_external(double)
+        define double @f(double %x) {
+          %y = call double @some_external(double %x)
+          ret double %y
+        }
+        """
+    )
+    target = llvm.Target.from_default_triple().create_target_machine(reloc="pic")
+    obj = target.emit_object(module)
+    # (and, for position-independent code, the linker's _GLOBAL_OFFSET_TABLE_, which MCJIT provides)
+    assert set(aot.undefined_symbols(obj)) - aot._LINKER_SYMBOLS == {"some_external"}
+    with pytest.raises(aot.AotUnavailable, match="ELF"):
+        aot.undefined_symbols(b"MZ" + obj[2:])
+
+
+def test_a_kernel_is_built_once_then_loaded_and_strided_arrays_pass_whole(cache):
+    """A strided view (numba layout 'A') reaches the kernel with its strides; the object is written once
+    per argument types and a fresh table (as in a new process) loads it instead of building."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 9, 14))
+    for view, contiguous in ((x, True), (x[:, :, :, ::2], False), (x.astype(np.float32), True)):
+        assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), view, contiguous), F.max_pool2d(view, 3, 2, 1))
+    objects = sorted(cache.rglob("*.o"))
+    assert len(objects) == 3  # float64 contiguous and strided, float32
+    assert all(p.parent == cache / aot.source_key(MODULE) / aot.cpu_key() for p in objects)
+    times = [p.stat().st_mtime_ns for p in objects]
+    assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
+    assert [p.stat().st_mtime_ns for p in objects] == times  # loaded, not built again
+
+
+def test_a_damaged_object_is_built_again(cache):
+    x = np.random.default_rng(1).standard_normal((1, 2, 6, 6))
+    assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
+    (path,) = cache.rglob("*.o")
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in the machine code: the SHA-256 no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        aot._unpack(path.read_bytes())
+    assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
+    aot._unpack(path.read_bytes())  # whole again
+
+
+def test_where_an_object_would_need_a_symbol_this_process_lacks_numbas_jit_runs_the_kernel(cache, monkeypatch):
+    """E.g. one of numba's C helpers (which live in numba's extension modules): the object is not kept."""
+    monkeypatch.setattr(aot, "undefined_symbols", lambda obj: ["numba_attempt_nocopy_reshape"])
+    kernel = aot.Kernel(MODULE, "max_pool_3x3s2")
+    x = np.random.default_rng(2).standard_normal((1, 2, 6, 6))
+    assert np.array_equal(pool(kernel, x), F.max_pool2d(x, 3, 2, 1))
+    assert not list(cache.rglob("*.o"))
+    (call,) = kernel.calls.values()
+    assert "dispatcher" in call.__code__.co_freevars  # the JIT's
+
+
+def test_without_ahead_of_time_support_numbas_jit_runs_the_kernel(cache, monkeypatch):
+    monkeypatch.setattr(aot, "aot_supported", lambda: False)
+    kernel = aot.Kernel(MODULE, "max_pool_3x3s2")
+    x = np.random.default_rng(3).standard_normal((1, 2, 6, 6)).astype(np.float32)
+    assert np.array_equal(pool(kernel, x), F.max_pool2d(x, 3, 2, 1))
+    assert not list(cache.rglob("*.o"))
+
+
+def test_a_table_has_the_modules_kernels_only():
+    table = aot.KernelTable(MODULE)
+    assert isinstance(table.gemm_packed, aot.Kernel)
+    assert table.gemm_packed is table.gemm_packed
+    with pytest.raises(AttributeError, match="no kernel"):
+        table.not_a_kernel
+
+
+def test_a_read_only_cache_still_runs(cache):
+    cache.mkdir(parents=True)
+    os.chmod(cache, 0o500)
+    try:
+        if os.access(cache, os.W_OK):  # root ignores the mode: make the cache a file instead
+            os.chmod(cache, 0o700)
+            cache.rmdir()
+            cache.write_bytes(b"")
+        x = np.random.default_rng(4).standard_normal((1, 2, 6, 6))
+        assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
+    finally:
+        if cache.is_dir():
+            os.chmod(cache, 0o700)
