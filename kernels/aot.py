@@ -414,17 +414,19 @@ class Kernel:
 
     def __init__(self, module: str, name: str):
         self.module, self.name = module, name
-        self.calls: dict[tuple, object] = {}
+        self.calls: dict[tuple, object] = {}  # by the quick key of __call__
+        self.specialisations: dict[tuple, object] = {}  # by arg_code's codes (int and np.int64 share one)
         self.lock = threading.Lock()  # the pool's threads meet a new specialisation together
 
     def __call__(self, *args):
-        # The same specialisations as arg_code's, told apart faster (this runs on every call).
+        # What arg_code tells apart, told apart faster (this runs on every call), if more finely.
         key = tuple([(a.dtype, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray) else type(a) for a in args])
         call = self.calls.get(key)
         if call is None:
             with self.lock:
-                call = self.calls.get(key) or self._specialise(tuple(map(arg_code, args)))
-                self.calls[key] = call
+                codes = tuple(map(arg_code, args))
+                call = self.specialisations.get(codes) or self._specialise(codes)
+                self.calls[key] = self.specialisations[codes] = call
         call(args)
 
     def _specialise(self, codes):
@@ -452,17 +454,12 @@ class Kernel:
 
 
 class KernelTable:
-    """The kernels of a module (``table.gemm_packed(...)``), each a Kernel."""
+    """The kernels of a module (``table.gemm_packed(...)``), each a Kernel, all made at once (the pool's
+    threads meet a kernel together at its first call: each must find the same one)."""
 
     def __init__(self, module: str):
-        self._module = module
-
-    def __getattr__(self, name):
-        if name not in declared_kernels(self._module):
-            raise AttributeError(f"{self._module} has no kernel {name!r}")
-        kernel = Kernel(self._module, name)
-        setattr(self, name, kernel)
-        return kernel
+        for name in declared_kernels(module):
+            setattr(self, name, Kernel(module, name))
 
 
 @functools.lru_cache(maxsize=None)
