@@ -14,7 +14,8 @@ header, is checked before LLVM reads it; a damaged file is built again. An objec
 symbols every process has (libc's): the kernels allocate nothing and call none of numba's C helpers
 (``cpu_kernels.py`` says how), and a build that refers to anything else is not kept. Where an object
 cannot be built or loaded (no llvmlite, an object format other than ELF, such a symbol), the kernel
-falls back to numba's JIT dispatcher (``cpu_kernels.compile_kernels``), as before this module.
+falls back to numba's JIT dispatcher (``cpu_kernels.compile_kernels``), as before this module; so does
+one whose build fails unexpectedly (a numba whose AOT compiler has changed), with a warning.
 
 Calls follow numba's native calling convention (numba.core.callconv.CPUCallConv):
 status = f(&return slot, &exception info, *arguments), each array passed as the fields of numba's
@@ -30,6 +31,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 import struct
@@ -435,6 +437,11 @@ class Kernel:
                 return self._native(codes)
             except AotUnavailable:
                 pass
+            except Exception as exc:  # e.g. a numba whose AOT compiler differs: the JIT still serves
+                logging.getLogger("npresnet").warning(
+                    "npresnet: kernel %s could not be built ahead of time (%s: %s); using numba's JIT",
+                    self.name, type(exc).__name__, exc,
+                )
         dispatcher = getattr(importlib.import_module(self.module).compile_kernels(self.module), self.name)
         return lambda args: dispatcher(*args)
 

@@ -153,3 +153,17 @@ def test_a_read_only_cache_still_runs(cache):
     finally:
         if cache.is_dir():
             os.chmod(cache, 0o700)
+
+
+def test_a_build_that_fails_unexpectedly_says_so_and_numbas_jit_runs_the_kernel(cache, monkeypatch, caplog):
+    """E.g. a numba whose ahead-of-time compiler has changed: one warning, and the JIT."""
+    def broken(*args):
+        raise RuntimeError("no such compiler")
+
+    monkeypatch.setattr(aot, "build", broken)
+    kernel = aot.Kernel(MODULE, "max_pool_3x3s2")
+    x = np.random.default_rng(6).standard_normal((1, 2, 6, 6))
+    with caplog.at_level("WARNING", logger="npresnet"):
+        assert np.array_equal(pool(kernel, x), F.max_pool2d(x, 3, 2, 1))
+    assert "max_pool_3x3s2 could not be built ahead of time (RuntimeError: no such compiler)" in caplog.text
+    assert not list(cache.rglob("*.o"))
