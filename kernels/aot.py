@@ -17,10 +17,13 @@ cannot be built or loaded (no llvmlite, an object format other than ELF, such a 
 falls back to numba's JIT dispatcher (``cpu_kernels.compile_kernels``), as before this module; so does
 one whose build fails unexpectedly (a numba whose AOT compiler has changed), with a warning.
 
-Calls follow numba's native calling convention (numba.core.callconv.CPUCallConv):
-status = f(&return slot, &exception info, *arguments), each array passed as the fields of numba's
-array struct (meminfo, parent, size, itemsize, data, shape..., strides... in bytes) and each boolean as
-a byte. The kernels return nothing: status 0 (or numba's "returned None", -2) is success.
+A call goes through an entry point built beside each kernel (``_entry_point``): ctypes hands it each
+array as the ndarray object itself, and it reads data, shape and strides out of NumPy's PyArrayObject
+(``ARRAY_FIELDS``, checked in each process before use) and calls the kernel in numba's native calling
+convention (numba.core.callconv.CPUCallConv): status = f(&return slot, &exception info, *arguments),
+each array as the fields of numba's array struct (meminfo, parent, size, itemsize, data, shape...,
+strides... in bytes), each boolean as a byte. The kernels return nothing: status 0 (or numba's
+"returned None", -2) is success.
 """
 from __future__ import annotations
 
@@ -51,8 +54,8 @@ MAGIC = b"npresnet aot object 1\n"
 _LINKER_SYMBOLS = {"_GLOBAL_OFFSET_TABLE_"}
 _STATUS_OK = (0, -2)  # numba's RETCODE_OK and RETCODE_NONE
 # LLVM argument types of the native function -> ctypes
-_CTYPES = {"p": ctypes.c_void_p, "obj": ctypes.py_object, "i64": ctypes.c_int64, "i32": ctypes.c_int32, "i8": ctypes.c_int8,
-           "i1": ctypes.c_bool, "f64": ctypes.c_double, "f32": ctypes.c_float}
+_CTYPES = {"p": ctypes.c_void_p, "obj": ctypes.py_object, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
+           "i8": ctypes.c_int8, "i1": ctypes.c_bool, "f64": ctypes.c_double, "f32": ctypes.c_float}
 
 
 class AotUnavailable(Exception):
@@ -397,7 +400,10 @@ def native_call(name: str, address: int, argtypes: list[str]):
     ret, exc = ctypes.addressof(slots), ctypes.addressof(slots) + 8
 
     def call(args, slots=slots):
-        status = function(ret, exc, *args)
+        try:
+            status = function(ret, exc, *args)
+        except ctypes.ArgumentError:  # a NumPy scalar ctypes does not take (np.bool_, np.float32): as Python's
+            status = function(ret, exc, *(a.item() if isinstance(a, np.generic) else a for a in args))
         if status not in _STATUS_OK:
             raise RuntimeError(f"npresnet kernel {name} failed (numba status {status})")
 

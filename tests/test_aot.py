@@ -167,3 +167,17 @@ def test_a_build_that_fails_unexpectedly_says_so_and_numbas_jit_runs_the_kernel(
         assert np.array_equal(pool(kernel, x), F.max_pool2d(x, 3, 2, 1))
     assert "max_pool_3x3s2 could not be built ahead of time (RuntimeError: no such compiler)" in caplog.text
     assert not list(cache.rglob("*.o"))
+
+
+def test_numpy_scalars_pass_as_pythons_do(cache):
+    """The epilogue with its flags as np.bool_ (which ctypes does not take) and as bool: the same kernel."""
+    rng = np.random.default_rng(7)
+    src, residual = rng.standard_normal((1, 5, 4)), rng.standard_normal((5, 4))
+    scale, bias = rng.standard_normal(4), rng.standard_normal(4)
+    kernel = aot.Kernel(MODULE, "epilogue")
+    expected = np.maximum(src[0] * scale + bias + residual, 0)
+    for flag in (True, np.True_):
+        out = np.full((5, 4), np.nan)
+        kernel(src, scale, bias, residual, flag, flag, out)
+        np.testing.assert_array_equal(out, expected)
+    assert len(kernel.specialisations) == 1
