@@ -415,6 +415,12 @@ def aot_supported() -> bool:
     return sys.platform.startswith("linux") and importlib.util.find_spec("llvmlite") is not None
 
 
+# Held while any kernel is specialised (built, loaded or handed to the JIT): the pool's threads meet a new
+# specialisation together, and LLVM's state (llvmlite's global context, new MCJIT engines) is not
+# thread-safe outside numba's own compiler lock, which covers only numba's compiling.
+_specialising = threading.RLock()
+
+
 class Kernel:
     """One kernel of a module, callable as its numba dispatcher was: specialised on the codes of its
     arguments, each specialisation loaded from the kernel cache, else built and cached, else (where
@@ -424,14 +430,13 @@ class Kernel:
         self.module, self.name = module, name
         self.calls: dict[tuple, object] = {}  # by the quick key of __call__
         self.specialisations: dict[tuple, object] = {}  # by arg_code's codes (int and np.int64 share one)
-        self.lock = threading.Lock()  # the pool's threads meet a new specialisation together
 
     def __call__(self, *args):
         # What arg_code tells apart, told apart faster (this runs on every call), if more finely.
         key = tuple([(a.dtype, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray) else type(a) for a in args])
         call = self.calls.get(key)
         if call is None:
-            with self.lock:
+            with _specialising:
                 codes = tuple(map(arg_code, args))
                 call = self.specialisations.get(codes) or self._specialise(codes)
                 self.calls[key] = self.specialisations[codes] = call
