@@ -3,13 +3,14 @@
     python bench/run.py                 # resnet18 and resnet50, batch 1 and 8, 2 threads
     python bench/run.py --quick         # resnet18 batch 1 only, fewer repeats (for development)
 
-Reported per case: wall ms per batch (the median), images/s, the ratio to torch's
-wall time, CPU ms per batch (all threads; steadier than wall time on a shared
-machine), first-call ms and peak RSS. Every (runner, architecture, batch) is timed in its own fresh process, so that
+Reported per case: wall ms per batch (the median of calls made back to back), images/s, the ratio to
+torch's wall time, CPU ms per batch (all threads; steadier than wall time on a shared
+machine), the wall ms of a call made after 0.2 s idle (a lone request's latency), first-call ms and
+peak RSS. Every (runner, architecture, batch) is timed in its own fresh process, so that
 first-call time (compilation, cache loading, weight preparation) and peak
 resident memory (ru_maxrss) belong to that runner alone. Each process builds
-the model, runs one first call, `--warmup` more calls, then `--repeats` timed
-calls; the median is reported. All runners compute the same architecture with
+the model, runs one first call, `--warmup` more calls, then one timed call per turn
+(below); the median is reported. All runners compute the same architecture with
 random weights at 224x224 float32. Before it is timed, each runner's first output is
 checked against the NumPy backend's logits for the same input (the int8 runners against
 npresnet's int8 network): off by more than float32 tolerance (1e-4 of the largest logit),
@@ -31,10 +32,12 @@ environment (OMP/OPENBLAS/MKL/NUMBA/NPRESNET) and each library's own knob.
 INT8 rows: "numpy-int8" is npresnet's quantized network (npresnet.quantize: int8 weights, activation
 scales calibrated on the two photos in tests/data, which is enough for timing), "onnxruntime-int8" the
 QDQ ONNX file `npresnet export` writes of it, which onnxruntime fuses into QLinearConv int8 kernels.
-Both files are made once per architecture, before the rounds; their sizes join the file-size table.
+Both files are made once per architecture, before the timing; their sizes join the file-size table.
 
-On a shared machine the load comes and goes: by default every case runs in
-two rounds, in turn, and the faster round is kept (all round medians are in the JSON).
+This machine's speed drifts by 20-40% over minutes, so the runners of one case (architecture, batch) are
+timed taking turns, one call each, `--repeats` turns, each in its own process, all alive meanwhile
+(`time_case`): every runner's median covers the same minutes. Every call's time is in the JSON
+(`turn_ms`).
 
 Results: bench/results/<name>.json, <name>.md and, with matplotlib, <name>.png.
 bench/ is not part of the test suite: timings never decide pass or fail.
@@ -164,10 +167,9 @@ def check_output(runner: str, out, reference_path: str) -> None:
         raise SystemExit(f"bench: runner {runner!r} is off {reference} by {error:.2e} (relative; allowed {tolerance:.0e}): not timed")
 
 
-def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeats: int, onnx_path: str,
-           reference_path: str = "") -> dict:
-    import numpy as np
-
+def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, onnx_path: str, reference_path: str = "") -> None:
+    """Build, call once (checked against the reference), warm up, then say "ready"; then one timed call per
+    "time" line on stdin, and "done" for the peak memory. Every reply is one JSON line on stdout."""
     start = time.perf_counter()
     int8_npz, int8_onnx = int8_paths(os.path.dirname(onnx_path), arch)  # beside the float32 .onnx
     if runner == "torch":
@@ -192,29 +194,104 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, repeat
     check_output(runner, out, reference_path)
     for _ in range(warmup):
         run(x)
-    times, cpu_times = [], []
-    for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        run(x)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    median = statistics.median(times)
-    return {
-        "runner": runner,
-        "arch": arch,
-        "batch": batch,
-        "threads": threads,
-        "build_s": build_s,
-        "first_call_ms": first_s * 1e3,
-        "ms_per_batch": median * 1e3,
-        "min_ms": min(times) * 1e3,
-        # CPU time of all this process's threads: less sensitive than wall time to other jobs on
-        # the machine (but counting any spin-waiting of the runner's thread pool).
-        "cpu_ms_per_batch": statistics.median(cpu_times) * 1e3,
-        "images_per_s": batch / median,
-        "peak_rss_mb": _peak_rss_mb(),
-        "repeats": repeats,
-    }
+    print(json.dumps({"ready": True, "build_s": build_s, "first_call_ms": first_s * 1e3}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "time":
+            break
+        walls, cpus = [], []
+        for _ in range(1 + CALLS_PER_TURN):  # the first after the pause (idle), then back to back
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run(x)
+            walls.append(time.perf_counter() - start)
+            # CPU time of all this process's threads: less sensitive than wall time to other jobs on the
+            # machine (but counting any spin-waiting of the runner's thread pool).
+            cpus.append(time.process_time() - cpu_start)
+        print(json.dumps({"idle_s": walls[0], "s": walls[1:], "cpu_s": cpus[1:]}), flush=True)
+    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+
+
+class _Worker:
+    """A worker process for one (runner, arch, batch), driven line by line (see worker)."""
+
+    def __init__(self, runner: str, arch: str, batch: int, args_list: list[str], threads: int):
+        self.runner, self.arch, self.batch = runner, arch, batch
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args_list], env=_env(threads),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.idle_times: list[float] = []
+        self.ready = self.reply()
+
+    def reply(self) -> dict:
+        out = self.proc.stdout.readline()
+        if not out:
+            err = self.proc.stderr.read().strip()
+            self.proc.wait()
+            return {"error": err.splitlines()[-1] if err else f"exit {self.proc.returncode}"}
+        return json.loads(out)
+
+    def time_one(self) -> None:
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        r = self.reply()
+        if "error" in r:
+            raise SystemExit(f"bench: the {self.runner} worker ({self.arch}, batch {self.batch}) died: {r['error']}")
+        self.times += r["s"]
+        self.cpu_times += r["cpu_s"]
+        self.idle_times.append(r["idle_s"])
+
+    def finish(self, threads: int) -> dict:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.flush()
+        peak = self.reply()
+        self.proc.wait(timeout=60)
+        median = statistics.median(self.times)
+        return {
+            "runner": self.runner, "arch": self.arch, "batch": self.batch, "threads": threads,
+            "build_s": self.ready["build_s"], "first_call_ms": self.ready["first_call_ms"],
+            "ms_per_batch": median * 1e3, "min_ms": min(self.times) * 1e3,
+            "cpu_ms_per_batch": statistics.median(self.cpu_times) * 1e3, "images_per_s": self.batch / median,
+            "after_idle_ms": statistics.median(self.idle_times) * 1e3,
+            "peak_rss_mb": peak["peak_rss_mb"], "repeats": len(self.times), "call_ms": [t * 1e3 for t in self.times],
+            "after_idle_call_ms": [t * 1e3 for t in self.idle_times],
+        }
+
+
+def time_case(arch: str, batch: int, runners: list[str], args, tmp: str, reference: str) -> list[dict]:
+    """Every runner of one (arch, batch) in a process of its own, all alive at once, built one after another
+    (so that first-call times do not overlap); then they take turns, `repeats` turns, with a pause before
+    each (so that no thread pool still spinning from one runner slows the next). In a turn a runner makes
+    one call after the pause (its time: "after idle", what a request that arrives alone meets) and
+    CALLS_PER_TURN calls back to back (ms/batch: the median of these). This machine's speed drifts by
+    20-40% over minutes: runners timed one after the other measured the drift as much as themselves;
+    taking turns, each median covers the same minutes."""
+    workers, results = [], []
+    for runner in runners:
+        worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads), "--warmup", str(args.warmup),
+                       "--onnx", os.path.join(tmp, f"{arch}.onnx"), "--reference", reference]
+        w = _Worker(runner, arch, batch, worker_args, args.threads)
+        if "error" in w.ready:
+            if w.ready["error"].startswith("bench: runner"):
+                raise SystemExit(w.ready["error"])  # a wrong answer is never timed, nor left in a table
+            results.append({"runner": runner, "arch": arch, "batch": batch, "error": w.ready["error"]})
+            continue
+        workers.append(w)
+    for turn in range(-(-args.repeats // CALLS_PER_TURN)):
+        for w in workers:
+            time.sleep(TURN_PAUSE_S)
+            w.time_one()
+    for w in workers:
+        result = w.finish(args.threads)
+        print(f"{arch:10s} b{batch:<3d} {w.runner:16s} {result['ms_per_batch']:8.1f} ms", flush=True)
+        results.append(result)
+    return results
+
+
+# The pause before each runner's turn: OpenBLAS and OpenMP pools spin for tens of milliseconds after a
+# call, on the cores the next runner needs.
+TURN_PAUSE_S = 0.2
+# Calls back to back in each turn, after the one that follows the pause.
+CALLS_PER_TURN = 2
 
 
 def startup_worker(weights: str, runner: str, threads: int, photo: str) -> dict:
@@ -403,21 +480,21 @@ def markdown(results: list[dict], startup: dict, meta: dict, sizes: dict | None 
     lines = [
         f"Machine: {meta['machine']}; {meta['threads']} threads; {SIZE}x{SIZE} float32; "
         f"median of {meta['repeats']} after {meta['warmup']} warm-up calls; each row its own process; "
-        f"best of {meta['rounds']} round(s); load average {meta['load_average'][0]:.1f} before, "
+        f"the runners of each case taking turns (a 0.2 s pause, one call after idle, {CALLS_PER_TURN} back to back); load average {meta['load_average'][0]:.1f} before, "
         f"{meta['load_average_after'][0]:.1f} after; {meta['date']}.",
         "",
-        "| model | batch | runner | ms/batch | images/s | ratio to torch | CPU ms/batch | first call ms | peak RSS MB |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | batch | runner | ms/batch | images/s | ratio to torch | CPU ms/batch | after idle ms | first call ms | peak RSS MB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['arch']} | {r['batch']} | {r['runner']} | error: {r['error']} | | | | | | |")
             continue
         base = torch_ms.get((r["arch"], r["batch"]))
         ratio = f"{r['ms_per_batch'] / base:.2f}" if base else "n/a"
         lines.append(
             f"| {r['arch']} | {r['batch']} | {r['runner']} | {r['ms_per_batch']:.1f} | {r['images_per_s']:.1f} | "
-            f"{ratio} | {r['cpu_ms_per_batch']:.1f} | {r['first_call_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"{ratio} | {r['cpu_ms_per_batch']:.1f} | {r['after_idle_ms']:.1f} | {r['first_call_ms']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     if startup:
         numpy_warm = startup.get("numpy", {}).get("warm", {}).get("wall_s")
@@ -480,9 +557,6 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--name", default=None, help="results file name (default: 'latest', or 'quick')")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="run every case this many times, in turn, and keep each case's fastest round "
-                        "(a shared machine's load comes and goes; default 2, 1 with --quick)")
     parser.add_argument("--no-startup", action="store_true", help="skip the fresh-process startup measurement")
     parser.add_argument("--worker", nargs=3, metavar=("RUNNER", "ARCH", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--onnx", default="", help=argparse.SUPPRESS)
@@ -494,13 +568,12 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes-worker", nargs=2, metavar=("ARCH", "FOLDER"), help=argparse.SUPPRESS)
     parser.add_argument("--no-sizes", action="store_true", help="skip the file sizes (.npz float32/float16, .onnx)")
     args = parser.parse_args(argv)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
-    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    args.warmup = warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.repeats = repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
 
     if args.worker:
         runner, arch, batch = args.worker
-        print(json.dumps(worker(runner, arch, int(batch), args.threads, warmup, repeats, args.onnx, args.reference)))
+        worker(runner, arch, int(batch), args.threads, warmup, args.onnx, args.reference)
         return 0
     if args.reference_worker:
         arch, batch, path = args.reference_worker
@@ -522,7 +595,6 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "warmup": warmup,
         "repeats": repeats,
-        "rounds": args.rounds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "load_average": os.getloadavg(),
     }
@@ -542,30 +614,19 @@ def main(argv=None) -> int:
                 made = _run_json(["--reference-worker", arch, str(batch), path], args.threads)
                 if "error" in made:
                     raise SystemExit(f"bench: the NumPy backend's reference logits failed: {made['error']}")
-        for round_ in range(args.rounds):
-            for arch in archs:
-                for batch in batches:
-                    for runner in runners:
-                        if runner == "onnxruntime" and "error" in exported[arch]:
-                            result = {"runner": runner, "arch": arch, "batch": batch, **exported[arch]}
-                        elif runner.endswith("-int8") and "error" in quantized[arch]:
-                            result = {"runner": runner, "arch": arch, "batch": batch, **quantized[arch]}
-                        else:
-                            worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads),
-                                           "--warmup", str(warmup), "--repeats", str(repeats),
-                                           "--onnx", os.path.join(tmp, f"{arch}.onnx"), "--reference", references[arch, batch]]
-                            result = {"runner": runner, "arch": arch, "batch": batch, **_run_json(worker_args, args.threads)}
-                            if result.get("error", "").startswith("bench: runner"):
-                                raise SystemExit(result["error"])  # a wrong answer is never timed, nor left in a table
-                        key = (arch, batch, runner)
-                        kept = results.get(key)
-                        medians = (kept or {}).get("round_medians_ms", []) + [result.get("ms_per_batch")]
-                        if kept is None or ("error" not in result and ("error" in kept or result["ms_per_batch"] < kept["ms_per_batch"])):
-                            results[key] = result
-                        results[key]["round_medians_ms"] = medians
-                        shown = f"{result['ms_per_batch']:8.1f} ms" if "error" not in result else "error: " + result["error"]
-                        print(f"round {round_ + 1} {arch:10s} b{batch:<3d} {runner:12s} {shown}", flush=True)
-        results = list(results.values())
+        results = []
+        for arch in archs:
+            for batch in batches:
+                case_runners = []
+                for runner in runners:
+                    failed = exported.get(arch, {}) if runner == "onnxruntime" else quantized.get(arch, {}) if runner.endswith("-int8") else {}
+                    if "error" in failed:
+                        results.append({"runner": runner, "arch": arch, "batch": batch, **failed})
+                    else:
+                        case_runners.append(runner)
+                results += time_case(arch, batch, case_runners, args, tmp, references[arch, batch])
+        order = {r: i for i, r in enumerate(runners)}
+        results.sort(key=lambda r: (archs.index(r["arch"]), batches.index(r["batch"]), order[r["runner"]]))
         startup = {} if args.no_startup else measure_startup(startup_runners(runners), args.threads, tmp)
         sizes = {} if args.no_sizes else file_sizes(archs, tmp, args.threads)
         for arch in sizes:
