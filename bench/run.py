@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -58,15 +57,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(HERE) not in sys.path:  # run as a script it is; loaded by path (tests/test_bench_check.py) it is not
+    sys.path.insert(0, str(HERE))
+import turns  # noqa: E402
 RESULTS = HERE / "results"
 SIZE = 224
 
 
 # --- worker side: one runner, one model, one batch, in this process --------------------------
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def _npresnet_runner(backend: str, arch: str, threads: int):
@@ -194,10 +192,9 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, onnx_p
     check_output(runner, out, reference_path)
     for _ in range(warmup):
         run(x)
-    print(json.dumps({"ready": True, "build_s": build_s, "first_call_ms": first_s * 1e3}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "time":
-            break
+    turns.say({"ready": True, "build_s": build_s, "first_call_ms": first_s * 1e3})
+
+    def turn():
         walls, cpus = [], []
         for _ in range(1 + CALLS_PER_TURN):  # the first after the pause (idle), then back to back
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -206,55 +203,9 @@ def worker(runner: str, arch: str, batch: int, threads: int, warmup: int, onnx_p
             # CPU time of all this process's threads: less sensitive than wall time to other jobs on the
             # machine (but counting any spin-waiting of the runner's thread pool).
             cpus.append(time.process_time() - cpu_start)
-        print(json.dumps({"idle_s": walls[0], "s": walls[1:], "cpu_s": cpus[1:]}), flush=True)
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+        return {"idle_s": walls[0], "s": walls[1:], "cpu_s": cpus[1:]}
 
-
-class _Worker:
-    """A worker process for one (runner, arch, batch), driven line by line (see worker)."""
-
-    def __init__(self, runner: str, arch: str, batch: int, args_list: list[str], threads: int):
-        self.runner, self.arch, self.batch = runner, arch, batch
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args_list], env=_env(threads),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-        self.idle_times: list[float] = []
-        self.ready = self.reply()
-
-    def reply(self) -> dict:
-        out = self.proc.stdout.readline()
-        if not out:
-            err = self.proc.stderr.read().strip()
-            self.proc.wait()
-            return {"error": err.splitlines()[-1] if err else f"exit {self.proc.returncode}"}
-        return json.loads(out)
-
-    def time_one(self) -> None:
-        self.proc.stdin.write("time\n")
-        self.proc.stdin.flush()
-        r = self.reply()
-        if "error" in r:
-            raise SystemExit(f"bench: the {self.runner} worker ({self.arch}, batch {self.batch}) died: {r['error']}")
-        self.times += r["s"]
-        self.cpu_times += r["cpu_s"]
-        self.idle_times.append(r["idle_s"])
-
-    def finish(self, threads: int) -> dict:
-        self.proc.stdin.write("done\n")
-        self.proc.stdin.flush()
-        peak = self.reply()
-        self.proc.wait(timeout=60)
-        median = statistics.median(self.times)
-        return {
-            "runner": self.runner, "arch": self.arch, "batch": self.batch, "threads": threads,
-            "build_s": self.ready["build_s"], "first_call_ms": self.ready["first_call_ms"],
-            "ms_per_batch": median * 1e3, "min_ms": min(self.times) * 1e3,
-            "cpu_ms_per_batch": statistics.median(self.cpu_times) * 1e3, "images_per_s": self.batch / median,
-            "after_idle_ms": statistics.median(self.idle_times) * 1e3,
-            "peak_rss_mb": peak["peak_rss_mb"], "repeats": len(self.times), "call_ms": [t * 1e3 for t in self.times],
-            "after_idle_call_ms": [t * 1e3 for t in self.idle_times],
-        }
+    turns.serve("time", turn)
 
 
 def time_case(arch: str, batch: int, runners: list[str], args, tmp: str, reference: str) -> list[dict]:
@@ -265,25 +216,42 @@ def time_case(arch: str, batch: int, runners: list[str], args, tmp: str, referen
     CALLS_PER_TURN calls back to back (ms/batch: the median of these). This machine's speed drifts by
     20-40% over minutes: runners timed one after the other measured the drift as much as themselves;
     taking turns, each median covers the same minutes."""
-    workers, results = [], []
-    for runner in runners:
-        worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads), "--warmup", str(args.warmup),
-                       "--onnx", os.path.join(tmp, f"{arch}.onnx"), "--reference", reference]
-        w = _Worker(runner, arch, batch, worker_args, args.threads)
-        if "error" in w.ready:
-            if w.ready["error"].startswith("bench: runner"):
-                raise SystemExit(w.ready["error"])  # a wrong answer is never timed, nor left in a table
-            results.append({"runner": runner, "arch": arch, "batch": batch, "error": w.ready["error"]})
-            continue
-        workers.append(w)
-    for turn in range(-(-args.repeats // CALLS_PER_TURN)):
-        for w in workers:
-            time.sleep(TURN_PAUSE_S)
-            w.time_one()
-    for w in workers:
-        result = w.finish(args.threads)
-        print(f"{arch:10s} b{batch:<3d} {w.runner:16s} {result['ms_per_batch']:8.1f} ms", flush=True)
-        results.append(result)
+    workers, results = {}, []
+    try:
+        for runner in runners:
+            worker_args = ["--worker", runner, arch, str(batch), "--threads", str(args.threads), "--warmup",
+                           str(args.warmup), "--onnx", os.path.join(tmp, f"{arch}.onnx"), "--reference", reference]
+            w = turns.Worker(__file__, worker_args, args.threads)
+            if "error" in w.ready:
+                if w.ready["error"].startswith("bench: runner"):
+                    raise SystemExit(w.ready["error"])  # a wrong answer is never timed, nor left in a table
+                results.append({"runner": runner, "arch": arch, "batch": batch, "error": w.ready["error"]})
+                continue
+            workers[runner] = (w, {"s": [], "cpu_s": [], "idle_s": []})
+        for _ in range(-(-args.repeats // CALLS_PER_TURN)):
+            for runner, (w, got) in workers.items():
+                time.sleep(TURN_PAUSE_S)
+                r = w.ask("time")
+                if "error" in r:
+                    raise SystemExit(f"bench: the {runner} worker ({arch}, batch {batch}) died: {r['error']}")
+                got["s"] += r["s"]
+                got["cpu_s"] += r["cpu_s"]
+                got["idle_s"].append(r["idle_s"])
+        for runner, (w, got) in workers.items():
+            median = statistics.median(got["s"])
+            results.append({
+                "runner": runner, "arch": arch, "batch": batch, "threads": args.threads,
+                "build_s": w.ready["build_s"], "first_call_ms": w.ready["first_call_ms"],
+                "ms_per_batch": median * 1e3, "min_ms": min(got["s"]) * 1e3,
+                "cpu_ms_per_batch": statistics.median(got["cpu_s"]) * 1e3, "images_per_s": batch / median,
+                "after_idle_ms": statistics.median(got["idle_s"]) * 1e3,
+                "peak_rss_mb": w.close()["peak_rss_mb"], "repeats": len(got["s"]),
+                "call_ms": [t * 1e3 for t in got["s"]], "after_idle_call_ms": [t * 1e3 for t in got["idle_s"]],
+            })
+            print(f"{arch:10s} b{batch:<3d} {runner:16s} {median * 1e3:8.1f} ms", flush=True)
+    finally:
+        for w, _ in workers.values():
+            w.kill()
     return results
 
 
@@ -330,7 +298,7 @@ def startup_worker(weights: str, runner: str, threads: int, photo: str) -> dict:
         model = npresnet.load(weights, backend=runner, threads=threads)
         run, name = model, model.backend.name
     top = int(np.argmax(run(preprocess([photo]))[0]))
-    return {"backend": name, "top": top, "inside_s": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+    return {"backend": name, "top": top, "inside_s": time.perf_counter() - start, "peak_rss_mb": turns.peak_rss_mb()}
 
 
 def sizes_worker(arch: str, folder: str) -> dict:
@@ -382,7 +350,7 @@ def quantize_files(arch: str, folder: str, threads: int) -> dict:
         f"q = npresnet.quantize(m, {photos!r}); npresnet.save(q, {npz!r}); "
         f"importlib.util.find_spec('onnx') and npresnet.export_onnx(q, {onnx!r})"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(threads), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], env=turns.pinned_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "quantize failed"}
     return {}
@@ -393,18 +361,10 @@ def file_sizes(archs: list[str], tmp: str, threads: int) -> dict:
     return {arch: _run_json(["--sizes-worker", arch, tmp], threads) for arch in archs}
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NPRESNET_NUM_THREADS"):
-        env[var] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
-
-
 def _run_json(args: list[str], threads: int, timeout: float = 900, env: dict | None = None) -> dict:
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), *args],
-        env={**_env(threads), **(env or {})},
+        env={**turns.pinned_env(threads), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -417,7 +377,7 @@ def _run_json(args: list[str], threads: int, timeout: float = 900, env: dict | N
 def export_onnx(arch: str, path: str, threads: int) -> dict:
     """npresnet's own export (no torch), in a process of its own."""
     code = f"import npresnet; npresnet.export_onnx(npresnet.build({arch!r}, backend='numpy'), {path!r})"
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(threads), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], env=turns.pinned_env(threads), capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "export failed"}
     return {}
@@ -433,7 +393,7 @@ def measure_startup(runners: list[str], threads: int, tmp: str) -> dict:
     weights = os.path.join(tmp, "resnet18.npz")
     onnx = os.path.join(tmp, "resnet18-startup.onnx")
     code = "import sys; sys.path.insert(0, %r); import npresnet; npresnet.save(npresnet.resnet18(backend='numpy'), %r)"
-    subprocess.run([sys.executable, "-c", code % (str(ROOT), weights)], env=_env(threads), check=True)
+    subprocess.run([sys.executable, "-c", code % (str(ROOT), weights)], env=turns.pinned_env(threads), check=True)
     results = {}
     for runner in runners:
         path = weights
@@ -461,7 +421,7 @@ def measure_startup(runners: list[str], threads: int, tmp: str) -> dict:
     )
     env = {"NPRESNET_HOME": os.path.join(tmp, "home-numba")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], env={**_env(threads), **env}, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], env={**turns.pinned_env(threads), **env}, capture_output=True, text=True)
     wall_s = time.perf_counter() - start
     if proc.returncode == 0:
         results["`npresnet classify` one photo"] = {"warm": {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall_s}}

@@ -26,20 +26,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import turns  # noqa: E402
 RESULTS = HERE / "results"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def _npresnet_step(arch: str, threads: int, backend: str):
@@ -93,66 +90,16 @@ def worker(runner: str, arch: str, batch: int, size: int, threads: int, warmup: 
     labels = rng.integers(0, 1000, batch)
     for _ in range(warmup):
         step(x, labels)
-    print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            break
+    turns.say({"ready": True})
+
+    def timed_step():
         start, cpu = time.perf_counter(), time.process_time()
         loss = step(x, labels)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert np.isfinite(loss)
-        print(json.dumps({"s": wall, "cpu_s": cpu}), flush=True)
-    print(json.dumps({"peak_rss_mb": _peak_rss_mb()}), flush=True)
+        return {"s": wall, "cpu_s": cpu}
 
-
-class _Worker:
-    """A worker process for one (runner, size), driven line by line."""
-
-    def __init__(self, runner: str, size: int, args):
-        self.runner, self.size, self.batch = runner, size, args.batch
-        cmd = [sys.executable, __file__, "--worker", runner, str(size), "--batch", str(args.batch),
-               "--threads", str(args.threads), "--warmup", str(args.warmup)]
-        self.proc = subprocess.Popen(cmd, env=_env(args.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-
-    def ask(self, line: str) -> dict:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.reply()
-
-    def reply(self) -> dict:
-        out = self.proc.stdout.readline()
-        if not out:
-            raise RuntimeError(f"the {self.runner} worker at {self.size} exited with status {self.proc.wait()}")
-        return json.loads(out)
-
-    def step(self) -> None:
-        r = self.ask("step")
-        self.times.append(r["s"])
-        self.cpu_times.append(r["cpu_s"])
-
-    def finish(self) -> dict:
-        peak = self.ask("done")["peak_rss_mb"]
-        self.proc.wait(timeout=60)
-        return {
-            "runner": self.runner,
-            "arch": "resnet18",
-            "batch": self.batch,
-            "size": self.size,
-            "s_per_step": statistics.median(self.times),
-            "cpu_s_per_step": statistics.median(self.cpu_times),
-            "times": self.times,
-            "peak_rss_mb": peak,
-        }
-
-
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NPRESNET_NUM_THREADS"):
-        env[var] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+    turns.serve("step", timed_step)
 
 
 def markdown(results: list[dict], meta: dict) -> str:
@@ -204,25 +151,34 @@ def main(argv=None) -> int:
     }
     results = []
     for size in args.sizes:
-        workers = []
+        workers = {}
         try:
             for runner in args.runners:  # one at a time: building and warming up is not timed, but it uses the cores
-                workers.append(_Worker(runner, size, args))
-                workers[-1].reply()  # ready
+                w = turns.Worker(__file__, ["--worker", runner, str(size), "--batch", str(args.batch),
+                                            "--threads", str(args.threads), "--warmup", str(args.warmup)], args.threads)
+                if "error" in w.ready:
+                    sys.stderr.write(f"the {runner} worker at {size}: {w.ready['error']}\n")
+                    return 1
+                workers[runner] = (w, {"s": [], "cpu_s": []})
             for _ in range(args.repeats):
-                for w in workers:
+                for runner, (w, got) in workers.items():
                     time.sleep(0.5)  # let the last step's BLAS threads go idle
-                    w.step()
-            for w in workers:
-                results.append(w.finish())
+                    r = w.ask("step")
+                    if "error" in r:
+                        sys.stderr.write(f"the {runner} worker at {size}: {r['error']}\n")
+                        return 1
+                    got["s"].append(r["s"])
+                    got["cpu_s"].append(r["cpu_s"])
+            for runner, (w, got) in workers.items():
+                results.append({
+                    "runner": runner, "arch": "resnet18", "batch": args.batch, "size": size,
+                    "s_per_step": statistics.median(got["s"]), "cpu_s_per_step": statistics.median(got["cpu_s"]),
+                    "times": got["s"], "peak_rss_mb": w.close()["peak_rss_mb"],
+                })
                 print(json.dumps(results[-1]), flush=True)
-        except RuntimeError as e:
-            sys.stderr.write(f"{e}\n")
-            return 1
         finally:
-            for w in workers:
-                if w.proc.poll() is None:
-                    w.proc.kill()
+            for w, _ in workers.values():
+                w.kill()
     meta["load_after"] = os.getloadavg()[0]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
