@@ -19,8 +19,8 @@ one whose build fails unexpectedly (a numba whose AOT compiler has changed), wit
 
 A call goes through an entry point built beside each kernel (``_entry_point``): ctypes hands it each
 array as the ndarray object itself, and it reads data, shape and strides out of NumPy's PyArrayObject
-(``ARRAY_FIELDS``, checked in each process before use) and calls the kernel in numba's native calling
-convention (numba.core.callconv.CPUCallConv): status = f(&return slot, &exception info, *arguments),
+(``ARRAY_FIELDS``, checked in each process before use) and calls the kernel, with a return slot and
+exception info on its own stack, in numba's native calling convention (numba.core.callconv.CPUCallConv): status = f(&return slot, &exception info, *arguments),
 each array as the fields of numba's array struct (meminfo, parent, size, itemsize, data, shape...,
 strides... in bytes), each boolean as a byte. The kernels return nothing: status 0 (or numba's
 "returned None", -2) is success.
@@ -54,8 +54,8 @@ MAGIC = b"npresnet aot object 1\n"
 _LINKER_SYMBOLS = {"_GLOBAL_OFFSET_TABLE_"}
 _STATUS_OK = (0, -2)  # numba's RETCODE_OK and RETCODE_NONE
 # LLVM argument types of the native function -> ctypes
-_CTYPES = {"p": ctypes.c_void_p, "obj": ctypes.py_object, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
-           "i8": ctypes.c_int8, "i1": ctypes.c_bool, "f64": ctypes.c_double, "f32": ctypes.c_float}
+_CTYPES = {"obj": ctypes.py_object, "i64": ctypes.c_int64, "i32": ctypes.c_int32, "i8": ctypes.c_int8,
+           "i1": ctypes.c_bool, "f64": ctypes.c_double, "f32": ctypes.c_float}
 
 
 class AotUnavailable(Exception):
@@ -90,10 +90,9 @@ def _numba_type(code: tuple):
 
 
 def _llvm_type_code(t) -> str:
+    """The _CTYPES code of a scalar argument's LLVM type."""
     from llvmlite import ir
 
-    if isinstance(t, ir.PointerType):
-        return "p"
     if isinstance(t, ir.IntType):
         return f"i{t.width}"
     if isinstance(t, ir.DoubleType):
@@ -132,10 +131,15 @@ def undefined_symbols(obj: bytes) -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=None)
+def _process() -> ctypes.CDLL:
+    return ctypes.CDLL(None)  # the symbols this process has
+
+
 def _process_symbol(name: str) -> int | None:
     """The address of a C symbol this process already has (libc's, libm's), or None."""
     try:
-        return ctypes.cast(getattr(ctypes.CDLL(None), name), ctypes.c_void_p).value
+        return ctypes.cast(getattr(_process(), name), ctypes.c_void_p).value
     except AttributeError:
         return None
 
@@ -206,6 +210,12 @@ def _llvm():
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
     return llvm
+
+
+@functools.lru_cache(maxsize=None)
+def _target_machine():
+    """One target machine for emitting entry points and linking objects (PIC, as numba's AOT objects)."""
+    return _llvm().Target.from_default_triple().create_target_machine(reloc="pic", opt=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,7 +307,7 @@ def _entry_point(symbol: str, function_type, codes) -> tuple[bytes, list[str]]:
     i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
     module = ir.Module(name=symbol + "_entry")
     kernel = ir.Function(module, function_type, name=symbol)
-    params, argtypes, position = [i8p, i8p], ["p", "p"], 2
+    params, argtypes, position = [], [], 2
     for code in codes:
         if code[0] == "array":
             params.append(i8p)
@@ -315,8 +325,11 @@ def _entry_point(symbol: str, function_type, codes) -> tuple[bytes, list[str]]:
         return builder.load(builder.bitcast(address, pointee.as_pointer().as_pointer()), typ=pointee.as_pointer())
 
     kernel_types = iter(function_type.args)
-    args = [builder.bitcast(entry.args[0], next(kernel_types)), builder.bitcast(entry.args[1], next(kernel_types))]
-    for code, param in zip(codes, entry.args[2:]):
+    # The return slot (a kernel returns nothing, but numba's convention has the callee write it) and the
+    # exception info: on this call's stack, so that concurrent calls never share them.
+    ret, exc = builder.alloca(ir.ArrayType(i64, 4)), builder.alloca(i8p)
+    args = [builder.bitcast(ret, next(kernel_types)), builder.bitcast(exc, next(kernel_types))]
+    for code, param in zip(codes, entry.args):
         if code[0] != "array":
             args.append(param)
             next(kernel_types)
@@ -335,11 +348,9 @@ def _entry_point(symbol: str, function_type, codes) -> tuple[bytes, list[str]]:
         for _ in range(2 * ndim):
             next(kernel_types)
     builder.ret(builder.call(kernel, args))
-    llvm = _llvm()
-    target = llvm.Target.from_default_triple().create_target_machine(reloc="pic", opt=2)
-    ir_module = llvm.parse_assembly(str(module))
+    ir_module = _llvm().parse_assembly(str(module))
     ir_module.verify()
-    return target.emit_object(ir_module), argtypes
+    return _target_machine().emit_object(ir_module), argtypes
 
 
 # --- loading and calling -------------------------------------------------------------------------------
@@ -378,7 +389,7 @@ def load(header: dict, obj: bytes) -> int:
         if address is None:
             raise AotUnavailable(f"{header['kernel']} refers to {symbol}, which this process lacks")
         llvm.add_symbol(symbol, address)
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), llvm.Target.from_default_triple().create_target_machine())
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine())
     kernel_bytes = header["kernel_bytes"]
     for part in (obj[:kernel_bytes], obj[kernel_bytes:]):  # the kernel, then its entry point
         engine.add_object_file(llvm.ObjectFileRef.from_data(part))
@@ -394,16 +405,12 @@ def native_call(name: str, address: int, argtypes: list[str]):
     """call(args) for the entry point at address: arrays passed as the objects they are (the entry reads
     their fields), scalars converted by ctypes, the GIL released for the call."""
     function = ctypes.CFUNCTYPE(ctypes.c_int32, *(_CTYPES[t] for t in argtypes))(address)
-    # The return slot (a kernel returns nothing, but numba's convention has the callee write it) and the
-    # exception info, for every call: owned by `call` below, so that they live as long as it does.
-    slots = (ctypes.c_int64 * 2)()
-    ret, exc = ctypes.addressof(slots), ctypes.addressof(slots) + 8
 
-    def call(args, slots=slots):
+    def call(args):
         try:
-            status = function(ret, exc, *args)
+            status = function(*args)
         except ctypes.ArgumentError:  # a NumPy scalar ctypes does not take (np.bool_, np.float32): as Python's
-            status = function(ret, exc, *(a.item() if isinstance(a, np.generic) else a for a in args))
+            status = function(*(a.item() if isinstance(a, np.generic) else a for a in args))
         if status not in _STATUS_OK:
             raise RuntimeError(f"npresnet kernel {name} failed (numba status {status})")
 
