@@ -26,8 +26,8 @@ Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
     multiply and finish its share alone: one thread synchronisation per layer.
 
 The GEMMs of ungrouped convolutions run in gemm_packed, a register-blocked SIMD kernel over
-weights packed into panels (``cpu_kernels.py``). Grouped convolutions use NumPy's BLAS (numba's own np.dot would need SciPy), set to
-one thread meanwhile. A small thread pool (the nogil kernels and BLAS release the GIL)
+weights packed into panels (``cpu_kernels.py``). Grouped convolutions use NumPy's BLAS
+(numba's own np.dot would need SciPy), set to one thread meanwhile. A small thread pool (the nogil kernels and BLAS release the GIL)
 hands each thread one share of the layer, which it gathers or transforms, multiplies
 and finishes alone: one thread synchronisation per convolution (each costs a thread
 wake-up: bench/results/notes.md), and OpenBLAS's own threads (which spin after each
