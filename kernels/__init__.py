@@ -26,6 +26,21 @@ def announce_compiling(cache_dir: str) -> None:
         )
 
 
+_announced_background = False
+
+
+def announce_background_build(cache_dir: str) -> None:
+    """One line on stderr the first time this process hands kernels to the background builder: why
+    the first calls run at the NumPy backend's speed."""
+    global _announced_background
+    if not _announced_background:
+        _announced_background = True
+        logging.getLogger("npresnet").warning(
+            "npresnet: building the Numba kernels for this machine in the background (once; about 15 s of one "
+            "core; cached in %s); until they are ready, their layers run on NumPy", cache_dir
+        )
+
+
 # SciPy as numba would otherwise meet it: numba imports scipy only to check its version when it is
 # imported (0.2 s), and scipy.linalg.cython_blas to look for a BLAS for its own np.dot when its CPU
 # target starts (0.45 s). Our kernels call neither (their products are their own, or NumPy's), so

@@ -17,6 +17,10 @@ cannot be built or loaded (no llvmlite, an object format other than ELF, such a 
 falls back to numba's JIT dispatcher (``cpu_kernels.compile_kernels``), as before this module; so does
 one whose build fails unexpectedly (a numba whose AOT compiler has changed), with a warning.
 
+Building takes a model's kernels about ten seconds of one core; by default (build mode "background",
+below) a process does not wait for it: its backend runs the layer on NumPy while a builder process
+builds the kernel into the cache.
+
 A call goes through an entry point built beside each kernel (``_entry_point``): ctypes hands it each
 array as the ndarray object itself, and it reads data, shape and strides out of NumPy's PyArrayObject
 (``ARRAY_FIELDS``, checked in each process before use) and calls the kernel, with a return slot and
@@ -27,6 +31,7 @@ strides... in bytes), each boolean as a byte. The kernels return nothing: status
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -37,17 +42,25 @@ import json
 import logging
 import os
 import re
+import select
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: objects are not built here anyway (aot_supported)
+    fcntl = None
 
 import numpy as np
 
 from npresnet.backends import kernel_cache_dir
 
-from . import announce_compiling, scipy_hidden_from_numba
+from . import announce_background_build, announce_compiling, scipy_hidden_from_numba
 
 MAGIC = b"npresnet aot object 1\n"
 # Symbols the linker provides, not a library: MCJIT's (RuntimeDyld's) own GOT for position-independent code.
@@ -60,6 +73,10 @@ _CTYPES = {"obj": ctypes.py_object, "i64": ctypes.c_int64, "i32": ctypes.c_int32
 
 class AotUnavailable(Exception):
     """This kernel cannot be built or loaded ahead of time here: use numba's JIT."""
+
+
+class KernelNotReady(Exception):
+    """The kernel this call needs has been handed to the background builder (Kernel.__call__ skips the call)."""
 
 
 # --- argument types --------------------------------------------------------------------------------
@@ -422,6 +439,181 @@ def aot_supported() -> bool:
     return sys.platform.startswith("linux") and importlib.util.find_spec("llvmlite") is not None
 
 
+# --- building in the background --------------------------------------------------------------------
+#
+# Compiling a model's kernels takes a single core about ten seconds (numba's start and LLVM's optimiser);
+# a first run that waited for it was twelve times slower than one on the NumPy backend. In build mode
+# "background" (the default) a kernel that is not in the cache, called within a DeferredBuilds block, is
+# handed to a builder process and the call skipped; the block's caller (the numba backend) does that step
+# with the NumPy reference meanwhile. Each later call looks for the object again and loads it once it is
+# there. The builder outlives its parent if it must: what it was
+# asked for ends up in the cache for the next process (a file is written whole or not at all, and a lock
+# per object keeps two builders from building one object twice). NPRESNET_KERNEL_BUILD=wait builds in the
+# calling process instead, before the call returns (benchmarks, and the tests of the kernels themselves).
+
+BUILD_MODES = ("background", "wait")
+_deferring = 0  # callers inside a DeferredBuilds block
+_skipped_calls = 0  # kernel calls skipped, in this process, because their kernel was being built
+
+
+class DeferredBuilds:
+    """``with DeferredBuilds() as deferred: ...``: in build mode "background", a kernel called within the
+    block (by any thread) that is not in the cache is sent to the builder and the call skipped: its
+    outputs are left unwritten, and deferred.skipped() says so afterwards, when the caller does the whole
+    step another way. Kernels called outside such a block are built before they run ("wait")."""
+
+    def __enter__(self):
+        global _deferring
+        with _specialising:
+            _deferring += 1
+            self._before = _skipped_calls
+        return self
+
+    def __exit__(self, *exc):
+        global _deferring
+        with _specialising:
+            _deferring -= 1
+            self._after = _skipped_calls
+
+    def skipped(self) -> bool:
+        """Whether some kernel call in the block was skipped (or, in another thread meanwhile, another's)."""
+        return self._after != self._before
+
+
+def build_mode() -> str:
+    """$NPRESNET_KERNEL_BUILD: "background" (the default) or "wait"."""
+    mode = os.environ.get("NPRESNET_KERNEL_BUILD") or "background"
+    if mode not in BUILD_MODES:
+        raise ValueError(f"NPRESNET_KERNEL_BUILD must be one of {', '.join(BUILD_MODES)}, not {mode!r}")
+    return mode
+
+
+def build_into(module: str, name: str, codes: tuple, path: str) -> tuple[dict, bytes]:
+    """The object at `path` (kernel `name` of `module` for these codes): built and written there atomically,
+    unless another process built it meanwhile (one builds while the others wait on the object's lock)."""
+    lock = None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lock = open(path + ".lock", "a")
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError:  # a read-only cache: build without the lock (and keep the build in memory)
+        pass
+    try:
+        try:
+            with open(path, "rb") as f:
+                return _unpack(f.read())
+        except (OSError, ValueError):
+            pass
+        header, obj = build(module, name, codes)
+        try:
+            _write_atomically(path, _pack(header, obj))
+        except OSError:
+            pass  # a read-only cache: this process keeps its build
+        return header, obj
+    finally:
+        if lock is not None:
+            # Gone before it is released: whoever locks it, or a new one, afterwards finds the object written.
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".lock")
+            lock.close()  # releases the lock
+
+
+class _Builder:
+    """This process's builder: a child process (``serve_builds``) that builds what it is sent, one
+    request a line, and exits when it has been idle for BUILDER_IDLE_S or its input ends, having built all
+    it read. request() says whether an object is (still) being built."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.sent: dict[str, subprocess.Popen] = {}  # object path -> the builder asked for it
+
+    def request(self, module: str, name: str, codes: tuple, path: str) -> bool:
+        """Ask for the object at `path` (once); True while the builder asked for it still runs, False
+        where it could not be asked or has ended without the object (a failed build: the caller builds
+        in its own process, which reports why)."""
+        asked = self.sent.get(path)
+        if asked is not None:
+            return asked.poll() is None
+        line = json.dumps({"module": module, "name": name, "codes": codes, "path": path}) + "\n"
+        for _ in range(2):  # a builder that has just exited, idle, is replaced once
+            if self.process is None or self.process.poll() is not None:
+                self.process = self._start()
+                if self.process is None:
+                    return False
+            try:
+                self.process.stdin.write(line.encode())
+                self.process.stdin.flush()
+            except OSError:  # it exited before reading this (a broken pipe)
+                self.process.wait()
+                continue
+            self.sent[path] = self.process
+            return True
+        return False
+
+    @staticmethod
+    def _start() -> subprocess.Popen | None:
+        log = os.path.join(kernel_cache_dir(), "aot", "builder.log")
+        try:
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "ab") as err:
+                return subprocess.Popen(
+                    [sys.executable, "-c", "from npresnet_kernels.aot import serve_builds; serve_builds()"],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, close_fds=True,
+                    env={**os.environ, "NPRESNET_KERNEL_BUILD": "wait"},
+                )
+        except OSError:
+            return None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every builder this process asked has finished (True), or timeout seconds (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for process in {id(p): p for p in self.sent.values()}.values():
+            if process.stdin and not process.stdin.closed:
+                try:
+                    process.stdin.close()  # no more requests: it exits once it has built what it read
+                except OSError:
+                    pass
+            try:
+                process.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
+        return True
+
+
+_builder = _Builder()
+BUILDER_IDLE_S = 2.0
+
+
+def wait_for_builds(timeout: float | None = None) -> bool:
+    """Block until the kernels this process has asked the background builder for are built (True), or
+    for at most timeout seconds (False). Calls after this load them."""
+    return _builder.wait(timeout)
+
+
+def serve_builds(idle_s: float | None = None) -> None:
+    """The builder's main loop: read requests (JSON lines: module, name, codes, path) from standard input
+    and build each into its path (build_into), until the input ends or none has come for idle_s seconds.
+    A request that fails is reported on standard error (the cache's aot/builder.log) and skipped."""
+    idle_s = BUILDER_IDLE_S if idle_s is None else idle_s
+    fd, pending = sys.stdin.fileno(), b""
+    while True:
+        while b"\n" not in pending:
+            if not select.select([fd], [], [], idle_s)[0]:
+                return
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return  # the input ended: everything sent has been read (and built)
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        try:
+            request = json.loads(line)
+            codes = tuple(tuple(c) for c in request["codes"])
+            build_into(request["module"], request["name"], codes, request["path"])
+        except Exception as exc:  # noqa: BLE001 (one bad request must not stop the others)
+            print(f"npresnet kernel builder: {line.decode(errors='replace')}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
 # Held while any kernel is specialised (built, loaded or handed to the JIT): the pool's threads meet a new
 # specialisation together, and LLVM's state (llvmlite's global context, new MCJIT engines) is not
 # thread-safe outside numba's own compiler lock, which covers only numba's compiling.
@@ -445,7 +637,12 @@ class Kernel:
         if call is None:
             with _specialising:
                 codes = tuple(map(arg_code, args))
-                call = self.specialisations.get(codes) or self._specialise(codes)
+                try:
+                    call = self.specialisations.get(codes) or self._specialise(codes)
+                except KernelNotReady:  # being built: skipped, and counted for the deferring caller
+                    global _skipped_calls
+                    _skipped_calls += 1
+                    return
                 self.calls[key] = self.specialisations[codes] = call
         call(args)
 
@@ -455,6 +652,8 @@ class Kernel:
                 return self._native(codes)
             except AotUnavailable:
                 pass
+            except KernelNotReady:
+                raise
             except Exception as exc:  # e.g. a numba whose AOT compiler differs: the JIT still serves
                 logging.getLogger("npresnet").warning(
                     "npresnet: kernel %s could not be built ahead of time (%s: %s); using numba's JIT",
@@ -469,12 +668,11 @@ class Kernel:
             with open(path, "rb") as f:
                 header, obj = _unpack(f.read())
         except (OSError, ValueError):  # not built yet, or damaged: build it
+            if _deferring and build_mode() == "background" and _builder.request(self.module, self.name, codes, path):
+                announce_background_build(kernel_cache_dir())
+                raise KernelNotReady(self.name) from None
             announce_compiling(kernel_cache_dir())
-            header, obj = build(self.module, self.name, codes)
-            try:
-                _write_atomically(path, _pack(header, obj))
-            except OSError:
-                pass  # a read-only cache: this process keeps its build
+            header, obj = build_into(self.module, self.name, codes, path)
         return native_call(self.name, load(header, obj), header["argtypes"])
 
 

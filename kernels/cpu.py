@@ -46,8 +46,10 @@ Compiled kernels are cached on disk under ``npresnet.backends.kernel_cache_dir()
 ($NUMBA_CACHE_DIR when the user set it, else $NPRESNET_HOME/numba, else
 ~/.cache/npresnet/numba), so a read-only site-packages still gets a cache: the ahead-of-time
 objects under aot/ (``aot.py``), and numba's own cache for any kernel that falls back to its JIT.
-The first compile in a process says so on stderr (the "npresnet" logger), so a first run does
-not look like a hang.
+A kernel not yet built is handed to aot.py's background builder, and its layer runs on NumPy
+(``_conv_numpy``, functional.max_pool2d) until the kernel is there (NPRESNET_KERNEL_BUILD=wait
+builds it first instead); the first build in a process says so on stderr (the "npresnet" logger),
+so a first run never looks like a hang.
 
 References: see ``cpu_kernels.py``.
 Tests: ``python -m pytest -q tests/test_kernels_cpu.py``; speed: ``python bench/run.py``.
@@ -61,14 +63,15 @@ import importlib.util
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
 from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, register_backend
+from npresnet import functional as F
 from npresnet.functional import conv_output_size
 
-from .aot import kernel_table
+from .aot import DeferredBuilds, kernel_table
 
 if importlib.util.find_spec("numba") is None:  # found, not imported (a second): the kernels are built with it
     raise ImportError("No module named 'numba'")
@@ -248,7 +251,10 @@ class NumbaBackend(Backend):
         parts = min(self.threads, length)
         bounds = [length * i // parts for i in range(parts + 1)]
         futures = [self._pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-        work(bounds[0], bounds[1])
+        try:
+            work(bounds[0], bounds[1])
+        finally:  # every share has ended before this returns or raises: none writes on behind the caller
+            wait(futures)
         for future in futures:
             future.result()
 
@@ -319,15 +325,31 @@ class NumbaBackend(Backend):
         if residual is not None and residual.shape != out.shape:
             raise ValueError(f"conv: residual shape {residual.shape} != output shape {out.shape}")
         tile = self._winograd_tile(conv, N, P, Q)
-        if tile:
-            self._conv_winograd(x, conv, relu, residual, out, tile)
-        elif conv.R == conv.S == 1 and conv.padding == 0 and conv.stride == 1 and conv.G == 1:
-            self._conv_1x1(x, conv, relu, residual, out)
-        elif conv.G == 1:
-            self._conv_direct(x, conv, relu, residual, out)
-        else:
-            self._conv_im2col(x, conv, relu, residual, out)
+        with DeferredBuilds() as deferred:
+            if tile:
+                self._conv_winograd(x, conv, relu, residual, out, tile)
+            elif conv.R == conv.S == 1 and conv.padding == 0 and conv.stride == 1 and conv.G == 1:
+                self._conv_1x1(x, conv, relu, residual, out)
+            elif conv.G == 1:
+                self._conv_direct(x, conv, relu, residual, out)
+            else:
+                self._conv_im2col(x, conv, relu, residual, out)
+        if deferred.skipped():  # a kernel of this layer is still being built (aot.py): the NumPy reference, this once
+            self._conv_numpy(x, conv, relu, residual, out)
         return out
+
+    @staticmethod
+    def _conv_numpy(x, conv: PreparedConv, relu, residual, out):
+        """The layer by functional.conv2d on the NCHW view of x, scaled, biased and finished as the
+        kernels finish it, into out (N, P, Q, K)."""
+        y = F.conv2d(x.transpose(0, 3, 1, 2), conv.weight(), stride=conv.stride, padding=conv.padding, groups=conv.G)
+        y = y.transpose(0, 2, 3, 1)  # (N, P, Q, K), a view
+        np.multiply(y, conv.scale, out=out)
+        out += conv.bias
+        if residual is not None:
+            out += residual
+        if relu:
+            np.maximum(out, 0, out=out)
 
     def _conv_winograd(self, x, conv: PreparedConv, relu, residual, out, m):
         """3x3 stride 1: each thread transforms, multiplies and finishes its own tiles (one synchronisation)."""
@@ -450,7 +472,10 @@ class NumbaBackend(Backend):
     def max_pool(self, x):
         N, H, W, C = x.shape
         out = np.empty((N, conv_output_size(H, 3, 2, 1), conv_output_size(W, 3, 2, 1), C), dtype=x.dtype)
-        self._split(lambda lo, hi: self.kernels.max_pool_3x3s2(x, lo, hi, out), N * out.shape[1])
+        with DeferredBuilds() as deferred:
+            self._split(lambda lo, hi: self.kernels.max_pool_3x3s2(x, lo, hi, out), N * out.shape[1])
+        if deferred.skipped():  # the kernel is still being built (aot.py): the NumPy reference, this once
+            out[...] = F.max_pool2d(x.transpose(0, 3, 1, 2), 3, 2, 1).transpose(0, 2, 3, 1)
         return out
 
     def global_avg_pool(self, x):

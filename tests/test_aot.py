@@ -181,3 +181,89 @@ def test_numpy_scalars_pass_as_pythons_do(cache):
         kernel(src, scale, bias, residual, flag, flag, out)
         np.testing.assert_array_equal(out, expected)
     assert len(kernel.specialisations) == 1
+
+
+# --- building in the background (build mode "background", a user's default; the suite waits: conftest) --
+
+
+def test_a_first_run_computes_on_numpy_while_the_builder_builds_then_runs_the_kernels(cache, monkeypatch, caplog):
+    """Empty cache, build mode background: the first forward pass hands every kernel it meets to one
+    builder process and gives NumPy's answer meanwhile (no kernel loaded); once the builder is done, the
+    objects are in the cache and the next pass runs them."""
+    import npresnet
+    import npresnet_kernels
+    from helpers import assert_close
+    from npresnet_kernels.cpu import NumbaBackend
+
+    monkeypatch.setenv("NPRESNET_KERNEL_BUILD", "background")
+    monkeypatch.setattr(aot, "_builder", aot._Builder())
+    monkeypatch.setattr(npresnet_kernels, "_announced_background", False)
+    model = npresnet.build("resnet18", backend="numpy", num_classes=10)
+    x = np.random.default_rng(8).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    expected = model(x)
+    backend = NumbaBackend(threads=2)
+    backend.kernels = table = aot.KernelTable(MODULE)  # this test's kernels: none loaded yet in this process
+    model.use_backend(backend)
+    with caplog.at_level("WARNING", logger="npresnet"):
+        assert_close(model(x), expected)
+    assert "in the background" in caplog.text
+    kernels = {name: getattr(table, name) for name in aot.declared_kernels(MODULE)}
+    assert not any(k.specialisations for k in kernels.values())  # every layer ran on NumPy
+    asked = {os.path.basename(path).split(".")[1] for path in aot._builder.sent}
+    assert {"conv_packed", "max_pool_3x3s2"} <= asked
+    assert len({id(p) for p in aot._builder.sent.values()}) == 1  # one builder for all of them
+
+    assert aot.wait_for_builds(timeout=600)
+    assert {p.name.split(".")[1] for p in cache.rglob("*.o")} == asked
+    assert_close(model(x), expected)
+    assert {name for name, k in kernels.items() if k.specialisations} == asked  # the kernels ran
+
+
+def test_outside_a_deferring_caller_a_kernel_is_built_before_it_runs(cache, monkeypatch):
+    """Build mode background defers only the calls a caller (the backend) can do another way."""
+    monkeypatch.setenv("NPRESNET_KERNEL_BUILD", "background")
+    monkeypatch.setattr(aot, "_builder", aot._Builder())
+    x = np.random.default_rng(9).standard_normal((1, 2, 6, 6))
+    assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
+    assert not aot._builder.sent
+    assert len(list(cache.rglob("*.o"))) == 1
+
+
+def test_a_request_the_builder_cannot_build_is_logged_and_then_refused(cache):
+    """The caller then builds in its own process (which says why it cannot)."""
+    builder = aot._Builder()
+    path = str(cache / "cpu_kernels.no_such_kernel.o")
+    codes = (aot.arg_code(np.zeros(2)),)
+    assert builder.request(MODULE, "no_such_kernel", codes, path)
+    assert builder.wait(timeout=300)
+    assert not builder.request(MODULE, "no_such_kernel", codes, path)
+    assert not os.path.exists(path)
+    log = (cache / "builder.log").read_text()
+    assert "no_such_kernel" in log and "KeyError" in log
+
+
+def test_a_bad_build_mode_is_named(monkeypatch):
+    monkeypatch.setenv("NPRESNET_KERNEL_BUILD", "later")
+    with pytest.raises(ValueError, match="NPRESNET_KERNEL_BUILD must be one of background, wait, not 'later'"):
+        aot.build_mode()
+
+
+def test_a_layer_split_between_threads_returns_only_when_every_share_has_ended():
+    """Also when the caller's share raises: a helper still writing behind it would race what comes next."""
+    import threading
+    import time
+
+    from npresnet_kernels.cpu import NumbaBackend
+
+    backend = NumbaBackend(threads=2)
+    ended = threading.Event()
+
+    def work(lo, hi):
+        if lo == 0:
+            raise RuntimeError("the caller's share failed")
+        time.sleep(0.3)
+        ended.set()
+
+    with pytest.raises(RuntimeError, match="caller's share"):
+        backend._split(work, 2)
+    assert ended.is_set()
