@@ -281,18 +281,24 @@ def choose_backend(
     costs: dict[str, BackendCosts] | None = None,
     cached: dict[str, bool] | None = None,
     available: list[str] | None = None,
+    build: str | None = None,
 ) -> str:
     """The rule behind backend="auto": of the backends that can run here, the one expected to finish
-    the whole job first: start-up (+ compiling, where its kernel cache is empty) + time per image.
+    the whole job first: start-up + time per image, and where its kernel cache is empty, the compile:
+    in build mode "wait" its seconds come first; in "background" (a user's default,
+    $NPRESNET_KERNEL_BUILD) the images run at NumPy's speed for those seconds, then at its own.
 
     spec: the architecture (a ResNetSpec: its multiply-adds at `size` and its block), None if not known
     (1e9 multiply-adds, the worst block's costs); num_images: the job's images, None for a job too long
     for start-up to count (a model kept for many calls: what the Python API assumes); batch_size: images
-    per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached) and available
-    (default: those whose compiler is installed) are for tests and what-ifs.
+    per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached), available
+    (default: those whose compiler is installed) and build (default: $NPRESNET_KERNEL_BUILD) are for
+    tests and what-ifs.
     """
     costs = AUTO_COSTS if costs is None else costs
+    build = build or os.environ.get("NPRESNET_KERNEL_BUILD") or "background"
     macs = count_macs(spec, *size) if spec is not None else 1e9
+    numpy_per_image_s = NUMPY_SECONDS_PER_GMAC * macs / 1e9
     block = spec.block if spec is not None else None
     best, best_s = "numpy", float("inf")
     for name, cost in costs.items():
@@ -305,7 +311,13 @@ def choose_backend(
             total_s = per_image_s
         else:
             warm = cached[name] if cached is not None and name in cached else kernels_cached(name)
-            total_s = cost.startup_s + (0.0 if warm else cost.compile_s) + num_images * per_image_s
+            if warm or not cost.compile_s:
+                total_s = cost.startup_s + num_images * per_image_s
+            elif build == "wait":
+                total_s = cost.startup_s + cost.compile_s + num_images * per_image_s
+            else:  # the images the compile's seconds see run on NumPy, the rest on the kernels
+                on_numpy = min(num_images, cost.compile_s / numpy_per_image_s)
+                total_s = cost.startup_s + on_numpy * numpy_per_image_s + (num_images - on_numpy) * per_image_s
         if total_s < best_s:
             best, best_s = name, total_s
     return best
