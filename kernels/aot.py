@@ -553,14 +553,18 @@ class _Builder:
 
     @staticmethod
     def _start() -> subprocess.Popen | None:
+        """A new builder: this Python, this process's module path; None where that cannot be (a frozen
+        application, whose executable is not a Python)."""
+        if getattr(sys, "frozen", False) or not sys.executable:
+            return None
         log = os.path.join(kernel_cache_dir(), "aot", "builder.log")
+        env = {**os.environ, "NPRESNET_KERNEL_BUILD": "wait", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "ab") as err:
                 return subprocess.Popen(
                     [sys.executable, "-c", "from npresnet_kernels.aot import serve_builds; serve_builds()"],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, close_fds=True,
-                    env={**os.environ, "NPRESNET_KERNEL_BUILD": "wait"},
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, close_fds=True, env=env,
                 )
         except OSError:
             return None

@@ -267,3 +267,13 @@ def test_a_layer_split_between_threads_returns_only_when_every_share_has_ended()
     with pytest.raises(RuntimeError, match="caller's share"):
         backend._split(work, 2)
     assert ended.is_set()
+
+
+def test_a_frozen_application_builds_in_its_own_process(cache, monkeypatch):
+    """Its sys.executable is the application, not a Python: no builder is started from it."""
+    import sys
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    builder = aot._Builder()
+    assert not builder.request(MODULE, "max_pool_3x3s2", (aot.arg_code(np.zeros(2)),), str(cache / "x.o"))
+    assert builder.process is None
