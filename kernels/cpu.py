@@ -79,6 +79,24 @@ if importlib.util.find_spec("numba") is None:  # found, not imported (a second):
 KERNELS = "npresnet_kernels.cpu_kernels"
 
 
+def thread_cpus(threads: int) -> list[int] | None:
+    """The CPUs the backend's threads are pinned to during a forward pass (the caller on the first, each
+    helper on one of the others), or None to leave them to the scheduler.
+
+    Pinned where the backend uses every CPU this process may run on (its default), and
+    $NPRESNET_PIN_THREADS is not 0: there is no choice of CPUs to take away then. Left free, on a
+    virtual machine a forward pass after an idle spell ran its two threads on one CPU (the other,
+    halted, looked taken to the guest's scheduler): resnet18 batch 1 took 40 ms instead of 26, the
+    next pass 27 instead of 22.5 (bench/results/notes.md). Fewer threads than CPUs: not pinned, so
+    that two processes never pile onto the same CPUs. The helpers stay pinned between passes; the
+    training ops' passes (train.py) leave the caller free (a pinned caller made no difference there).
+    """
+    if threads < 2 or not hasattr(os, "sched_setaffinity") or os.environ.get("NPRESNET_PIN_THREADS", "1") == "0":
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if len(cpus) == threads else None
+
+
 def max_threads() -> int:
     """The most threads the backend uses: $NUMBA_NUM_THREADS if set, else the CPUs this process may run on (numba's rule)."""
     if os.environ.get("NUMBA_NUM_THREADS"):
@@ -236,7 +254,19 @@ class NumbaBackend(Backend):
         self.threads = min(threads or max_threads(), max_threads())
         self.winograd_tile = winograd_tile
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._cpus = thread_cpus(self.threads)
+        self._pool = None
+        if self.threads > 1:
+            helper_cpus = iter(self._cpus[1:]) if self._cpus else None
+            claim = threading.Lock()
+
+            def pin_helper():  # each of the pool's threads, as it starts, to a CPU of its own
+                with claim:
+                    cpu = next(helper_cpus)
+                with contextlib.suppress(OSError):  # a CPU gone meanwhile: the thread stays free
+                    os.sched_setaffinity(0, {cpu})
+
+            self._pool = ThreadPoolExecutor(self.threads - 1, initializer=pin_helper if self._cpus else None)
 
     # --- threads ---------------------------------------------------------------------------
 
@@ -257,6 +287,24 @@ class NumbaBackend(Backend):
             wait(futures)
         for future in futures:
             future.result()
+
+    @contextlib.contextmanager
+    def running(self):
+        """Each forward pass: the calling thread on the first of thread_cpus (its own affinity restored
+        afterwards), the helpers each on one of the others."""
+        if self._cpus is None:
+            yield
+            return
+        saved = os.sched_getaffinity(0)
+        try:
+            os.sched_setaffinity(0, {self._cpus[0]})
+        except OSError:  # a CPU gone meanwhile: this pass runs free
+            saved = None
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.sched_setaffinity(0, saved)
 
     # --- layout ----------------------------------------------------------------------------
 

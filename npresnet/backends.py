@@ -19,6 +19,7 @@ and kernel compilation included, from the measured costs in ``AUTO_COSTS``
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -75,6 +76,11 @@ class Backend:
     # Whether several threads may run forward passes on one model at once. False unless a backend has
     # been checked: `npresnet serve` serialises the forward passes of a backend that is not.
     thread_safe = False
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """The context each forward pass runs in (the model enters it): none here; the Numba backend
+        keeps the calling thread on its own CPU there, apart from its helper threads."""
+        return contextlib.nullcontext()
 
     def prepare_conv(self, conv: FoldedConv) -> Any:
         """Turn a folded convolution into this backend's form (re-layout, transform, upload)."""

@@ -335,6 +335,11 @@ class ResNet(SpecProperties):
         x = self._check_input(x)
         ops = self.backend
         net = self._prepare(x.dtype)
+        with ops.running():
+            return self._run(ops, net, x, keep_features)
+
+    @staticmethod
+    def _run(ops: Backend, net, x: np.ndarray, keep_features: bool):
         features = {}
         h = ops.from_numpy(x)
         h = ops.conv(h, net.stem, relu=True)  # (N, 64, H/2, W/2)
@@ -358,13 +363,14 @@ class ResNet(SpecProperties):
         model's backend with batch norms folded: nothing of it is needed for a backward pass."""
         ops = self.backend
         net = self._prepare(x.dtype, through=stage)
-        h = ops.conv(ops.from_numpy(x), net.stem, relu=True)  # (N, 64, H/2, W/2)
-        if net.max_pool:
-            h = ops.max_pool(h)  # (N, 64, H/4, W/4)
-        for blocks in net.stages:
-            for block in blocks:
-                h = residual_block(h, block, ops)
-        return ops.to_numpy(h)
+        with ops.running():
+            h = ops.conv(ops.from_numpy(x), net.stem, relu=True)  # (N, 64, H/2, W/2)
+            if net.max_pool:
+                h = ops.max_pool(h)  # (N, 64, H/4, W/4)
+            for blocks in net.stages:
+                for block in blocks:
+                    h = residual_block(h, block, ops)
+            return ops.to_numpy(h)
 
     def _check_input(self, x) -> np.ndarray:
         return check_input(x)

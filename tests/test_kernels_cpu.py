@@ -261,6 +261,46 @@ def test_threads_argument_and_environment(cpu, monkeypatch):
         get_backend("numba", threads=0)
 
 
+def test_a_forward_pass_pins_the_caller_and_the_helpers_to_cpus_of_their_own(cpu, monkeypatch):
+    """Where the backend uses every CPU the process may run on: the caller on the first during the
+    pass (its own affinity back afterwards), each helper thread on another."""
+    monkeypatch.delenv("NPRESNET_PIN_THREADS", raising=False)
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    backend = cpu.NumbaBackend(threads=len(cpus))
+    seen = {}
+    max_pool = backend.max_pool
+
+    def recording_max_pool(x):
+        out = max_pool(x)
+        seen["caller"] = os.sched_getaffinity(0)
+        if backend._pool is not None:
+            seen["helper"] = backend._pool.submit(os.sched_getaffinity, 0).result()
+        return out
+
+    backend.max_pool = recording_max_pool
+    model = npresnet.build("resnet18", num_classes=3, backend=backend)
+    before = os.sched_getaffinity(0)
+    model(np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32))
+    assert os.sched_getaffinity(0) == before
+    if len(cpus) < 2:  # one CPU: one thread, nothing to place
+        assert backend._cpus is None and seen["caller"] == before
+        return
+    assert backend._cpus == cpus
+    assert seen["caller"] == {cpus[0]}
+    assert len(seen["helper"]) == 1 and seen["helper"] <= set(cpus[1:])
+
+
+def test_threads_are_pinned_only_where_the_backend_takes_every_cpu(cpu, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.delenv("NPRESNET_PIN_THREADS", raising=False)
+    assert cpu.thread_cpus(4) == [0, 1, 2, 3]
+    assert cpu.thread_cpus(2) is None  # two processes of two threads each must not share CPUs 0 and 1
+    assert cpu.thread_cpus(1) is None
+    monkeypatch.setenv("NPRESNET_PIN_THREADS", "0")
+    assert cpu.thread_cpus(4) is None
+
+
 def test_auto_picks_numba_when_installed_and_faster(cpu):
     """A model's "auto" is a long job (backends.choose_backend): numba where it is faster per image
     (basic blocks, in backends.AUTO_COSTS), so it must be installed and found."""
