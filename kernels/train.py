@@ -306,9 +306,13 @@ class StepConv(cpu.PreparedConv):
 
     def __init__(self, conv: FoldedConv, winograd: bool, backend: cpu.NumbaBackend):
         self.backend = backend
-        self.weight = conv.weight  # (K, C/G, R, S), maybe a flipped view: the Winograd weights are made from it
+        self.given_weight = conv.weight  # (K, C/G, R, S), maybe a flipped view: the Winograd weights are made from it
         super().__init__(conv)
         self.winograd = self.winograd and winograd
+
+    def weight(self) -> np.ndarray:
+        """The weights (K, C/G, R, S) as given (a copy): what the NumPy stand-in of a kernel being built reads."""
+        return np.array(self.given_weight)
 
     def pack(self, weight):
         K = weight.shape[0]
@@ -326,7 +330,7 @@ class StepConv(cpu.PreparedConv):
             panels = -(-self.K // NR)
             U = np.empty(((tile + 2) ** 2, panels, self.Cg, NR), dtype=self.dtype)  # packed as gemm_packed reads it
             kernels = compile_kernels(__name__)
-            self.backend._split(lambda lo, hi: kernels.winograd_weights(self.weight, Gm, lo, hi, U), panels)
+            self.backend._split(lambda lo, hi: kernels.winograd_weights(self.given_weight, Gm, lo, hi, U), panels)
             self._U[tile] = U
         return self._U[tile]
 

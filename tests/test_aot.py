@@ -277,3 +277,24 @@ def test_a_frozen_application_builds_in_its_own_process(cache, monkeypatch):
     builder = aot._Builder()
     assert not builder.request(MODULE, "max_pool_3x3s2", (aot.arg_code(np.zeros(2)),), str(cache / "x.o"))
     assert builder.process is None
+
+
+def test_a_training_steps_convolution_runs_on_numpy_while_its_kernels_are_built(cache, monkeypatch):
+    """The training ops' convolutions (StepConv, whose weights change every step) take the same
+    stand-in as inference's: the layer's NumPy reference, from the weights as given."""
+    from npresnet.backends import FoldedConv
+    from npresnet_kernels.train import StepBackend, StepConv
+
+    monkeypatch.setenv("NPRESNET_KERNEL_BUILD", "background")
+    monkeypatch.setattr(aot, "_builder", aot._Builder())
+    backend = StepBackend(threads=2)
+    backend.kernels = aot.KernelTable(MODULE)  # none loaded yet in this process
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
+    for winograd, stride in ((True, 1), (False, 2)):
+        w = rng.standard_normal((5, 4, 3, 3)).astype(np.float32)
+        conv = StepConv(FoldedConv(w, np.zeros(5, np.float32), stride, 1, 1), winograd, backend)
+        out = backend.to_numpy(backend.conv(backend.from_numpy(x), conv, relu=False))
+        assert np.allclose(out, F.conv2d(x, w, stride=stride, padding=1), rtol=1e-5, atol=1e-5)
+    assert aot._builder.sent  # the kernels were asked for, not run
+    assert aot.wait_for_builds(timeout=600)
