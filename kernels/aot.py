@@ -452,32 +452,42 @@ def aot_supported() -> bool:
 # calling process instead, before the call returns (benchmarks, and the tests of the kernels themselves).
 
 BUILD_MODES = ("background", "wait")
-_deferring = 0  # callers inside a DeferredBuilds block
+_deferring: dict[int, int] = {}  # thread ident -> how many DeferredBuilds blocks it is inside
 _skipped_calls = 0  # kernel calls skipped, in this process, because their kernel was being built
 
 
 class DeferredBuilds:
-    """``with DeferredBuilds() as deferred: ...``: in build mode "background", a kernel called within the
-    block (by any thread) that is not in the cache is sent to the builder and the call skipped: its
-    outputs are left unwritten, and deferred.skipped() says so afterwards, when the caller does the whole
-    step another way. Kernels called outside such a block are built before they run ("wait")."""
+    """``with DeferredBuilds() as deferred: ...``: in build mode "background", a kernel this thread calls
+    within the block that is not in the cache is sent to the builder and the call skipped: its outputs
+    are left unwritten, and deferred.skipped() says so afterwards, when the caller does the whole step
+    another way. The backend's helper threads enter a block of their own for the shares of a deferring
+    caller (cpu.py's _split). Kernels called outside any block are built before they run ("wait"),
+    whatever other threads do meanwhile."""
 
     def __enter__(self):
-        global _deferring
+        me = threading.get_ident()
         with _specialising:
-            _deferring += 1
+            _deferring[me] = _deferring.get(me, 0) + 1
             self._before = _skipped_calls
         return self
 
     def __exit__(self, *exc):
-        global _deferring
+        me = threading.get_ident()
         with _specialising:
-            _deferring -= 1
+            depth = _deferring.pop(me) - 1
+            if depth:
+                _deferring[me] = depth
             self._after = _skipped_calls
 
     def skipped(self) -> bool:
-        """Whether some kernel call in the block was skipped (or, in another thread meanwhile, another's)."""
+        """Whether some kernel call was skipped meanwhile (this block's, or another deferring thread's:
+        at worst a step done the slow way once more)."""
         return self._after != self._before
+
+
+def deferring() -> bool:
+    """Whether this thread is inside a DeferredBuilds block."""
+    return threading.get_ident() in _deferring
 
 
 def build_mode() -> str:
@@ -672,7 +682,7 @@ class Kernel:
             with open(path, "rb") as f:
                 header, obj = _unpack(f.read())
         except (OSError, ValueError):  # not built yet, or damaged: build it
-            if _deferring and build_mode() == "background" and _builder.request(self.module, self.name, codes, path):
+            if deferring() and build_mode() == "background" and _builder.request(self.module, self.name, codes, path):
                 announce_background_build(kernel_cache_dir())
                 raise KernelNotReady(self.name) from None
             announce_compiling(kernel_cache_dir())

@@ -71,7 +71,7 @@ from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, register_backe
 from npresnet import functional as F
 from npresnet.functional import conv_output_size
 
-from .aot import DeferredBuilds, kernel_table
+from .aot import DeferredBuilds, deferring, kernel_table
 
 if importlib.util.find_spec("numba") is None:  # found, not imported (a second): the kernels are built with it
     raise ImportError("No module named 'numba'")
@@ -280,6 +280,13 @@ class NumbaBackend(Backend):
         """
         parts = min(self.threads, length)
         bounds = [length * i // parts for i in range(parts + 1)]
+        if parts > 1 and deferring():  # the helpers defer kernels being built as the caller does
+            inner = work
+
+            def work(lo, hi):
+                with DeferredBuilds():
+                    inner(lo, hi)
+
         futures = [self._pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
         try:
             work(bounds[0], bounds[1])

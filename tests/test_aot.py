@@ -298,3 +298,30 @@ def test_a_training_steps_convolution_runs_on_numpy_while_its_kernels_are_built(
         assert np.allclose(out, F.conv2d(x, w, stride=stride, padding=1), rtol=1e-5, atol=1e-5)
     assert aot._builder.sent  # the kernels were asked for, not run
     assert aot.wait_for_builds(timeout=600)
+
+
+def test_a_thread_outside_a_deferring_block_builds_while_another_thread_defers(cache, monkeypatch):
+    """Deferral belongs to the thread in the block (and the helpers it hands shares to): a kernel
+    called elsewhere meanwhile, by code that cannot do the step another way, still runs."""
+    import threading
+
+    monkeypatch.setenv("NPRESNET_KERNEL_BUILD", "background")
+    monkeypatch.setattr(aot, "_builder", aot._Builder())
+    inside, done = threading.Event(), threading.Event()
+
+    def defer():
+        with aot.DeferredBuilds():
+            inside.set()
+            done.wait(60)
+
+    other = threading.Thread(target=defer)
+    other.start()
+    try:
+        assert inside.wait(60)
+        x = np.random.default_rng(11).standard_normal((1, 2, 6, 6))
+        assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
+        assert not aot._builder.sent
+    finally:
+        done.set()
+        other.join()
+    assert not aot.deferring()
