@@ -572,12 +572,16 @@ class _Builder:
         try:
             os.makedirs(os.path.dirname(log), exist_ok=True)
             with open(log, "ab") as err:
-                return subprocess.Popen(
+                process = subprocess.Popen(
                     [sys.executable, "-c", "from npresnet_kernels.aot import serve_builds; serve_builds()"],
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, close_fds=True, env=env,
                 )
         except OSError:
             return None
+        if _PROCESS_CPUS:  # not the CPU of the (pinned: cpu.py) thread that started it
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(process.pid, _PROCESS_CPUS)
+        return process
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every builder this process asked has finished (True), or timeout seconds (False)."""
@@ -596,6 +600,9 @@ class _Builder:
 
 
 _builder = _Builder()
+# The CPUs this process may run on, as it started: the builder's, whichever of the backend's pinned
+# threads starts it.
+_PROCESS_CPUS = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 BUILDER_IDLE_S = 2.0
 
 

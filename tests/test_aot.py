@@ -212,6 +212,8 @@ def test_a_first_run_computes_on_numpy_while_the_builder_builds_then_runs_the_ke
     asked = {os.path.basename(path).split(".")[1] for path in aot._builder.sent}
     assert {"conv_packed", "max_pool_3x3s2"} <= asked
     assert len({id(p) for p in aot._builder.sent.values()}) == 1  # one builder for all of them
+    # on every CPU the process may use, not on the CPU of the pinned thread (cpu.thread_cpus) that started it
+    assert os.sched_getaffinity(aot._builder.process.pid) == os.sched_getaffinity(0)
 
     assert aot.wait_for_builds(timeout=600)
     assert {p.name.split(".")[1] for p in cache.rglob("*.o")} == asked
