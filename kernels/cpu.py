@@ -87,9 +87,10 @@ def thread_cpus(threads: int) -> list[int] | None:
     $NPRESNET_PIN_THREADS is not 0: there is no choice of CPUs to take away then. Left free, on a
     virtual machine a forward pass after an idle spell ran its two threads on one CPU (most likely
     because the other, halted by the host, looked taken to the guest's scheduler): resnet18 batch 1
-    took 40 ms instead of 26, the next pass 27 instead of 22.5 (bench/results/notes.md). Fewer threads than CPUs: not pinned, so
-    that two processes never pile onto the same CPUs. The helpers stay pinned between passes; the
-    training ops' passes (train.py) leave the caller free (a pinned caller made no difference there).
+    took 40 ms instead of 26, the next pass 27 instead of 22.5 (bench/results/notes.md). Fewer
+    threads than CPUs: not pinned, so that two processes never pile onto the same CPUs. The helpers
+    stay pinned between passes; the training ops' passes (train.py) leave the caller free (a pinned
+    caller made no difference there).
     """
     if threads < 2 or not hasattr(os, "sched_setaffinity") or os.environ.get("NPRESNET_PIN_THREADS", "1") == "0":
         return None
