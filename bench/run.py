@@ -38,9 +38,10 @@ QDQ ONNX file `npresnet export` writes of it, which onnxruntime fuses into QLine
 Both files are made once per architecture, before the timing; their sizes join the file-size table.
 
 This machine's speed drifts by 20-40% over minutes, so the runners of one case (architecture, batch) are
-timed taking turns, one call each, `--repeats` turns, each in its own process, all alive meanwhile
-(`time_case`): every runner's median covers the same minutes. Every call's time is in the JSON
-(`turn_ms`).
+timed taking turns (after a pause, one call "after idle" and CALLS_PER_TURN back to back each, until
+`--repeats` back-to-back calls), each in its own process, all alive meanwhile (`time_case`): every
+runner's median covers the same minutes. Every call's time is in the JSON (`call_ms`,
+`after_idle_call_ms`).
 
 Results: bench/results/<name>.json, <name>.md and, with matplotlib, <name>.png.
 bench/ is not part of the test suite: timings never decide pass or fail.
@@ -405,10 +406,7 @@ def measure_startup(runners: list[str], threads: int, tmp: str) -> dict:
             if "error" in export_onnx("resnet18", onnx, threads):
                 continue
             path = onnx
-        home = os.path.join(tmp, f"home-{runner}")
-        env = {"NPRESNET_HOME": home}
-        if "NUMBA_CACHE_DIR" in os.environ:
-            env["NUMBA_CACHE_DIR"] = os.path.join(home, "numba")
+        env = _empty_home(os.path.join(tmp, f"home-{runner}"))
         row = {}
         for cache in ("empty", "warm"):
             start = time.perf_counter()
@@ -436,14 +434,20 @@ def measure_startup(runners: list[str], threads: int, tmp: str) -> dict:
     return results
 
 
+def _empty_home(home: str) -> dict:
+    """The variables that give a start-up run the kernel cache under `home` (a new folder: empty)."""
+    env = {"NPRESNET_HOME": home}
+    if "NUMBA_CACHE_DIR" in os.environ:  # it would win over NPRESNET_HOME
+        env["NUMBA_CACHE_DIR"] = os.path.join(home, "numba")
+    return env
+
+
 def _background_startup(weights: str, threads: int, tmp: str, waited_env: dict) -> dict:
     """The numba runner's empty-cache start-up as a user meets it (NPRESNET_KERNEL_BUILD unset: the kernels
     are built in the background while NumPy runs their layers), then how long until the builder has left
     in the cache every object the waiting run built (polled from outside: the builder outlives the run)."""
     home = os.path.join(tmp, "home-numba-background")
-    env = {"NPRESNET_HOME": home, "NPRESNET_KERNEL_BUILD": "background"}
-    if "NUMBA_CACHE_DIR" in os.environ:
-        env["NUMBA_CACHE_DIR"] = os.path.join(home, "numba")
+    env = {**_empty_home(home), "NPRESNET_KERNEL_BUILD": "background"}
 
     def objects(home_dir):
         return {os.path.basename(p) for p in glob.glob(os.path.join(home_dir, "**", "*.o"), recursive=True)}
@@ -474,7 +478,7 @@ def markdown(results: list[dict], startup: dict, meta: dict, sizes: dict | None 
     lines = [
         f"Machine: {meta['machine']}; {meta['threads']} threads; {SIZE}x{SIZE} float32; "
         f"median of {meta['repeats']} after {meta['warmup']} warm-up calls; each row its own process; "
-        f"the runners of each case taking turns (a 0.2 s pause, one call after idle, {CALLS_PER_TURN} back to back); load average {meta['load_average'][0]:.1f} before, "
+        f"the runners of each case taking turns (a {TURN_PAUSE_S} s pause, one call after idle, {CALLS_PER_TURN} back to back); load average {meta['load_average'][0]:.1f} before, "
         f"{meta['load_average_after'][0]:.1f} after; {meta['date']}.",
         "",
         "| model | batch | runner | ms/batch | images/s | ratio to torch | CPU ms/batch | after idle ms | first call ms | peak RSS MB |",

@@ -11,34 +11,21 @@ import contextlib
 import logging
 import sys
 
-_announced = False
+# What a process says once on stderr (the "npresnet" logger, which a user can configure or silence), so
+# that a first run's seconds of compiling never look like a hang; %s: the kernel cache.
+COMPILING = "npresnet: compiling the Numba kernels for this machine (once; a few seconds; cached in %s)"
+BUILDING_IN_BACKGROUND = (
+    "npresnet: building the Numba kernels for this machine in the background (once; about 15 s of one "
+    "core; cached in %s); until they are ready, their layers run on NumPy"
+)
+_announced: set[str] = set()
 
 
-def announce_compiling(cache_dir: str) -> None:
-    """One line on stderr (the "npresnet" logger, which a user can configure or silence) the first time
-    this process compiles one of our kernels, so that a first run's seconds of compiling do not look
-    like a hang."""
-    global _announced
-    if not _announced:
-        _announced = True
-        logging.getLogger("npresnet").warning(
-            "npresnet: compiling the Numba kernels for this machine (once; a few seconds; cached in %s)", cache_dir
-        )
-
-
-_announced_background = False
-
-
-def announce_background_build(cache_dir: str) -> None:
-    """One line on stderr the first time this process hands kernels to the background builder: why
-    the first calls run at the NumPy backend's speed."""
-    global _announced_background
-    if not _announced_background:
-        _announced_background = True
-        logging.getLogger("npresnet").warning(
-            "npresnet: building the Numba kernels for this machine in the background (once; about 15 s of one "
-            "core; cached in %s); until they are ready, their layers run on NumPy", cache_dir
-        )
+def announce(message: str, cache_dir: str) -> None:
+    """Log `message` (COMPILING or BUILDING_IN_BACKGROUND) with the cache's path, the first time this process says it."""
+    if message not in _announced:
+        _announced.add(message)
+        logging.getLogger("npresnet").warning(message, cache_dir)
 
 
 # SciPy as numba would otherwise meet it: numba imports scipy only to check its version when it is

@@ -58,9 +58,9 @@ except ImportError:  # not POSIX: objects are not built here anyway (aot_support
 
 import numpy as np
 
-from npresnet.backends import kernel_cache_dir
+from npresnet.backends import build_mode, kernel_cache_dir
 
-from . import announce_background_build, announce_compiling, scipy_hidden_from_numba
+from . import BUILDING_IN_BACKGROUND, COMPILING, announce, scipy_hidden_from_numba
 
 MAGIC = b"npresnet aot object 1\n"
 # Symbols the linker provides, not a library: MCJIT's (RuntimeDyld's) own GOT for position-independent code.
@@ -176,6 +176,12 @@ def _unpack(data: bytes) -> tuple[dict, bytes]:
     if hashlib.sha256(obj).hexdigest() != header.get("sha256"):
         raise ValueError("damaged: its SHA-256 does not match its header")
     return header, obj
+
+
+def _read_object(path: str) -> tuple[dict, bytes]:
+    """(header, object) of the file at path; OSError if there is none, ValueError if it is damaged."""
+    with open(path, "rb") as f:
+        return _unpack(f.read())
 
 
 def _write_atomically(path: str, data: bytes) -> None:
@@ -446,14 +452,13 @@ def aot_supported() -> bool:
 # "background" (the default) a kernel that is not in the cache, called within a DeferredBuilds block, is
 # handed to a builder process and the call skipped; the block's caller (the numba backend) does that step
 # with the NumPy reference meanwhile. Each later call looks for the object again and loads it once it is
-# there. The builder outlives its parent if it must: what it was
-# asked for ends up in the cache for the next process (a file is written whole or not at all, and a lock
-# per object keeps two builders from building one object twice). NPRESNET_KERNEL_BUILD=wait builds in the
-# calling process instead, before the call returns (benchmarks, and the tests of the kernels themselves).
+# there. The builder outlives its parent if it must: what it was asked for ends up in the cache for the
+# next process (a file is written whole or not at all, and a lock per object keeps two builders from
+# building one object twice). NPRESNET_KERNEL_BUILD=wait (backends.build_mode) builds in the calling
+# process instead, before the call returns (benchmarks, and the tests of the kernels themselves).
 
-BUILD_MODES = ("background", "wait")
-_deferring: dict[int, int] = {}  # thread ident -> how many DeferredBuilds blocks it is inside
-_skipped_calls = 0  # kernel calls skipped, in this process, because their kernel was being built
+_deferring = threading.local()  # .depth: how many DeferredBuilds blocks this thread is inside
+_skipped_calls = 0  # kernel calls skipped, in this process, because their kernel was being built (under _specialising)
 
 
 class DeferredBuilds:
@@ -465,19 +470,13 @@ class DeferredBuilds:
     whatever other threads do meanwhile."""
 
     def __enter__(self):
-        me = threading.get_ident()
-        with _specialising:
-            _deferring[me] = _deferring.get(me, 0) + 1
-            self._before = _skipped_calls
+        _deferring.depth = getattr(_deferring, "depth", 0) + 1
+        self._before = _skipped_calls
         return self
 
     def __exit__(self, *exc):
-        me = threading.get_ident()
-        with _specialising:
-            depth = _deferring.pop(me) - 1
-            if depth:
-                _deferring[me] = depth
-            self._after = _skipped_calls
+        _deferring.depth -= 1
+        self._after = _skipped_calls
 
     def skipped(self) -> bool:
         """Whether some kernel call was skipped meanwhile (this block's, or another deferring thread's:
@@ -487,15 +486,7 @@ class DeferredBuilds:
 
 def deferring() -> bool:
     """Whether this thread is inside a DeferredBuilds block."""
-    return threading.get_ident() in _deferring
-
-
-def build_mode() -> str:
-    """$NPRESNET_KERNEL_BUILD: "background" (the default) or "wait"."""
-    mode = os.environ.get("NPRESNET_KERNEL_BUILD") or "background"
-    if mode not in BUILD_MODES:
-        raise ValueError(f"NPRESNET_KERNEL_BUILD must be one of {', '.join(BUILD_MODES)}, not {mode!r}")
-    return mode
+    return getattr(_deferring, "depth", 0) > 0
 
 
 def build_into(module: str, name: str, codes: tuple, path: str) -> tuple[dict, bytes]:
@@ -511,8 +502,7 @@ def build_into(module: str, name: str, codes: tuple, path: str) -> tuple[dict, b
         pass
     try:
         try:
-            with open(path, "rb") as f:
-                return _unpack(f.read())
+            return _read_object(path)
         except (OSError, ValueError):
             pass
         header, obj = build(module, name, codes)
@@ -686,13 +676,12 @@ class Kernel:
     def _native(self, codes):
         path = _object_path(self.module, self.name, codes)
         try:
-            with open(path, "rb") as f:
-                header, obj = _unpack(f.read())
+            header, obj = _read_object(path)
         except (OSError, ValueError):  # not built yet, or damaged: build it
             if deferring() and build_mode() == "background" and _builder.request(self.module, self.name, codes, path):
-                announce_background_build(kernel_cache_dir())
+                announce(BUILDING_IN_BACKGROUND, kernel_cache_dir())
                 raise KernelNotReady(self.name) from None
-            announce_compiling(kernel_cache_dir())
+            announce(COMPILING, kernel_cache_dir())
             header, obj = build_into(self.module, self.name, codes, path)
         return native_call(self.name, load(header, obj), header["argtypes"])
 

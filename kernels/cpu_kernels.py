@@ -34,7 +34,7 @@ import numpy as np
 
 from npresnet.backends import kernel_cache_dir
 
-from . import announce_compiling, scipy_hidden_from_numba
+from . import COMPILING, announce, scipy_hidden_from_numba
 
 with scipy_hidden_from_numba():
     import numba
@@ -641,7 +641,7 @@ def max_pool_3x3s2(x, job_lo, job_hi, out):
 
 
 class _CompileNotice(event.Listener):
-    """Says (announce_compiling) when numba starts compiling one of our dispatchers; numba announces
+    """Says (announce COMPILING) when numba starts compiling one of our dispatchers; numba announces
     only real compilations ("numba:compile"), not loads from its cache."""
 
     def __init__(self):
@@ -650,7 +650,7 @@ class _CompileNotice(event.Listener):
 
     def on_start(self, ev):
         if id(ev.data["dispatcher"]) in self.dispatchers:
-            announce_compiling(numba.config.CACHE_DIR or kernel_cache_dir())
+            announce(COMPILING, numba.config.CACHE_DIR or kernel_cache_dir())
 
     def on_end(self, ev):
         pass

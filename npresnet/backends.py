@@ -259,6 +259,18 @@ def kernel_cache_dir() -> str:
     return os.path.join(base, "npresnet", "numba")
 
 
+BUILD_MODES = ("background", "wait")
+
+
+def build_mode() -> str:
+    """$NPRESNET_KERNEL_BUILD: "background" (the default: a compiled backend's kernels not yet in the cache
+    are built by another process while NumPy runs their layers) or "wait" (built first)."""
+    mode = os.environ.get("NPRESNET_KERNEL_BUILD") or "background"
+    if mode not in BUILD_MODES:
+        raise ValueError(f"NPRESNET_KERNEL_BUILD must be one of {', '.join(BUILD_MODES)}, not {mode!r}")
+    return mode
+
+
 # backend -> the module of its ahead-of-time-built kernels (npresnet_kernels.aot)
 _KERNEL_MODULES = {"numba": "npresnet_kernels.cpu_kernels"}
 
@@ -298,11 +310,11 @@ def choose_backend(
     (1e9 multiply-adds, the worst block's costs); num_images: the job's images, None for a job too long
     for start-up to count (a model kept for many calls: what the Python API assumes); batch_size: images
     per forward pass. costs (default AUTO_COSTS), cached (default: kernels_cached), available
-    (default: those whose compiler is installed) and build (default: $NPRESNET_KERNEL_BUILD) are for
+    (default: those whose compiler is installed) and build (default: build_mode()) are for
     tests and what-ifs.
     """
     costs = AUTO_COSTS if costs is None else costs
-    build = build or os.environ.get("NPRESNET_KERNEL_BUILD") or "background"
+    build = build or build_mode()
     macs = count_macs(spec, *size) if spec is not None else 1e9
     numpy_per_image_s = NUMPY_SECONDS_PER_GMAC * macs / 1e9
     block = spec.block if spec is not None else None
