@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 BN_EPS = 1e-5
 
@@ -42,42 +41,48 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def im2col(x: np.ndarray, R: int, S: int, stride: int, padding: int) -> np.ndarray:
-    """Gather every R x S input patch a convolution reads.
-
-    x: (N, C, H, W) -> (N, C, R, S, P, Q), a strided view of the padded
-    input when possible (no copy); column (c, r, s) at output position (p, q)
-    is x_padded[n, c, p*stride + r, q*stride + s].
-    """
-    if padding:
-        x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    N, C, H, W = x.shape
-    P = conv_output_size(H, R, stride, 0)
-    Q = conv_output_size(W, S, stride, 0)
-    sN, sC, sH, sW = x.strides
-    return as_strided(
-        x,
-        shape=(N, C, R, S, P, Q),
-        strides=(sN, sC, sH, sW, sH * stride, sW * stride),
-        writeable=False,
-    )
-
-
 def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
     """The im2col patches of every image side by side, for one matrix product per group.
 
     x: (N, C, H, W) -> (G, C/G*R*S, N*P*Q), contiguous: row (c, r, s) of group g, column
     (n, p, q) is x_padded[n, g*C/G + c, p*stride + r, q*stride + s].
+
+    The patch matrix is R*S times the input, and gathering it costs about as long as the matrix
+    product that reads it: it is written straight from x, one kernel offset (r, s) at a time, with
+    zeros where a window hangs over the border (a padded copy of x first costs one more pass).
     """
-    N, C = x.shape[:2]
+    N, C, H, W = x.shape
     if R == 1 and S == 1 and padding == 0:
         # A 1x1 convolution reads each pixel once: the (strided) input is already the patch matrix.
         patches = x[:, :, ::stride, ::stride]  # (N, C, P, Q)
         P, Q = patches.shape[2:]
         return np.ascontiguousarray(patches.transpose(1, 0, 2, 3)).reshape(groups, C // groups, N * P * Q)
-    cols = im2col(x, R, S, stride, padding)  # (N, C, R, S, P, Q)
-    P, Q = cols.shape[4:]
-    return np.ascontiguousarray(cols.transpose(1, 2, 3, 0, 4, 5)).reshape(groups, C // groups * R * S, N * P * Q)
+    P = conv_output_size(H, R, stride, padding)
+    Q = conv_output_size(W, S, stride, padding)
+    cols = np.empty((C, R, S, N, P, Q), dtype=x.dtype)
+    x_cnhw = x.transpose(1, 0, 2, 3)
+    for r in range(R):
+        p0, p1 = _inside(r, stride, padding, H, P)  # the output rows whose row offset r reads inside x
+        h0 = p0 * stride + r - padding
+        for s in range(S):
+            q0, q1 = _inside(s, stride, padding, W, Q)
+            w0 = q0 * stride + s - padding
+            dst = cols[:, r, s]  # (C, N, P, Q)
+            if (p0, p1, q0, q1) != (0, P, 0, Q):  # some windows hang over the border: zeros there
+                dst[:, :, :p0] = 0
+                dst[:, :, p1:] = 0
+                dst[:, :, p0:p1, :q0] = 0
+                dst[:, :, p0:p1, q1:] = 0
+            if p0 < p1 and q0 < q1:
+                dst[:, :, p0:p1, q0:q1] = x_cnhw[:, :, h0 : h0 + (p1 - p0 - 1) * stride + 1 : stride, w0 : w0 + (q1 - q0 - 1) * stride + 1 : stride]
+    return cols.reshape(groups, C // groups * R * S, N * P * Q)
+
+
+def _inside(r: int, stride: int, padding: int, size: int, out_size: int) -> tuple[int, int]:
+    """The outputs p0:p1 whose kernel offset r reads inside the input (p*stride + r - padding in 0:size)."""
+    p0 = min(out_size, max(0, -(-(padding - r) // stride)))
+    p1 = max(p0, min(out_size, (size - 1 + padding - r) // stride + 1))
+    return p0, p1
 
 
 def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.ndarray:
@@ -234,7 +239,11 @@ def conv2d_backward(
     G = groups
     P, Q = grad_out.shape[2:]
     w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
-    grad_w_t = np.zeros((G, C_per_group * R * S, K // G), dtype=x.dtype)  # grad_w transposed, see below
+    # grad_w = go @ cols^T, or its transpose cols @ go^T: OpenBLAS runs the latter several times faster
+    # when K/G is small (64 rows against 25088-long columns: 8x on AVX2), but from K/G = 256 up the
+    # two take as long, and transposing the result back costs as much again (512 x 4608: 11 ms).
+    transposed = K // G < 256
+    grad_w = np.zeros((G, C_per_group * R * S, K // G) if transposed else (G, K // G, C_per_group * R * S), dtype=x.dtype)
     grad_x = None
     if input_grad and stride == 1 and (R, S) != (1, 1) and padding <= min(R, S) - 1:
         # Stride 1: the input's gradient is the full convolution of grad_out with the kernel flipped
@@ -250,14 +259,17 @@ def conv2d_backward(
         n = n1 - n0
         go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
         cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
-        # grad_w^T = cols @ go^T: OpenBLAS runs this orientation several times faster than
-        # go @ cols^T when K/G is small (64 rows against 25088-long columns: 8x on AVX2).
-        grad_w_t += np.matmul(cols, go.transpose(0, 2, 1))  # (G, C/G*R*S, K/G)
+        if transposed:
+            grad_w += np.matmul(cols, go.transpose(0, 2, 1))  # (G, C/G*R*S, K/G)
+        else:
+            grad_w += np.matmul(go, cols.transpose(0, 2, 1))  # (G, K/G, C/G*R*S)
         del cols
         if input_grad:
             grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
             grad_x[n0:n1] = col2im(grad_cols, H, W, stride, padding)
-    return grad_x, np.ascontiguousarray(grad_w_t.transpose(0, 2, 1)).reshape(weight.shape)
+    if transposed:
+        grad_w = np.ascontiguousarray(grad_w.transpose(0, 2, 1))
+    return grad_x, grad_w.reshape(weight.shape)
 
 
 def flipped_kernel(weight: np.ndarray, groups: int = 1) -> np.ndarray:

@@ -27,6 +27,7 @@ CONV_CASES = [
     (2, 6, 7, 7, 12, 1, 2, 0, 1),  # downsample: 1x1 stride 2 on odd size
     (1, 3, 4, 6, 2, 3, 1, 0, 1),  # no padding
     (1, 2, 10, 10, 3, 5, 3, 2, 1),  # stride 3, kernel 5
+    (1, 2, 1, 2, 3, 3, 3, 2, 1),  # padding past the kernel's reach: whole offsets read only zeros
 ]
 
 

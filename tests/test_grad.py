@@ -34,6 +34,7 @@ CONV_CASES = [
     (2, 5, 4, 6, 3, 1, 1, 0, 1),  # 1x1 stride 1
     (1, 3, 4, 6, 2, 3, 1, 0, 1),  # no padding
     (1, 2, 5, 5, 3, 3, 1, 3, 1),  # padding 3 on a 3x3 kernel
+    (2, 8, 3, 3, 256, 3, 2, 1, 1),  # 256 output channels: the weight gradient as grad_out @ patches^T
 ]
 
 
