@@ -230,29 +230,23 @@ def conv2d_backward(
     The forward is out[g] = w[g] @ cols[g] with the patches of all images side by side
     (cols: (G, C/G*R*S, N*P*Q)), so grad_w[g] = grad_out[g] @ cols[g]^T, one matrix product
     over every image and position at once, and grad_cols[g] = w[g]^T @ grad_out[g], which
-    col2im adds back onto the pixels each column was read from; with stride 1 and a kernel
-    larger than 1x1, the same gradient is the convolution of grad_out with flipped_kernel(weight),
-    which runs faster. Images go in chunks so that only one chunk's patch matrix exists at a time.
+    col2im adds back onto the pixels each column was read from (with stride 1 and a square kernel
+    larger than 1x1, _conv2d_backward_stride1 does both from the patches of grad_out instead).
+    Images go in chunks so that only one chunk's patch matrix exists at a time.
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
     G = groups
     P, Q = grad_out.shape[2:]
+    if input_grad and stride == 1 and R == S > 1 and padding <= R - 1:
+        return _conv2d_backward_stride1(grad_out, x, weight, padding, groups)
     w_t = weight.reshape(G, K // G, C_per_group * R * S).transpose(0, 2, 1)  # (G, C/G*R*S, K/G)
     # grad_w = go @ cols^T, or its transpose cols @ go^T: OpenBLAS runs the latter several times faster
     # when K/G is small (64 rows against 25088-long columns: 8x on AVX2), but from K/G = 256 up the
     # two take as long, and transposing the result back costs as much again (512 x 4608: 11 ms).
     transposed = K // G < 256
     grad_w = np.zeros((G, C_per_group * R * S, K // G) if transposed else (G, K // G, C_per_group * R * S), dtype=x.dtype)
-    grad_x = None
-    if input_grad and stride == 1 and (R, S) != (1, 1) and padding <= min(R, S) - 1:
-        # Stride 1: the input's gradient is the full convolution of grad_out with the kernel flipped
-        # and each group's in/out channels swapped; one dense product (inner length K/G*R*S) and a
-        # patch copy cost less than the product with inner length K/G and the nine col2im passes.
-        grad_x = conv2d(grad_out, flipped_kernel(weight, G), padding=R - 1 - padding, groups=G)  # (N, C, H, W)
-        input_grad = False  # done: the loop below computes the weight's gradient only
-    elif input_grad:
-        grad_x = np.empty_like(x)
+    grad_x = np.empty_like(x) if input_grad else None
     chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
@@ -270,6 +264,40 @@ def conv2d_backward(
     if transposed:
         grad_w = np.ascontiguousarray(grad_w.transpose(0, 2, 1))
     return grad_x, grad_w.reshape(weight.shape)
+
+
+def _conv2d_backward_stride1(
+    grad_out: np.ndarray, x: np.ndarray, weight: np.ndarray, padding: int, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """conv2d_backward for stride 1 and a square R x R kernel, R > 1, padding <= R - 1: both gradients
+    from one patch matrix, that of grad_out.
+
+    With stride 1 the input's gradient is the full convolution of grad_out with the kernel flipped and
+    each group's in/out channels swapped (flipped_kernel), padding R-1-padding: grad_x[g] = flipped[g] @
+    gcols[g], gcols (G, K/G*R*R, N*H*W) the patches of grad_out (row (k, r', s') of group g, column
+    (n, h, w) is grad_out_padded[n, g*K/G + k, h + r', w + s']). The same patches give the weight's
+    gradient: grad_w[k, c, r, s] = sum over (n, h, w) of x[n, c, h, w] * gcols[(k, R-1-r, R-1-s), (n, h, w)],
+    i.e. gcols[g] @ x[g]^T with x channel-major, turned back. One R*R-times-larger copy (of grad_out)
+    where patches of grad_out and of x took two; a dense product with inner length K/G*R*R and a
+    patch copy also cost less than w^T @ grad_out (inner length K/G) and R*R col2im passes.
+    """
+    N, C, H, W = x.shape
+    K, C_per_group, R, _ = weight.shape
+    G = groups
+    flipped = flipped_kernel(weight, G).reshape(G, C_per_group, K // G * R * R)  # (G, C/G, K/G*R*R)
+    grad_w_turned = np.zeros((G, K // G * R * R, C_per_group), dtype=x.dtype)  # rows (k, R-1-r, R-1-s)
+    grad_x = np.empty_like(x)
+    chunk = max(1, CONV_CHUNK_ELEMENTS // (K * R * R * H * W))
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        n = n1 - n0
+        gcols = patch_matrix(grad_out[n0:n1], R, R, 1, R - 1 - padding, G)  # (G, K/G*R*R, n*H*W)
+        grad_x[n0:n1] = np.matmul(flipped, gcols).reshape(C, n, H, W).transpose(1, 0, 2, 3)
+        x_cm = np.ascontiguousarray(x[n0:n1].transpose(1, 0, 2, 3)).reshape(G, C_per_group, n * H * W)
+        grad_w_turned += np.matmul(gcols, x_cm.transpose(0, 2, 1))  # (G, K/G*R*R, C/G)
+        del gcols, x_cm
+    grad_w = grad_w_turned.reshape(G, K // G, R, R, C_per_group)[:, :, ::-1, ::-1].transpose(0, 1, 4, 2, 3)
+    return grad_x, np.ascontiguousarray(grad_w).reshape(weight.shape)
 
 
 def flipped_kernel(weight: np.ndarray, groups: int = 1) -> np.ndarray:

@@ -55,20 +55,22 @@ def test_conv2d_backward(case, dtype):
     assert F.conv2d_backward(grad_out, x, w, stride, padding, groups, input_grad=False)[0] is None
 
 
-def test_conv2d_backward_in_chunks(monkeypatch):
+@pytest.mark.parametrize("stride", [2, 1], ids=["stride2", "stride1"])  # stride 1: both gradients from grad_out's patches
+def test_conv2d_backward_in_chunks(monkeypatch, stride):
     """Images processed a few at a time (forward and backward) give the same sums as all at once."""
     rng = np.random.default_rng(2)
     x = rng.integers(-3, 4, size=(5, 4, 6, 6)).astype(np.float64)
     w = rng.integers(-2, 3, size=(4, 2, 3, 3)).astype(np.float64)
-    grad_out = rng.integers(-2, 3, size=(5, 4, 3, 3)).astype(np.float64)
-    whole = F.conv2d_backward(grad_out, x, w, 2, 1, 2)
-    forward = F.conv2d(x, w, stride=2, padding=1, groups=2)
+    P = F.conv_output_size(6, 3, stride, 1)
+    grad_out = rng.integers(-2, 3, size=(5, 4, P, P)).astype(np.float64)
+    whole = F.conv2d_backward(grad_out, x, w, stride, 1, 2)
+    forward = F.conv2d(x, w, stride=stride, padding=1, groups=2)
     monkeypatch.setattr(F, "CONV_CHUNK_ELEMENTS", 1)
-    chunked = F.conv2d_backward(grad_out, x, w, 2, 1, 2)
-    np.testing.assert_array_equal(F.conv2d(x, w, stride=2, padding=1, groups=2), forward)
-    np.testing.assert_array_equal(forward, TF.conv2d(t(x), t(w), stride=2, padding=1, groups=2).numpy())
+    chunked = F.conv2d_backward(grad_out, x, w, stride, 1, 2)
+    np.testing.assert_array_equal(F.conv2d(x, w, stride=stride, padding=1, groups=2), forward)
+    np.testing.assert_array_equal(forward, TF.conv2d(t(x), t(w), stride=stride, padding=1, groups=2).numpy())
     tx, tw = t(x, True), t(w, True)
-    TF.conv2d(tx, tw, stride=2, padding=1, groups=2).backward(t(grad_out))
+    TF.conv2d(tx, tw, stride=stride, padding=1, groups=2).backward(t(grad_out))
     for got, want, exact in zip(chunked, whole, (tx.grad.numpy(), tw.grad.numpy())):
         np.testing.assert_array_equal(got, exact)  # integer-valued: exact
         np.testing.assert_array_equal(want, exact)
