@@ -244,7 +244,27 @@ def _target_machine():
 @functools.lru_cache(maxsize=None)
 def cpu_key() -> str:
     llvm = _llvm()
-    return hashlib.sha256(f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()}".encode()).hexdigest()[:8]
+    cpu = f"{llvm.get_host_cpu_name()} {llvm.get_host_cpu_features().flatten()} simd {simd_bytes()}"
+    return hashlib.sha256(cpu.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=None)
+def simd_bytes() -> int:
+    """The width of the kernels' SIMD vectors in bytes: 64 where LLVM sees AVX-512F on this CPU, else 32
+    (AVX2); $NPRESNET_SIMD_BYTES (32 or 64) overrides. The kernels are compiled with it and the weights
+    packed for it (cpu.panel_width), in every process alike; the objects' CPU key includes it. On AMD's
+    Zen 4, whose AVX-512 units are 256 bits wide inside, 64-byte vectors still ran resnet50's GEMMs in
+    0.75-0.95x the time (half the instructions and loads per multiply-add: bench/results/notes.md)."""
+    forced = os.environ.get("NPRESNET_SIMD_BYTES", "")
+    if forced:
+        if forced not in ("32", "64"):
+            raise ValueError(f"NPRESNET_SIMD_BYTES must be 32 or 64, not {forced!r}")
+        return int(forced)
+    try:
+        features = _llvm().get_host_cpu_features()
+    except (ImportError, RuntimeError):  # no llvmlite (numba's JIT would not run either): the narrower width
+        return 32
+    return 64 if features.get("avx512f") else 32
 
 
 def objects_dir(module: str) -> str:

@@ -71,7 +71,7 @@ from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, register_backe
 from npresnet import functional as F
 from npresnet.functional import conv_output_size
 
-from .aot import DeferredBuilds, deferring, kernel_table
+from .aot import DeferredBuilds, deferring, kernel_table, simd_bytes
 
 if importlib.util.find_spec("numba") is None:  # found, not imported (a second): the kernels are built with it
     raise ImportError("No module named 'numba'")
@@ -143,14 +143,14 @@ WINOGRAD = {
 
 
 def panel_width(dtype) -> int:
-    """NR, the output channels of one packed panel: two 32-byte SIMD registers (16 float32, 8 float64)."""
-    return 2 * 32 // np.dtype(dtype).itemsize
+    """NR, the output channels of one packed panel: two of the kernels' SIMD vectors (aot.simd_bytes:
+    with AVX-512 32 float32 or 16 float64, with AVX2 16 or 8)."""
+    return 2 * simd_bytes() // np.dtype(dtype).itemsize
 
 
 def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
     """w (E, ..., K) -> (E, ceil(K/NR), D, NR) in `dtype` (default w's), D the product of the middle
-    axes in C order: gemm_packed's weights, NR = two SIMD registers of output channels (16 float32 or
-    8 float64), the last panel zero-padded. Filled panel by panel from w as it is (a transposed view
+    axes in C order: gemm_packed's weights, NR = panel_width(dtype) output channels, the last panel zero-padded. Filled panel by panel from w as it is (a transposed view
     will do), so that packing holds no whole-size temporary beside its result."""
     dtype = np.dtype(dtype or w.dtype)
     E, K = w.shape[0], w.shape[-1]

@@ -10,9 +10,10 @@ So that a kernel can be built ahead of time and loaded without numba, it allocat
 arrays come from the caller) and calls none of numba's C helpers (``flat`` below replaces reshape(-1)):
 either would need numba's runtime, which lives in numba's extension modules.
 
-The GEMMs of ungrouped convolutions run in gemm_packed: a register-blocked kernel (a 6 x 16 float32 or
-6 x 8 float64 block of the output in twelve AVX2 registers, as the microkernels of BLIS and MLAS) over
-weights packed once into panels of 16 (8) output channels; LLVM does not vectorise that blocking from
+The GEMMs of ungrouped convolutions run in gemm_packed: a register-blocked kernel (a 6 x NR block of the
+output in twelve SIMD registers, as the microkernels of BLIS and MLAS; NR = two registers: 32 float32 or
+16 float64 with AVX-512, 16 or 8 with AVX2, ``aot.simd_bytes``) over weights packed once into panels of
+NR output channels; LLVM does not vectorise that blocking from
 scalar code, so it is written with explicit SIMD vectors (``SimdVector`` and the ``simd_*`` intrinsics).
 Every kernel is serial and GIL-free: the backend's thread pool hands each thread its share.
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,6 +37,7 @@ import numpy as np
 from npresnet.backends import kernel_cache_dir
 
 from . import COMPILING, announce, scipy_hidden_from_numba
+from .aot import simd_bytes
 
 with scipy_hidden_from_numba():
     import numba
@@ -70,7 +73,8 @@ def _our_cache_dir():
     if numba.config.CACHE_DIR:
         yield
         return
-    numba.config.CACHE_DIR = kernel_cache_dir()
+    # One folder per vector width: numba's cache keys on the CPU, not on simd_bytes, which an override changes.
+    numba.config.CACHE_DIR = os.path.join(kernel_cache_dir(), f"simd{simd_bytes()}")
     try:
         yield
     finally:
@@ -80,13 +84,14 @@ def _our_cache_dir():
 # --- SIMD vectors for the packed GEMM -------------------------------------------------------------
 # LLVM does not vectorise a register-blocked GEMM tile written with scalars (it keeps 96 scalar
 # accumulators), so the tile is written with explicit vectors: a numba type whose LLVM form is
-# <L x float> (L = 8 for float32, 4 for float64, one AVX2 register) and four intrinsics. Loads and
+# <L x float> (one register of aot.simd_bytes(): L = 16 float32 or 8 float64 with AVX-512, 8 or 4 with
+# AVX2) and four intrinsics. Loads and
 # stores take a flat index and skip numba's negative-index wraparound, whose extra instructions in
 # the inner loop cost a third of the speed (bench/results/notes.md); callers keep indices in range.
 
 
 class SimdVector(types.Type):
-    """An AVX2 register of `dtype` values (8 float32 or 4 float64)."""
+    """One SIMD register of `dtype` values (aot.simd_bytes() wide)."""
 
     def __init__(self, dtype):
         self.dtype = dtype
@@ -100,7 +105,7 @@ class _SimdVectorModel(models.PrimitiveModel):
 
 
 def _llvm_vector(dtype):
-    return ir.VectorType(ir.FloatType() if dtype == types.float32 else ir.DoubleType(), 256 // dtype.bitwidth)
+    return ir.VectorType(ir.FloatType() if dtype == types.float32 else ir.DoubleType(), 8 * simd_bytes() // dtype.bitwidth)
 
 
 def _element_pointer(context, builder, array_type, array, index):

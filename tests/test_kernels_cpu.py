@@ -117,7 +117,7 @@ def test_gemm_packed_matches_matmul(cpu, E, M, D, K, dtype):
     scale = rng.uniform(0.5, 2, K).astype(dtype)
     Wp = cpu.pack_panels(w)
     NR = Wp.shape[3]
-    assert NR == 2 * 32 // np.dtype(dtype).itemsize
+    assert NR == 2 * cpu.simd_bytes() // np.dtype(dtype).itemsize
     kernels = cpu.NumbaBackend(threads=1).kernels
     tile = np.empty((6, NR), dtype)
     for relu in (False, True):
@@ -133,6 +133,42 @@ def test_gemm_packed_matches_matmul(cpu, E, M, D, K, dtype):
             np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
             assert np.isnan(out[0, 0]).all()
             assert_close(np.nan_to_num(out), np.nan_to_num(want))
+
+
+def test_kernels_at_the_other_vector_width(cpu):
+    """$NPRESNET_SIMD_BYTES sets the kernels' vector width (aot.simd_bytes): the width this machine would
+    not pick (32-byte AVX2 vectors where it has AVX-512, 64-byte ones, which LLVM splits, where it has
+    not) builds its own objects, packs its own panels, and computes the same GEMM."""
+    other = 96 - cpu.simd_bytes()
+    proc = run_python(
+        f"""
+        import numpy as np
+        from npresnet_kernels import aot, cpu
+        assert aot.simd_bytes() == {other} and cpu.panel_width(np.float32) == 2 * {other} // 4
+        rng = np.random.default_rng(3)
+        for E, M, D, K in ((1, 13, 7, 40), (2, 49, 33, 64)):
+            a, w = rng.standard_normal((E, M, D)).astype(np.float32), rng.standard_normal((E, D, K)).astype(np.float32)
+            scale, bias = rng.uniform(0.5, 2, K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+            Wp = cpu.pack_panels(w)
+            out = np.empty((E, M, K), np.float32)
+            tile = np.empty((6, Wp.shape[3]), np.float32)
+            cpu.NumbaBackend(threads=1).kernels.gemm_packed(a, Wp, scale, bias, out, False, True, 0, Wp.shape[1], tile, out)
+            want = np.maximum(np.matmul(a.astype(np.float64), w) * scale + bias, 0)
+            assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max(), (E, M, D, K)
+        print("ok")
+        """,
+        env={"NPRESNET_SIMD_BYTES": str(other), "NPRESNET_KERNEL_BUILD": "wait"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_simd_bytes_override_is_checked(cpu, monkeypatch):
+    monkeypatch.setenv("NPRESNET_SIMD_BYTES", "48")
+    with pytest.raises(ValueError, match="NPRESNET_SIMD_BYTES must be 32 or 64"):
+        cpu.simd_bytes.__wrapped__()
+    monkeypatch.setenv("NPRESNET_SIMD_BYTES", "32")
+    assert cpu.simd_bytes.__wrapped__() == 32
 
 
 def test_winograd_is_used_where_it_should_be(cpu):
