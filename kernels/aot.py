@@ -254,7 +254,7 @@ def simd_bytes() -> int:
     (AVX2); $NPRESNET_SIMD_BYTES (32 or 64) overrides. The kernels are compiled with it and the weights
     packed for it (cpu.panel_width), in every process alike; the objects' CPU key includes it. On AMD's
     Zen 4, whose AVX-512 units are 256 bits wide inside, 64-byte vectors still ran resnet50's GEMMs in
-    0.75-0.95x the time (half the instructions and loads per multiply-add: bench/results/notes.md)."""
+    0.68-0.97x the time (half the instructions and loads per multiply-add: bench/results/notes.md)."""
     forced = os.environ.get("NPRESNET_SIMD_BYTES", "")
     if forced:
         if forced not in ("32", "64"):
