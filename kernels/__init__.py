@@ -1,7 +1,7 @@
 """npresnet's optional compiled kernels, installed as ``npresnet_kernels``.
 
 ``cpu.py``: the Numba CPU backend (backend "numba"), whose kernels are in ``cpu_kernels.py`` and are
-built ahead of time by ``aot.py``; ``cuda.py``: numba.cuda kernels (backend "cuda"). Each registers
+built ahead of time by ``aot.py`` and whose helper threads are in ``threads.py``; ``cuda.py``: numba.cuda kernels (backend "cuda"). Each registers
 its backend with ``npresnet.backends`` on import, and fails to import (ImportError) where its compiler
 is missing. ``train.py``: the numba backend's training ops, registered with ``npresnet.autograd`` the
 same way.

@@ -420,6 +420,8 @@ def array_fields_ok() -> bool:
     )
 
 
+# Kernel calls begun in this process, counted (from every thread, so approximately) for threads.Helpers.
+KERNEL_ENTRIES = np.zeros(8, dtype=np.int64)
 _engines: list = []  # every MCJIT engine holds its kernel's code: kept for the life of the process
 
 
@@ -442,6 +444,18 @@ def load(header: dict, obj: bytes) -> int:
         raise AotUnavailable(f"{header['kernel']}: no symbol {header['symbol']} in its object")
     _engines.append(engine)
     return address
+
+
+def compile_ir(text: str, names: list[str]) -> dict[str, int]:
+    """Compile a module written in LLVM IR for this CPU into this process (no numba): each named
+    function's address. For the few lines of code no kernel can be (threads.py's spin-waits)."""
+    llvm = _llvm()
+    module = llvm.parse_assembly(text)
+    module.verify()
+    engine = llvm.create_mcjit_compiler(module, _target_machine())
+    engine.finalize_object()
+    _engines.append(engine)
+    return {name: engine.get_function_address(name) for name in names}
 
 
 def native_call(name: str, address: int, argtypes: list[str]):
@@ -675,6 +689,7 @@ class Kernel:
                     _skipped_calls += 1
                     return
                 self.calls[key] = self.specialisations[codes] = call
+        KERNEL_ENTRIES[0] += 1  # for threads.py: a thread is about to let go of the GIL
         call(args)
 
     def _specialise(self, codes):

@@ -6,7 +6,7 @@ not import numba: the kernels (``cpu_kernels.py``) are built ahead of time by ``
 at its first call in the first process that needs it, into the kernel cache, and later
 processes load them without numba. Creating the first ``NumbaBackend`` finds the OpenBLAS that
 NumPy loaded, to run it single-threaded where the backend calls it. No kernel is a parallel
-numba loop: the backend's own thread pool splits each layer.
+numba loop: the backend's own helper threads (``threads.py``) split each layer.
 
 Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
     winograd  3x3, stride 1, padding 1, groups 1: Winograd F(m x m, 3x3), m = 4 or 2
@@ -27,11 +27,11 @@ Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
 
 The GEMMs of ungrouped convolutions run in gemm_packed, a register-blocked SIMD kernel over
 weights packed into panels (``cpu_kernels.py``). Grouped convolutions use NumPy's BLAS
-(numba's own np.dot would need SciPy), set to one thread meanwhile. A small thread pool (the nogil kernels and BLAS release the GIL)
-hands each thread one share of the layer, which it gathers or transforms, multiplies
-and finishes alone: one thread synchronisation per convolution (each costs a thread
-wake-up: bench/results/notes.md), and OpenBLAS's own threads (which spin after each
-call) stay idle. Max pooling is split the same way: no kernel is a parallel Numba
+(numba's own np.dot would need SciPy), set to one thread meanwhile. The backend's helper
+threads (``threads.py``; the nogil kernels and BLAS release the GIL) take each one share of the
+layer, which it gathers or transforms, multiplies and finishes alone: one thread synchronisation
+per convolution, handed over by spinning rather than by waking a sleeping thread (a wake-up cost
+60-150 us: bench/results/notes.md), and OpenBLAS's own threads (which spin after each call) stay idle. Max pooling is split the same way: no kernel is a parallel Numba
 loop, whose threading layer and parfor compilation cost seconds of start-up.
 
 Numerics: no fastmath (NaN and inf behave as in the reference); gemm_packed uses fused
@@ -63,7 +63,6 @@ import importlib.util
 import math
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -72,6 +71,7 @@ from npresnet import functional as F
 from npresnet.functional import conv_output_size
 
 from .aot import DeferredBuilds, deferring, kernel_table, simd_bytes
+from .threads import Helpers
 
 if importlib.util.find_spec("numba") is None:  # found, not imported (a second): the kernels are built with it
     raise ImportError("No module named 'numba'")
@@ -256,18 +256,8 @@ class NumbaBackend(Backend):
         self.winograd_tile = winograd_tile
         self._local = threading.local()
         self._cpus = thread_cpus(self.threads)
-        self._pool = None
-        if self.threads > 1:
-            helper_cpus = iter(self._cpus[1:]) if self._cpus else None
-            claim = threading.Lock()
-
-            def pin_helper():  # each of the pool's threads, as it starts, to a CPU of its own
-                with claim:
-                    cpu = next(helper_cpus)
-                with contextlib.suppress(OSError):  # a CPU gone meanwhile: the thread stays free
-                    os.sched_setaffinity(0, {cpu})
-
-            self._pool = ThreadPoolExecutor(self.threads - 1, initializer=pin_helper if self._cpus else None)
+        # Helper threads, one per thread beyond the caller, each pinned to a CPU of its own where _cpus says.
+        self._helpers = Helpers(self.threads - 1, self._cpus[1:] if self._cpus else None) if self.threads > 1 else None
 
     # --- threads ---------------------------------------------------------------------------
 
@@ -288,13 +278,10 @@ class NumbaBackend(Backend):
                 with DeferredBuilds():
                     inner(lo, hi)
 
-        futures = [self._pool.submit(work, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-        try:
-            work(bounds[0], bounds[1])
-        finally:  # every share has ended before this returns or raises: none writes on behind the caller
-            wait(futures)
-        for future in futures:
-            future.result()
+        if parts == 1:
+            work(0, length)
+            return
+        self._helpers.run([functools.partial(work, bounds[i], bounds[i + 1]) for i in range(parts)])
 
     @contextlib.contextmanager
     def running(self):

@@ -15,7 +15,7 @@ output in twelve SIMD registers, as the microkernels of BLIS and MLAS; NR = two 
 16 float64 with AVX-512, 16 or 8 with AVX2, ``aot.simd_bytes``) over weights packed once into panels of
 NR output channels; LLVM does not vectorise that blocking from
 scalar code, so it is written with explicit SIMD vectors (``SimdVector`` and the ``simd_*`` intrinsics).
-Every kernel is serial and GIL-free: the backend's thread pool hands each thread its share.
+Every kernel is serial and GIL-free: the backend's helper threads (``threads.py``) each take a share.
 
 Numerics: no fastmath (NaN and inf behave as in the reference); gemm_packed uses fused multiply-adds
 (llvm.fma: one rounding per step, no reassociation).

@@ -6,7 +6,10 @@ architecture beside the NumPy one (test_model.py), and the reference model check
 at ImageNet size here. Also: thread selection, backend="auto", and that a machine
 without numba gets NumPy with no error.
 """
+import gc
 import os
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -288,7 +291,7 @@ def test_threads_argument_and_environment(cpu, monkeypatch):
     monkeypatch.setenv("NPRESNET_NUM_THREADS", "1")
     backend = get_backend("numba")
     assert backend.threads == 1
-    assert backend._pool is None  # one thread: every layer runs whole on the calling thread
+    assert backend._helpers is None  # one thread: every layer runs whole on the calling thread
     x = np.random.default_rng(0).standard_normal((1, 2, 5, 5))
     assert np.array_equal(backend.to_numpy(backend.max_pool(backend.from_numpy(x))), F.max_pool2d(x, 3, 2, 1))
     # More threads than numba's pool holds is clamped, not an error deep inside numba.
@@ -310,8 +313,8 @@ def test_a_forward_pass_pins_the_caller_and_the_helpers_to_cpus_of_their_own(cpu
     def recording_max_pool(x):
         out = max_pool(x)
         seen["caller"] = os.sched_getaffinity(0)
-        if backend._pool is not None:
-            seen["helper"] = backend._pool.submit(os.sched_getaffinity, 0).result()
+        if backend._helpers is not None:
+            backend._helpers.run([lambda: None, lambda: seen.update(helper=os.sched_getaffinity(0))])
         return out
 
     backend.max_pool = recording_max_pool
@@ -325,6 +328,47 @@ def test_a_forward_pass_pins_the_caller_and_the_helpers_to_cpus_of_their_own(cpu
     assert backend._cpus == cpus
     assert seen["caller"] == {cpus[0]}
     assert len(seen["helper"]) == 1 and seen["helper"] <= set(cpus[1:])
+
+
+def test_helpers_run_every_share_and_raise_a_helpers_error(cpu):
+    """threads.Helpers: each share runs once, the caller's on the caller; a helper's exception reaches
+    the caller after every share has ended; the helpers then go on working. Shares handed over back to
+    back (the helper spinning) and after a pause longer than its spin (the helper asleep) alike."""
+    from npresnet_kernels import threads
+
+    helpers = threads.Helpers(2)
+    for pause in (0, 2 * threads.SPIN_SECONDS, 0):
+        time.sleep(pause)
+        ran = []
+        helpers.run([lambda i=i: ran.append((i, threading.get_ident())) for i in range(3)])
+        assert sorted(i for i, _ in ran) == [0, 1, 2]
+        assert dict(ran)[0] == threading.get_ident() and len({t for _, t in ran}) == 3
+    ended = []
+
+    def slow_then_fail():
+        time.sleep(3 * threads.SPIN_SECONDS)  # longer than the caller spins: it sleeps and is woken
+        ended.append(1)
+        raise KeyError("from a helper")
+
+    with pytest.raises(KeyError, match="from a helper"):
+        helpers.run([lambda: None, slow_then_fail, lambda: ended.append(2)])
+    assert sorted(ended) == [1, 2]
+    helpers.run([lambda: None, lambda: ended.append(3)])
+    assert ended[-1] == 3
+    with pytest.raises(ValueError, match="shares"):
+        helpers.run([lambda: None] * 4)
+
+
+def test_helper_threads_end_with_their_backend(cpu):
+    """A backend's helper threads end once it is collected (no thread left spinning or asleep for it)."""
+    backend = cpu.NumbaBackend(threads=2)
+    names = {t.name for t in backend._helpers._threads}
+    threads_of_backend = list(backend._helpers._threads)
+    del backend
+    gc.collect()
+    for thread in threads_of_backend:
+        thread.join(timeout=5)
+    assert not any(t.is_alive() for t in threads_of_backend), names
 
 
 def test_threads_are_pinned_only_where_the_backend_takes_every_cpu(cpu, monkeypatch):
