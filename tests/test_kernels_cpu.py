@@ -330,13 +330,18 @@ def test_a_forward_pass_pins_the_caller_and_the_helpers_to_cpus_of_their_own(cpu
     assert len(seen["helper"]) == 1 and seen["helper"] <= set(cpus[1:])
 
 
-def test_helpers_run_every_share_and_raise_a_helpers_error(cpu):
+@pytest.mark.parametrize("spinning", [True, False], ids=["spinning", "sleep-only"])
+def test_helpers_run_every_share_and_raise_a_helpers_error(cpu, monkeypatch, spinning):
     """threads.Helpers: each share runs once, the caller's on the caller; a helper's exception reaches
     the caller after every share has ended; the helpers then go on working. Shares handed over back to
-    back (the helper spinning) and after a pause longer than its spin (the helper asleep) alike."""
+    back (the helper spinning) and after a pause longer than its spin (the helper asleep) alike; and
+    where the spin-waits cannot be compiled (waits on the condition only)."""
     from npresnet_kernels import threads
 
+    if not spinning:
+        monkeypatch.setattr(threads, "_spin_waits", False)  # as after a failed compile
     helpers = threads.Helpers(2)
+    assert (helpers._waits is not None) == spinning
     for pause in (0, 2 * threads.SPIN_SECONDS, 0):
         time.sleep(pause)
         ran = []
