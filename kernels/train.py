@@ -241,12 +241,17 @@ def pack_weights(w, p_lo, p_hi, out):
     NR = out.shape[3]
     for p in range(p_lo, p_hi):
         panel = out[0, p]
-        for j in range(NR):
-            k = p * NR + j
-            for x in range(X):
-                for r in range(R):
-                    for s in range(S):
-                        panel[(r * S + s) * X + x, j] = w[k, x, r, s] if k < K else 0
+        width = min(NR, K - p * NR)
+        # Row by row of the panel (its NR values contiguous), reading NR rows of w side by side: a
+        # column at a time wrote each value NR*itemsize bytes past the last, over the whole panel NR times.
+        for r in range(R):
+            for s in range(S):
+                for x in range(X):
+                    row = panel[(r * S + s) * X + x]
+                    for j in range(width):
+                        row[j] = w[p * NR + j, x, r, s]
+                    for j in range(width, NR):
+                        row[j] = 0
 
 
 @kernel(nogil=True)

@@ -170,3 +170,24 @@ def test_global_avg_pool_and_backward(ops):
     grad_out = np.random.default_rng(5).standard_normal((2, 3))
     assert_close(ops.global_avg_pool(nhwc(x)), F.adaptive_avg_pool2d(x, 1).reshape(2, 3))
     assert_close(nchw(ops.global_avg_pool_backward(grad_out, nhwc(x))), F.adaptive_avg_pool2d_backward(grad_out[..., None, None], x.shape))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("K, C, R", [(40, 3, 3), (64, 5, 1), (8, 2, 7)], ids=str)
+def test_pack_weights_lays_out_panels_as_pack_panels(train, K, C, R, dtype):
+    """pack_weights (a training step's weights, packed at every step) gives cpu.pack_panels' layout,
+    from the weights as given and from a flipped, transposed view (the input gradient's), a last
+    partial panel zero-filled; shared out by panels as two threads would."""
+    from npresnet_kernels import cpu
+    from npresnet_kernels.cpu_kernels import compile_kernels
+
+    kernels = compile_kernels(train.__name__)
+    w = np.random.default_rng(4).standard_normal((K, C, R, R)).astype(dtype)
+    for given in (w, w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]):
+        Kg = given.shape[0]
+        want = cpu.pack_panels(np.ascontiguousarray(given.transpose(2, 3, 1, 0)).reshape(1, -1, Kg))
+        out = np.full(want.shape, np.nan, dtype=dtype)
+        panels = want.shape[1]
+        for lo, hi in ((0, panels // 2), (panels // 2, panels)):
+            kernels.pack_weights(given, lo, hi, out)
+        np.testing.assert_array_equal(out, want)
