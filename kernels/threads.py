@@ -89,39 +89,16 @@ no:
 
 define i64 @npresnet_wait_for_share(i64* %flags, i64* %entries, i64 %posted, i64 %seen, i64 %at_post, i64 %spins, i64 %gil_spins, i64 %settle) {{
 entry:
-  %pp = getelementptr i64, i64* %flags, i64 %posted
-  %pa = getelementptr i64, i64* %flags, i64 %at_post
-  br label %post
-post:
-  %i = phi i64 [0, %entry], [%i1, %post_again]
-  %v = load atomic i64, i64* %pp acquire, align 8
-  %new = icmp sgt i64 %v, %seen
-  br i1 %new, label %gil, label %post_again
-post_again:
-  {pause}
-  %i1 = add i64 %i, 1
-  %more = icmp slt i64 %i1, %spins
-  br i1 %more, label %post, label %timed_out
+  %next = add i64 %seen, 1
+  %shared = call i64 @npresnet_wait_until(i64* %flags, i64 %posted, i64 %next, i64 %spins)
+  %got = icmp ne i64 %shared, 0
+  br i1 %got, label %gil, label %timed_out
 gil:
-  %j = phi i64 [0, %post], [%j1, %gil_again]
+  %pa = getelementptr i64, i64* %flags, i64 %at_post
   %base = load atomic i64, i64* %pa acquire, align 8
-  %count = load atomic i64, i64* %entries monotonic, align 8
-  %entered = icmp sgt i64 %count, %base
-  br i1 %entered, label %settling, label %gil_again
-gil_again:
-  {pause}
-  %j1 = add i64 %j, 1
-  %wait = icmp slt i64 %j1, %gil_spins
-  br i1 %wait, label %gil, label %settling
-settling:
-  %k = phi i64 [0, %gil], [0, %gil_again], [%k1, %settle_again]
-  %left = icmp slt i64 %k, %settle
-  br i1 %left, label %settle_again, label %ready
-settle_again:
-  {pause}
-  %k1 = add i64 %k, 1
-  br label %settling
-ready:
+  %entered = add i64 %base, 1
+  %in_kernel = call i64 @npresnet_wait_until(i64* %entries, i64 0, i64 %entered, i64 %gil_spins)
+  %never = call i64 @npresnet_wait_until(i64* %flags, i64 %posted, i64 9223372036854775807, i64 %settle)
   ret i64 1
 timed_out:
   ret i64 0
