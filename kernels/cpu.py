@@ -89,8 +89,9 @@ def thread_cpus(threads: int) -> list[int] | None:
     because the other, halted by the host, looked taken to the guest's scheduler): resnet18 batch 1
     took 40 ms instead of 26, the next pass 27 instead of 22.5 (bench/results/notes.md). Fewer
     threads than CPUs: not pinned, so that two processes never pile onto the same CPUs. The helpers
-    stay pinned between passes; the training ops' passes (train.py) leave the caller free (a pinned
-    caller made no difference there).
+    stay pinned between passes; a training pass pins the caller as a forward pass does
+    (TrainingOps.running): the caller waits for its helpers spinning (threads.py), and left free it
+    could share a helper's CPU (a resnet18 step at 112 took 0.97x the time pinned: paired, 12 steps).
     """
     if threads < 2 or not hasattr(os, "sched_setaffinity") or os.environ.get("NPRESNET_PIN_THREADS", "1") == "0":
         return None

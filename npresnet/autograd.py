@@ -25,6 +25,7 @@ eval() mode, which the tests compare with, gradient by gradient.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any, Callable
 
@@ -48,6 +49,10 @@ class TrainingOps:
 
     def __init__(self, backend: Backend | None = None):
         self.backend = backend
+
+    def running(self) -> contextlib.AbstractContextManager:
+        """The context a whole training pass runs in: its backend's (Backend.running)."""
+        return contextlib.nullcontext() if self.backend is None else self.backend.running()
 
     def from_numpy(self, x: np.ndarray) -> Any:
         return x  # (N, C, H, W)
@@ -233,45 +238,46 @@ def value_and_grad(
     run = _Pass(model, dtype, training_ops(model.backend))
     ops = run.ops
 
-    # Forward, keeping what the backward needs.
-    if first_trainable == 0:
-        stem = stem_conv(spec)
-        stem_out, stem_saved = run.conv_bn(ops.from_numpy(x), stem)
-        ops.relu_(stem_out)  # (N, 64, H/2, W/2)
-        h = stem_out
-        if spec.stem == IMAGENET_STEM:
-            h, pool_saved = ops.max_pool2d(stem_out)  # (N, 64, H/4, W/4)
-    else:
-        h = ops.from_numpy(model._forward_frozen(x, frozen))
-    trained_blocks = [b for b in spec.blocks() if STAGES.index(b.prefix.split(".")[0]) >= first_trainable]
-    tape = []  # (block spec, block input, saved)
-    for b in trained_blocks:
-        out, saved = run.block(h, b)
-        tape.append((b, h, saved))
-        h = out
-    if model.training and first_trainable < len(STAGES):
-        model.invalidate(STAGES[first_trainable:])  # their running statistics changed
-    pooled = ops.global_avg_pool(h)  # (N, num_features)
-    logits = ops.linear(pooled, run.param("fc.weight"), run.param("fc.bias"))  # (N, num_classes)
-    loss, grad_logits = F.cross_entropy(logits, labels, label_smoothing)
-
-    # Backward.
-    grad_pooled, run.grads["fc.weight"], run.grads["fc.bias"] = ops.linear_backward(grad_logits, pooled, run.param("fc.weight"))
-    if tape:
-        grad_h = ops.global_avg_pool_backward(grad_pooled, h)
-        out = h
-        while tape:
-            b, block_input, saved = tape.pop()
-            input_grad = bool(tape) or first_trainable == 0
-            grad_h = run.block_backward(grad_h, out, b, saved, input_grad)
-            out = block_input
-            del saved, block_input
+    with ops.running():  # the Numba backend keeps the calling thread on a CPU of its own, as in a forward pass
+        # Forward, keeping what the backward needs.
         if first_trainable == 0:
+            stem = stem_conv(spec)
+            stem_out, stem_saved = run.conv_bn(ops.from_numpy(x), stem)
+            ops.relu_(stem_out)  # (N, 64, H/2, W/2)
+            h = stem_out
             if spec.stem == IMAGENET_STEM:
-                grad_h = ops.max_pool2d_backward(grad_h, pool_saved)
-            ops.relu_backward_(grad_h, stem_out)
-            del stem_out, out
-            run.conv_bn_backward(grad_h, stem, stem_saved, input_grad=False)
+                h, pool_saved = ops.max_pool2d(stem_out)  # (N, 64, H/4, W/4)
+        else:
+            h = ops.from_numpy(model._forward_frozen(x, frozen))
+        trained_blocks = [b for b in spec.blocks() if STAGES.index(b.prefix.split(".")[0]) >= first_trainable]
+        tape = []  # (block spec, block input, saved)
+        for b in trained_blocks:
+            out, saved = run.block(h, b)
+            tape.append((b, h, saved))
+            h = out
+        if model.training and first_trainable < len(STAGES):
+            model.invalidate(STAGES[first_trainable:])  # their running statistics changed
+        pooled = ops.global_avg_pool(h)  # (N, num_features)
+        logits = ops.linear(pooled, run.param("fc.weight"), run.param("fc.bias"))  # (N, num_classes)
+        loss, grad_logits = F.cross_entropy(logits, labels, label_smoothing)
+
+        # Backward.
+        grad_pooled, run.grads["fc.weight"], run.grads["fc.bias"] = ops.linear_backward(grad_logits, pooled, run.param("fc.weight"))
+        if tape:
+            grad_h = ops.global_avg_pool_backward(grad_pooled, h)
+            out = h
+            while tape:
+                b, block_input, saved = tape.pop()
+                input_grad = bool(tape) or first_trainable == 0
+                grad_h = run.block_backward(grad_h, out, b, saved, input_grad)
+                out = block_input
+                del saved, block_input
+            if first_trainable == 0:
+                if spec.stem == IMAGENET_STEM:
+                    grad_h = ops.max_pool2d_backward(grad_h, pool_saved)
+                ops.relu_backward_(grad_h, stem_out)
+                del stem_out, out
+                run.conv_bn_backward(grad_h, stem, stem_saved, input_grad=False)
     grads = {k: run.grads[k].astype(dtype, copy=False) for k in model.parameters(trainable=True)}
     if return_logits:
         return loss, grads, logits

@@ -191,3 +191,30 @@ def test_pack_weights_lays_out_panels_as_pack_panels(train, K, C, R, dtype):
         for lo, hi in ((0, panels // 2), (panels // 2, panels)):
             kernels.pack_weights(given, lo, hi, out)
         np.testing.assert_array_equal(out, want)
+
+
+def test_a_training_pass_pins_the_caller_as_a_forward_pass_does(train, monkeypatch):
+    """value_and_grad on the numba backend runs inside its StepBackend's running(): where the backend
+    takes every CPU, the calling thread stays on the first for the pass and gets its own affinity back."""
+    import os
+
+    import npresnet
+    from npresnet_kernels import cpu
+
+    monkeypatch.delenv("NPRESNET_PIN_THREADS", raising=False)
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    cpus = sorted(os.sched_getaffinity(0))
+    model = npresnet.build("resnet18", num_classes=3, backend=cpu.NumbaBackend(threads=len(cpus))).train()
+    ops = npresnet.autograd.training_ops(model.backend)
+    seen = []
+    max_pool = type(ops).max_pool2d
+
+    def recording(self, x):
+        seen.append(os.sched_getaffinity(0))
+        return max_pool(self, x)
+
+    monkeypatch.setattr(type(ops), "max_pool2d", recording)
+    before = os.sched_getaffinity(0)
+    npresnet.value_and_grad(model, np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32), np.array([0, 2]))
+    assert os.sched_getaffinity(0) == before
+    assert seen == [{cpus[0]} if len(cpus) > 1 else before]
