@@ -39,6 +39,12 @@ SPIN_SECONDS = 0.002
 # How long a helper that has seen its share waits for the caller to enter a kernel: the caller posts the
 # shares just before running its own, whose Python reaches its first kernel within tens of microseconds.
 GIL_SPIN_SECONDS = 100e-6
+# And then a little longer, so as to take the GIL once it is free (waiting for it, a thread sleeps, and
+# pays the wake-up this module avoids): the caller counts its kernel call a few microseconds before ctypes
+# lets go of the GIL (it converts the arguments first), and a helper marks its share done a few before it
+# calls its next spin-wait. 2 us: a helper started 52-78 us (median) after the handover and the caller
+# waited 118-137 us a layer at the end; 10 us: 31-32 and 66-76 (resnet50 batch 1, bench/results/notes.md).
+SETTLE_SECONDS = 10e-6
 
 # flags[slot * _STRIDE + field] of each helper, one cache line (64 bytes) apart
 _STRIDE = 8
@@ -55,7 +61,8 @@ def _spin_ir() -> str:
     (the caller has entered a kernel) or `gil_spins` more turns (a share of Python and NumPy only, or
     numba dispatchers, counts no entry); then `settle` turns more (the caller's kernel call lets go of
     the GIL a few instructions after counting itself): 1.
-    wait_until(flags, index, target, spins): until flags[index] >= target (1), or 0 after `spins` turns.
+    wait_until(flags, index, target, spins, settle): until flags[index] >= target, then `settle` turns more
+    (1); or 0 after `spins` turns.
     """
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
@@ -67,7 +74,7 @@ def _spin_ir() -> str:
     return f"""
 {declare}
 
-define i64 @npresnet_wait_until(i64* %flags, i64 %index, i64 %target, i64 %spins) {{
+define i64 @npresnet_wait_until(i64* %flags, i64 %index, i64 %target, i64 %spins, i64 %settle) {{
 entry:
   %p = getelementptr i64, i64* %flags, i64 %index
   br label %loop
@@ -82,6 +89,14 @@ again:
   %more = icmp slt i64 %next, %spins
   br i1 %more, label %loop, label %no
 yes:
+  %k = phi i64 [0, %loop], [%k1, %settling]
+  %left = icmp slt i64 %k, %settle
+  br i1 %left, label %settling, label %met
+settling:
+  {pause}
+  %k1 = add i64 %k, 1
+  br label %yes
+met:
   ret i64 1
 no:
   ret i64 0
@@ -90,15 +105,15 @@ no:
 define i64 @npresnet_wait_for_share(i64* %flags, i64* %entries, i64 %posted, i64 %seen, i64 %at_post, i64 %spins, i64 %gil_spins, i64 %settle) {{
 entry:
   %next = add i64 %seen, 1
-  %shared = call i64 @npresnet_wait_until(i64* %flags, i64 %posted, i64 %next, i64 %spins)
+  %shared = call i64 @npresnet_wait_until(i64* %flags, i64 %posted, i64 %next, i64 %spins, i64 0)
   %got = icmp ne i64 %shared, 0
   br i1 %got, label %gil, label %timed_out
 gil:
   %pa = getelementptr i64, i64* %flags, i64 %at_post
   %base = load atomic i64, i64* %pa acquire, align 8
   %entered = add i64 %base, 1
-  %in_kernel = call i64 @npresnet_wait_until(i64* %entries, i64 0, i64 %entered, i64 %gil_spins)
-  %never = call i64 @npresnet_wait_until(i64* %flags, i64 %posted, i64 9223372036854775807, i64 %settle)
+  %in_kernel = call i64 @npresnet_wait_until(i64* %entries, i64 0, i64 %entered, i64 %gil_spins, i64 0)
+  %never = call i64 @npresnet_wait_until(i64* %flags, i64 %posted, i64 9223372036854775807, i64 %settle, i64 0)
   ret i64 1
 timed_out:
   ret i64 0
@@ -113,16 +128,16 @@ class _SpinWaits:
         addresses = aot.compile_ir(_spin_ir(), ["npresnet_wait_until", "npresnet_wait_for_share"])
         i64, pointer = ctypes.c_int64, ctypes.c_void_p
         # ctypes.CFUNCTYPE lets go of the GIL for the call
-        self.wait_until = ctypes.CFUNCTYPE(i64, pointer, i64, i64, i64)(addresses["npresnet_wait_until"])
+        self.wait_until = ctypes.CFUNCTYPE(i64, pointer, i64, i64, i64, i64)(addresses["npresnet_wait_until"])
         self.wait_for_share = ctypes.CFUNCTYPE(i64, pointer, pointer, i64, i64, i64, i64, i64, i64)(addresses["npresnet_wait_for_share"])
         never = np.zeros(1, dtype=np.int64)
         turns = 20000
         start = time.perf_counter()
-        self.wait_until(never.ctypes.data, 0, 1, turns)  # never met: `turns` pauses
+        self.wait_until(never.ctypes.data, 0, 1, turns, 0)  # never met: `turns` pauses
         per_turn = max(time.perf_counter() - start, 1e-6) / turns
         self.spins = max(1000, int(SPIN_SECONDS / per_turn))
         self.gil_spins = max(100, int(GIL_SPIN_SECONDS / per_turn))
-        self.settle = max(10, int(2e-6 / per_turn))
+        self.settle = max(10, int(SETTLE_SECONDS / per_turn))
 
 
 _spin_waits: _SpinWaits | None = None
@@ -189,7 +204,8 @@ class Helpers:
                 done = i * _STRIDE + _DONE
                 if flags[done] >= generation:
                     continue
-                if waits is not None and waits.wait_until(flags.ctypes.data, done, generation, waits.spins):
+                # settle: the helper counts its share done just before it lets go of the GIL
+                if waits is not None and waits.wait_until(flags.ctypes.data, done, generation, waits.spins, waits.settle):
                     continue
                 with state.condition:
                     flags[self.count * _STRIDE + _SLEEPING] = 1  # the caller's slot
