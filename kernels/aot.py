@@ -421,7 +421,7 @@ def array_fields_ok() -> bool:
 
 
 # Kernel calls begun in this process, counted (from every thread, so approximately) for threads.Helpers.
-KERNEL_ENTRIES = np.zeros(8, dtype=np.int64)
+KERNEL_ENTRIES = np.zeros(8, dtype=np.int64)  # [0] counts; a cache line of its own
 _engines: list = []  # every MCJIT engine holds its kernel's code: kept for the life of the process
 
 

@@ -217,9 +217,36 @@ def simd_fma(typingctx, acc, array, index, vector):
     return acc(acc, array, index, vector), codegen
 
 
-# --- the 6 x NR block's way out, shared by gemm_packed and conv_packed (inlined into each) -----------
+# --- the 6 x NR block: its steps and its way out, shared by gemm_packed and conv_packed (inlined) --------
 # Twelve accumulators c<row><half> hold a block of six output rows by NR = 2L channels; o is the flat
 # index in out (and residual, laid out alike) of the block's first element, K the length of a row.
+
+
+@njit(inline="always")
+def fma_step(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, xf, x0, x1, x2, x3, x4, x5, wf, w, L):
+    """One step of the block over D: row i's element xf[x<i>] times the panel's row at wf[w], its two
+    vectors (b0, b1), added to c<i>0 and c<i>1. Returns the twelve accumulators."""
+    b0 = simd_load(wf, w)
+    b1 = simd_load(wf, w + L)
+    return (simd_fma(c00, xf, x0, b0), simd_fma(c01, xf, x0, b1),
+            simd_fma(c10, xf, x1, b0), simd_fma(c11, xf, x1, b1),
+            simd_fma(c20, xf, x2, b0), simd_fma(c21, xf, x2, b1),
+            simd_fma(c30, xf, x3, b0), simd_fma(c31, xf, x3, b1),
+            simd_fma(c40, xf, x4, b0), simd_fma(c41, xf, x4, b1),
+            simd_fma(c50, xf, x5, b0), simd_fma(c51, xf, x5, b1))
+
+
+@njit(inline="always")
+def finish(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+           rows, width, tf, scale, bias, col, rf, has_residual, relu, of, o, K, L):
+    """The block into out: whole (6 rows, a full panel) in registers, else through the tile, keeping its
+    first `rows` rows and `width` columns."""
+    if rows == 6 and width == 2 * L:
+        finish_block(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                     scale, bias, col, rf, has_residual, relu, of, o, K, L)
+    else:
+        store_block(tf, L, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51)
+        finish_tile(tf, rows, width, 2 * L, scale, bias, col, rf, has_residual, relu, of, o, K)
 
 
 @njit(inline="always")
@@ -326,28 +353,12 @@ def gemm_packed(a, Wp, scale, bias, residual, has_residual, relu, p_lo, p_hi, ti
                     c00 = simd_zero(a)
                     c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = c00
                     for k in range(D):
-                        b0 = simd_load(wf, w)
-                        b1 = simd_load(wf, w + L)
+                        c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51 = fma_step(
+                            c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                            af, x0 + k, x1 + k, x2 + k, x3 + k, x4 + k, x5 + k, wf, w, L)
                         w += NR
-                        c00 = simd_fma(c00, af, x0 + k, b0)
-                        c01 = simd_fma(c01, af, x0 + k, b1)
-                        c10 = simd_fma(c10, af, x1 + k, b0)
-                        c11 = simd_fma(c11, af, x1 + k, b1)
-                        c20 = simd_fma(c20, af, x2 + k, b0)
-                        c21 = simd_fma(c21, af, x2 + k, b1)
-                        c30 = simd_fma(c30, af, x3 + k, b0)
-                        c31 = simd_fma(c31, af, x3 + k, b1)
-                        c40 = simd_fma(c40, af, x4 + k, b0)
-                        c41 = simd_fma(c41, af, x4 + k, b1)
-                        c50 = simd_fma(c50, af, x5 + k, b0)
-                        c51 = simd_fma(c51, af, x5 + k, b1)
-                    o = o0 + i0 * K + col
-                    if rows == 6 and width == NR:
-                        finish_block(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
-                                     scale, bias, col, rf, has_residual, relu, of, o, K, L)
-                        continue
-                    store_block(tf, L, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51)
-                    finish_tile(tf, rows, width, NR, scale, bias, col, rf, has_residual, relu, of, o, K)
+                    finish(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                           rows, width, tf, scale, bias, col, rf, has_residual, relu, of, o0 + i0 * K + col, K, L)
 
 
 @kernel(nogil=True)
@@ -399,29 +410,13 @@ def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P,
                 c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = c00
                 for r in range(R):
                     shift = r * row
-                    for j in range(run):
-                        b0 = simd_load(wf, w)
-                        b1 = simd_load(wf, w + L)
+                    for j in range(shift, shift + run):
+                        c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51 = fma_step(
+                            c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                            xf, x0 + j, x1 + j, x2 + j, x3 + j, x4 + j, x5 + j, wf, w, L)
                         w += NR
-                        c00 = simd_fma(c00, xf, x0 + shift + j, b0)
-                        c01 = simd_fma(c01, xf, x0 + shift + j, b1)
-                        c10 = simd_fma(c10, xf, x1 + shift + j, b0)
-                        c11 = simd_fma(c11, xf, x1 + shift + j, b1)
-                        c20 = simd_fma(c20, xf, x2 + shift + j, b0)
-                        c21 = simd_fma(c21, xf, x2 + shift + j, b1)
-                        c30 = simd_fma(c30, xf, x3 + shift + j, b0)
-                        c31 = simd_fma(c31, xf, x3 + shift + j, b1)
-                        c40 = simd_fma(c40, xf, x4 + shift + j, b0)
-                        c41 = simd_fma(c41, xf, x4 + shift + j, b1)
-                        c50 = simd_fma(c50, xf, x5 + shift + j, b0)
-                        c51 = simd_fma(c51, xf, x5 + shift + j, b1)
-                o = i0 * K + col
-                if rows == 6 and width == NR:
-                    finish_block(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
-                                 scale, bias, col, rf, has_residual, relu, of, o, K, L)
-                    continue
-                store_block(tf, L, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51)
-                finish_tile(tf, rows, width, NR, scale, bias, col, rf, has_residual, relu, of, o, K)
+                finish(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
+                       rows, width, tf, scale, bias, col, rf, has_residual, relu, of, i0 * K + col, K, L)
 
 
 @kernel(nogil=True)

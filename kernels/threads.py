@@ -169,6 +169,7 @@ class Helpers:
         self.count = count
         self._waits = spin_waits()
         self._flags = np.zeros((count + 1) * _STRIDE, dtype=np.int64)
+        self._address = self._flags.ctypes.data  # read once: .ctypes builds an object on every access
         self._state = _State(count)
         self._threads = [
             threading.Thread(target=_helper, args=(self._state, self._flags, self._waits, i, cpus[i] if cpus else None),
@@ -205,7 +206,7 @@ class Helpers:
                 if flags[done] >= generation:
                     continue
                 # settle: the helper counts its share done just before it lets go of the GIL
-                if waits is not None and waits.wait_until(flags.ctypes.data, done, generation, waits.spins, waits.settle):
+                if waits is not None and waits.wait_until(self._address, done, generation, waits.spins, waits.settle):
                     continue
                 with state.condition:
                     flags[self.count * _STRIDE + _SLEEPING] = 1  # the caller's slot

@@ -107,6 +107,13 @@ def col2im(cols: np.ndarray, H: int, W: int, stride: int, padding: int) -> np.nd
 CONV_CHUNK_ELEMENTS = 1 << 23
 
 
+def image_chunks(N: int, elements_per_image: int) -> list[tuple[int, int]]:
+    """The spans n0:n1 of N images taken together, so that their patch matrix (elements_per_image
+    each) stays near CONV_CHUNK_ELEMENTS."""
+    chunk = max(1, CONV_CHUNK_ELEMENTS // elements_per_image)
+    return [(n0, min(N, n0 + chunk)) for n0 in range(0, N, chunk)]
+
+
 def conv2d(
     x: np.ndarray,
     weight: np.ndarray,
@@ -137,14 +144,13 @@ def conv2d(
         raise ValueError(f"conv2d: input {H}x{W} is too small for a {R}x{S} kernel with padding {padding}")
     G = groups
     w = weight.reshape(G, K // G, C_per_group * R * S)
-    chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
-    if chunk >= N:
+    chunks = image_chunks(N, C * R * S * P * Q)
+    if len(chunks) == 1:
         cols = patch_matrix(x, R, S, stride, padding, G)  # (G, C/G*R*S, N*P*Q)
         out = np.ascontiguousarray(np.matmul(w, cols).reshape(K, N, P, Q).transpose(1, 0, 2, 3))  # (N, K, P, Q)
     else:
         out = np.empty((N, K, P, Q), dtype=np.result_type(x, weight))
-        for n0 in range(0, N, chunk):
-            n1 = min(N, n0 + chunk)
+        for n0, n1 in chunks:
             cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
             out[n0:n1] = np.matmul(w, cols).reshape(K, n1 - n0, P, Q).transpose(1, 0, 2, 3)
     if bias is not None:
@@ -247,9 +253,7 @@ def conv2d_backward(
     transposed = K // G < 256
     grad_w = np.zeros((G, C_per_group * R * S, K // G) if transposed else (G, K // G, C_per_group * R * S), dtype=x.dtype)
     grad_x = np.empty_like(x) if input_grad else None
-    chunk = max(1, CONV_CHUNK_ELEMENTS // (C * R * S * P * Q))
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
+    for n0, n1 in image_chunks(N, C * R * S * P * Q):
         n = n1 - n0
         go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
         cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
@@ -287,9 +291,7 @@ def _conv2d_backward_stride1(
     flipped = flipped_kernel(weight, G).reshape(G, C_per_group, K // G * R * R)  # (G, C/G, K/G*R*R)
     grad_w_turned = np.zeros((G, K // G * R * R, C_per_group), dtype=x.dtype)  # rows (k, R-1-r, R-1-s)
     grad_x = np.empty_like(x)
-    chunk = max(1, CONV_CHUNK_ELEMENTS // (K * R * R * H * W))
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
+    for n0, n1 in image_chunks(N, K * R * R * H * W):
         n = n1 - n0
         gcols = patch_matrix(grad_out[n0:n1], R, R, 1, R - 1 - padding, G)  # (G, K/G*R*R, n*H*W)
         grad_x[n0:n1] = np.matmul(flipped, gcols).reshape(C, n, H, W).transpose(1, 0, 2, 3)
