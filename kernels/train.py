@@ -14,13 +14,14 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
     conv2d            the backend's own convolution (Winograd F(4x4, 3x3) for 3x3 stride 1,
                       GEMMs elsewhere) with a zero bias; its weights packed (``pack_weights``)
                       and Winograd-transformed (``winograd_weights``) by the pool's threads.
-    conv2d_backward   weight gradient: grad_out^T times patches (the backend's im2col kernel,
-                      or the input itself for 1x1), one GEMM per chunk of output rows, each
-                      thread summing its own share, the shares summed into torch's layout by
-                      ``weight_grad_layout``; 3x3 stride 1 on maps from 14x14 up without
-                      patches, nine GEMMs on shifted views of one padded grid
-                      (``_weight_grad_shifted``); split by output channel instead where the
-                      patches are small (layer4 on small images). Input gradient: for stride
+    conv2d_backward   weight gradient: for 3x3 stride 1 (maps from 4x4 up), by Winograd
+                      F(4x4 or 2x2, 3x3) (``_weight_grad_winograd``: the input's and the
+                      output gradient's tiles transformed, one GEMM per tile position, then
+                      ``winograd_weight_grad``); else grad_out^T times patches (the backend's
+                      im2col kernel, or the input itself for 1x1), one GEMM per chunk of output
+                      rows, each thread summing its own share, the shares summed into torch's
+                      layout by ``weight_grad_layout``; split by output channel instead where
+                      the patches are small (layer4 on small images). Input gradient: for stride
                       1, a convolution of grad_out with the flipped, transposed weights on
                       the backend (so Winograd again for 3x3); for stride 2, grad_out times
                       the weights, then ``col2im`` adds each patch back onto its pixels
@@ -299,6 +300,86 @@ def weight_grad_layout(shares, Cg, k_lo, k_hi, out):
                 out[k, c, rs] = v
 
 
+@kernel(nogil=True)
+def winograd_grad_output(grad_out, At, t_lo, t_hi, work, gM):
+    """grad_out (N, P, Q, K); At (m, A), A^T of Winograd F(m x m, 3x3) in grad_out's dtype -> gM (A*A, t_hi-t_lo, K)
+    = At^T gY At of the m x m output tiles t_lo <= t < t_hi (zeros past the edge), in winograd_input's tile
+    order: the gradient of the Winograd products M, since the forward's output tile is At M At^T
+    (cpu_kernels.winograd_output). work: scratch (2, A, A, K). Serial and GIL-free, as winograd_input."""
+    N, P, Q, K = grad_out.shape
+    m, A = At.shape
+    th = (P + m - 1) // m
+    tw = (Q + m - 1) // m
+    gy, tmp = work[0], work[1]  # gy[:m, :m]: the tile; tmp[:, :m]: At^T gY
+    for t in range(t_lo, t_hi):
+        n = t // (th * tw)
+        i = (t // tw) % th
+        j = t % tw
+        u = t - t_lo
+        for a in range(m):
+            p = i * m + a
+            for b in range(m):
+                q = j * m + b
+                if p < P and q < Q:
+                    for k in range(K):
+                        gy[a, b, k] = grad_out[n, p, q, k]
+                else:
+                    for k in range(K):
+                        gy[a, b, k] = 0
+        for r in range(A):  # tmp[r, b] = sum over a of At[a, r] gY[a, b]
+            for b in range(m):
+                for k in range(K):
+                    tmp[r, b, k] = 0
+                for a in range(m):
+                    c = At[a, r]
+                    if c != 0:
+                        for k in range(K):
+                            tmp[r, b, k] += c * gy[a, b, k]
+        for r in range(A):  # gM[r*A + s] = sum over b of tmp[r, b] At[b, s]
+            for s in range(A):
+                dst = gM[r * A + s, u]
+                for k in range(K):
+                    dst[k] = 0
+                for b in range(m):
+                    c = At[b, s]
+                    if c != 0:
+                        for k in range(K):
+                            dst[k] += c * tmp[r, b, k]
+
+
+@kernel(nogil=True)
+def winograd_weight_grad(gU, Gm, k_lo, k_hi, out):
+    """gU (A*A, K, C), the gradient of the Winograd weights U = Gm g Gm^T; Gm (A, 3) float64 -> out (K, C, 3, 3)
+    = Gm^T gU Gm for output channels k_lo <= k < k_hi, in float64 and rounded once."""
+    C = gU.shape[2]
+    A = Gm.shape[0]
+    rows = np.empty((A, 3, C))  # rows[i, s] = sum over j of gU[i*A + j] Gm[j, s]
+    acc = np.empty(C)
+    for k in range(k_lo, k_hi):
+        for i in range(A):
+            for s in range(3):
+                for c in range(C):
+                    rows[i, s, c] = 0.0
+            for j in range(A):
+                src = gU[i * A + j, k]
+                for s in range(3):
+                    g = Gm[j, s]
+                    if g != 0:
+                        for c in range(C):
+                            rows[i, s, c] += g * src[c]
+        for r in range(3):
+            for s in range(3):
+                for c in range(C):
+                    acc[c] = 0.0
+                for i in range(A):
+                    g = Gm[i, r]
+                    if g != 0:
+                        for c in range(C):
+                            acc[c] += g * rows[i, s, c]
+                for c in range(C):
+                    out[k, c, r, s] = acc[c]
+
+
 def _blocks(M: int) -> int:
     return max(1, min(SUM_BLOCKS, M))
 
@@ -362,9 +443,10 @@ class NumbaTrainingOps(TrainingOps):
     # Winograd for 3x3 stride-1 maps of at least this size: the transformed weights (4x the plain ones
     # for F(4x4)) are made afresh at every step, which smaller maps do not repay.
     winograd_min_size = 14
-    # The weight gradient of 3x3 stride-1 convolutions on shifted views of a padded grid (no patches)
-    # for maps of at least this size (see _weight_grad_shifted).
-    shifted_weight_grad_min_size = 14
+    # The weight gradient of 3x3 stride-1 convolutions by Winograd on maps of at least this size
+    # (_weight_grad_winograd), with its 4x4 output tile from weight_grad_tile4_min_size up.
+    winograd_weight_grad_min_size = 4
+    weight_grad_tile4_min_size = 7
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
@@ -428,8 +510,8 @@ class NumbaTrainingOps(TrainingOps):
         if one_by_one:
             strided = x[:, ::stride, ::stride, :] if stride > 1 else x  # (N, P, Q, C)
         grad_weight = np.empty(weight.shape, dtype=dtype)  # (K, C/G, R, S)
-        if (R, S, stride, padding, G) == (3, 3, 1, 1, 1) and min(P, Q) >= self.shifted_weight_grad_min_size:
-            return self._weight_grad_shifted(grad_out, x, grad_weight)
+        if (R, S, stride, padding, G) == (3, 3, 1, 1, 1) and min(P, Q) >= self.winograd_weight_grad_min_size:
+            return self._weight_grad_winograd(grad_out, x, grad_weight)
         layout = grad_weight.reshape(K, Cg, R * S)
 
         def patches(j, k):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k
@@ -479,62 +561,51 @@ class NumbaTrainingOps(TrainingOps):
         backend._split(lambda lo, hi: kernels.weight_grad_layout(shares, Cg, lo, hi, layout), K)
         return grad_weight
 
-    def _weight_grad_shifted(self, grad_out, x, grad_weight):
-        """The weight gradient of a 3x3, stride-1, padding-1 convolution (groups 1) with no patch matrix.
+    def _weight_grad_winograd(self, grad_out, x, grad_weight):
+        """The weight gradient of a 3x3, stride-1, padding-1 convolution (groups 1) by Winograd F(m x m, 3x3).
 
-        x and grad_out go onto one grid of rows W + 1 wide (one zero column, shared as the right padding of
-        a row and the left of the next) and H + 1 rows per image (one zero row between images), flattened:
-        x's pixel (h, w) at grid position (h + 1, w + 1), grad_out's (p, q) at (p, q), its extra row and
-        column zero. The pixel under tap (r, s) of output position i is then at x's grid row i + r*(W+1) + s,
-        so grad_weight[:, :, r, s] = grad_out_grid^T @ x_grid[r*(W+1) + s :][:L]: nine GEMMs on shifted
-        views, taken chunk by chunk (one chunk stays in cache for all nine), one share per thread summed
-        by weight_grad_layout. On 28x28 maps this saves gathering nine copies of the input (about a third
-        of the time); the grid's padding makes 7x7 maps (30% more rows) slower than patches.
+        The forward's products are M[ij] = U[ij] @ V[ij] for each of the A*A positions ij of a tile
+        (U = Gm g Gm^T the weights', V = Bt d Bt^T each input tile's transform), so the gradient of U is
+        grad_U[ij] = grad_M[ij]^T @ V[ij] over every tile, grad_M = At^T grad_tile At, and grad_g = Gm^T grad_U Gm:
+        A*A GEMMs whose inner length is the number of tiles, 9*m*m/A^2 of the direct products' work (4x fewer
+        for m = 4). Three steps, each shared out between the threads: the two transforms (one thread makes
+        V, the other grad_M, each over every tile), the GEMMs (by position ij), the weight transform (by
+        output channel, into torch's layout).
         """
         backend = self.backend
         N, H, W, C = x.shape
         K = grad_out.shape[3]
-        Hp, Wp = H + 1, W + 1
-        L = N * Hp * Wp  # grid rows; each tap reads rows up to L + 2*Wp + 2
+        m = self.weight_grad_tile(H, W)
+        A = m + 2
+        _, Gm, At = cpu.WINOGRAD[m]
+        T = N * -(-H // m) * -(-W // m)
         dtype = x.dtype
-        x_grid = backend._workspace("train_x_grid", (L + 2 * Wp + 2, C), dtype)
-        go_grid = backend._workspace("train_go_grid", (L, K), dtype)
-        x4, go4 = x_grid[:L].reshape(N, Hp, Wp, C), go_grid.reshape(N, Hp, Wp, K)
+        V = backend._workspace("wgrad V", (A * A, T, C), dtype)
+        gM = backend._workspace("wgrad M", (A * A, T, K), dtype)
+        At = At.astype(dtype)  # small integers: exact in either dtype
 
-        def fill(lo, hi):  # images lo <= n < hi; numpy lets go of the GIL to copy
-            x4[lo:hi, 0] = 0
-            x4[lo:hi, 1:, 0] = 0
-            x4[lo:hi, 1:, 1:] = x[lo:hi]
-            go4[lo:hi, :H, :W] = grad_out[lo:hi]
-            go4[lo:hi, :H, W] = 0
-            go4[lo:hi, H] = 0
+        def transforms(lo, hi):  # job 0: V, job 1: grad_M, each over every tile (one buffer each, whole GEMMs after)
+            if lo == 0:
+                backend.kernels.winograd_input(x, m, 0, T, backend._workspace("winograd in", (2, A, A, C), dtype), V)
+            if hi == 2:
+                self.kernels.winograd_grad_output(grad_out, At, 0, T, backend._workspace("wgrad out", (2, A, A, K), dtype), gM)
 
-        x_grid[L:] = 0
-        backend._split(fill, N)  # all of it before any GEMM: a thread's last taps read the next image's first rows
-        parts = min(backend.threads, N)
-        shares = backend._workspace("train_dw_shares", (parts, K, 9 * C), dtype)  # columns (r, s, c)
-        step = max(WEIGHT_GRAD_MIN_ROWS, 2 * K, WEIGHT_GRAD_CHUNK_BYTES // ((C + K) * x.itemsize))
+        backend._split(transforms, 2)
+        gU = backend._workspace("wgrad U", (A * A, K, C), dtype)
 
-        def share(lo, hi):
-            mine = shares[-(-lo * parts // N)]  # this thread's: _split's share i starts at N*i//parts
-            product = backend._workspace("train_dw", (K, C), dtype)
-            first, last = lo * Hp * Wp, hi * Hp * Wp
-            for i in range(first, last, step):
-                j = min(i + step, last)
-                go_rows = go_grid[i:j].T  # (K, rows)
-                for tap in range(9):
-                    offset = (tap // 3) * Wp + tap % 3
-                    np.matmul(go_rows, x_grid[i + offset : j + offset], out=product)
-                    if i == first:
-                        mine[:, tap * C : (tap + 1) * C] = product
-                    else:
-                        mine[:, tap * C : (tap + 1) * C] += product
+        def positions(lo, hi):
+            for ij in range(lo, hi):
+                np.matmul(gM[ij].T, V[ij], out=gU[ij])  # (K, C)
 
         with cpu._single_threaded_blas():
-            backend._split(share, N)
-        layout = grad_weight.reshape(K, C, 9)
-        backend._split(lambda lo, hi: self.kernels.weight_grad_layout(shares, C, lo, hi, layout), K)
+            backend._split(positions, A * A)
+        backend._split(lambda lo, hi: self.kernels.winograd_weight_grad(gU, Gm, lo, hi, grad_weight), K)
         return grad_weight
+
+    def weight_grad_tile(self, H: int, W: int) -> int:
+        """Winograd's output tile m for the weight gradient on H x W maps: 4 (36 GEMMs over N*H*W/16 tiles),
+        or 2 (16 over N*H*W/4) where 4 would leave too few tiles for a GEMM to run well."""
+        return 4 if min(H, W) >= self.weight_grad_tile4_min_size else 2
 
     def _input_grad_col2im(self, grad_out, x_shape, weight, stride, padding, groups):
         """grad_cols = grad_out[g] @ weight[g] per chunk of output rows, added back onto the pixels by col2im."""
@@ -637,7 +708,10 @@ class NumbaTrainingOps(TrainingOps):
         return self.backend.max_pool(x), x  # the backward kernel finds each window's winner in x again
 
     def max_pool2d_backward(self, grad_out, x):
-        grad_x = np.empty_like(x)
+        # A workspace, not a new array: the stem's 26 MB (at 112) came fresh from the system at every step, and
+        # its first touch (the kernel's zeroing, in page faults) made this pass 20-50 ms instead of a few.
+        # The pass reads it before its next call (the stem's ReLU and convolution backward).
+        grad_x = self.backend._workspace("train max-pool grad", x.shape, x.dtype)
         self.backend._split(lambda lo, hi: self.kernels.max_pool_3x3s2_backward(grad_out, x, lo, hi, grad_x), x.shape[0])
         return grad_x
 

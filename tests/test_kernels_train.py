@@ -28,7 +28,7 @@ def ops(train):
     backend.MIN_TILES = 1
     ops = train.NumbaTrainingOps(backend)
     ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
-    ops.shifted_weight_grad_min_size = 1  # and 3x3 stride-1 weight gradients without patches
+    ops.winograd_weight_grad_min_size = 1  # and for 3x3 stride-1 weight gradients
     return ops
 
 
@@ -75,6 +75,7 @@ def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
     monkeypatch.setattr(train, "CHUNK_BYTES", 1)
     monkeypatch.setattr(train, "WEIGHT_GRAD_CHUNK_BYTES", 1)
     monkeypatch.setattr(train, "WEIGHT_GRAD_MIN_ROWS", 1)
+    monkeypatch.setattr(ops, "winograd_weight_grad_min_size", 10**6)  # the patches' GEMMs, not Winograd's
     want_x, want_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
     got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups)
     np.testing.assert_array_equal(got_w, want_w)
@@ -82,6 +83,22 @@ def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
         np.testing.assert_array_equal(nchw(got_x), want_x)
     else:
         assert_close(nchw(got_x), want_x)
+
+
+WINOGRAD_CASES = [name for name, case in CONV_CASES.items() if case[5:] == (3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("name", WINOGRAD_CASES)
+def test_winograd_weight_grad_with_either_tile(ops, monkeypatch, name, tile, dtype):
+    """3x3 stride-1 weight gradients by Winograd F(2x2) and F(4x4), odd sizes and maps smaller than a tile included."""
+    monkeypatch.setattr(ops, "weight_grad_tile4_min_size", 1 if tile == 4 else 10**6)
+    x, w, grad_out, _ = conv_inputs(CONV_CASES[name], dtype, seed=2)
+    _, want_w = F.conv2d_backward(grad_out, x, w, 1, 1, 1)
+    assert ops.weight_grad_tile(*x.shape[2:]) == tile
+    _, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, 1, 1, 1, input_grad=False)
+    assert_close(got_w, want_w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
