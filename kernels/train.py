@@ -422,13 +422,25 @@ class StepConv(cpu.PreparedConv):
 
 
 class StepBackend(cpu.NumbaBackend):
-    """The numba backend as a training step runs its convolutions: GEMM chunks of CHUNK_BYTES.
+    """The numba backend as a training step runs its convolutions: GEMM chunks of CHUNK_BYTES, and
+    Winograd's tile by map size alone.
 
     Inference's 1 MiB chunks (batch 1) would make each of layer4's GEMMs at batch 32 re-read its
     9 MB of weights every 56 rows.
     """
 
     CHUNK_BYTES = CHUNK_BYTES
+    # Winograd's 4x4 output tile on maps of at least this size, else 2x2: on smaller maps the 4x4 tile's
+    # transformed weights (36 products a weight, 4x the plain ones, made afresh at every step) and its
+    # overhang cost more than its 2.25x fewer multiplications than F(2x2) save (layer4 at 112: 4x4 maps).
+    winograd_tile4_min_size = 7
+
+    def winograd_tile_for(self, P: int, Q: int) -> int:
+        """The Winograd output tile of the training pass's 3x3 stride-1 convolutions on P x Q maps."""
+        return 4 if min(P, Q) >= self.winograd_tile4_min_size else 2
+
+    def _winograd_tile(self, conv: cpu.PreparedConv, N: int, P: int, Q: int) -> int:
+        return self.winograd_tile_for(P, Q) if conv.winograd else 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -440,13 +452,10 @@ def step_backend(threads: int) -> StepBackend:
 class NumbaTrainingOps(TrainingOps):
     """TrainingOps over NHWC activations on a NumbaBackend (a StepBackend for value_and_grad); see the module docstring."""
 
-    # Winograd for 3x3 stride-1 maps of at least this size: the transformed weights (4x the plain ones
-    # for F(4x4)) are made afresh at every step, which smaller maps do not repay.
-    winograd_min_size = 14
-    # The weight gradient of 3x3 stride-1 convolutions by Winograd on maps of at least this size
-    # (_weight_grad_winograd), with its 4x4 output tile from weight_grad_tile4_min_size up.
+    # Winograd for 3x3 stride-1 convolutions on maps of at least this size, in the forward and the input
+    # gradient, and for their weight gradients (_weight_grad_winograd); the tile: StepBackend.winograd_tile_for.
+    winograd_min_size = 4
     winograd_weight_grad_min_size = 4
-    weight_grad_tile4_min_size = 7
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
@@ -575,7 +584,7 @@ class NumbaTrainingOps(TrainingOps):
         backend = self.backend
         N, H, W, C = x.shape
         K = grad_out.shape[3]
-        m = self.weight_grad_tile(H, W)
+        m = backend.winograd_tile_for(H, W)
         A = m + 2
         _, Gm, At = cpu.WINOGRAD[m]
         T = N * -(-H // m) * -(-W // m)
@@ -601,11 +610,6 @@ class NumbaTrainingOps(TrainingOps):
             backend._split(positions, A * A)
         backend._split(lambda lo, hi: self.kernels.winograd_weight_grad(gU, Gm, lo, hi, grad_weight), K)
         return grad_weight
-
-    def weight_grad_tile(self, H: int, W: int) -> int:
-        """Winograd's output tile m for the weight gradient on H x W maps: 4 (36 GEMMs over N*H*W/16 tiles),
-        or 2 (16 over N*H*W/4) where 4 would leave too few tiles for a GEMM to run well."""
-        return 4 if min(H, W) >= self.weight_grad_tile4_min_size else 2
 
     def _input_grad_col2im(self, grad_out, x_shape, weight, stride, padding, groups):
         """grad_cols = grad_out[g] @ weight[g] per chunk of output rows, added back onto the pixels by col2im."""

@@ -91,13 +91,16 @@ WINOGRAD_CASES = [name for name, case in CONV_CASES.items() if case[5:] == (3, 1
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("tile", [2, 4])
 @pytest.mark.parametrize("name", WINOGRAD_CASES)
-def test_winograd_weight_grad_with_either_tile(ops, monkeypatch, name, tile, dtype):
-    """3x3 stride-1 weight gradients by Winograd F(2x2) and F(4x4), odd sizes and maps smaller than a tile included."""
-    monkeypatch.setattr(ops, "weight_grad_tile4_min_size", 1 if tile == 4 else 10**6)
-    x, w, grad_out, _ = conv_inputs(CONV_CASES[name], dtype, seed=2)
-    _, want_w = F.conv2d_backward(grad_out, x, w, 1, 1, 1)
-    assert ops.weight_grad_tile(*x.shape[2:]) == tile
-    _, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, 1, 1, 1, input_grad=False)
+def test_winograd_convolutions_with_either_tile(ops, monkeypatch, name, tile, dtype):
+    """3x3 stride-1 forward, input and weight gradients by Winograd F(2x2) and F(4x4) (the training pass picks
+    the tile by map size), odd sizes and maps smaller than a tile included."""
+    monkeypatch.setattr(ops.backend, "winograd_tile4_min_size", 1 if tile == 4 else 10**6)
+    x, w, grad_out, out = conv_inputs(CONV_CASES[name], dtype, seed=2)
+    assert ops.backend.winograd_tile_for(*x.shape[2:]) == tile
+    assert_close(nchw(ops.conv2d(nhwc(x), w, 1, 1, 1)), out)
+    want_x, want_w = F.conv2d_backward(grad_out, x, w, 1, 1, 1)
+    got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, 1, 1, 1)
+    assert_close(nchw(got_x), want_x)
     assert_close(got_w, want_w)
 
 
