@@ -301,13 +301,13 @@ def weight_grad_layout(shares, Cg, k_lo, k_hi, out):
 
 
 @kernel(nogil=True)
-def winograd_grad_output(grad_out, At, t_lo, t_hi, work, gM):
-    """grad_out (N, P, Q, K); At (m, A), A^T of Winograd F(m x m, 3x3) in grad_out's dtype -> gM (A*A, t_hi-t_lo, K)
-    = At^T gY At of the m x m output tiles t_lo <= t < t_hi (zeros past the edge), in winograd_input's tile
-    order: the gradient of the Winograd products M, since the forward's output tile is At M At^T
-    (cpu_kernels.winograd_output). work: scratch (2, A, A, K). Serial and GIL-free, as winograd_input."""
+def winograd_grad_output(grad_out, m, t_lo, t_hi, work, gM):
+    """grad_out (N, P, Q, K) -> gM (A*A, t_hi-t_lo, K) = At^T gY At of the m x m output tiles t_lo <= t < t_hi
+    (zeros past the edge), m = 4 or 2, A = m + 2, in winograd_input's tile order: the gradient of the
+    Winograd products M, since the forward's output tile is At M At^T (cpu_kernels.winograd_output).
+    At^T (the transpose of WINOGRAD[m][2]) written out term by term, as winograd_input writes B^T, down
+    the tile's columns, then along its rows. work: scratch (2, A, A, K). Serial and GIL-free, as winograd_input."""
     N, P, Q, K = grad_out.shape
-    m, A = At.shape
     th = (P + m - 1) // m
     tw = (Q + m - 1) // m
     gy, tmp = work[0], work[1]  # gy[:m, :m]: the tile; tmp[:, :m]: At^T gY
@@ -326,25 +326,44 @@ def winograd_grad_output(grad_out, At, t_lo, t_hi, work, gM):
                 else:
                     for k in range(K):
                         gy[a, b, k] = 0
-        for r in range(A):  # tmp[r, b] = sum over a of At[a, r] gY[a, b]
-            for b in range(m):
+        if m == 4:
+            for b in range(4):  # tmp[:, b] = At^T gY[:, b]
                 for k in range(K):
-                    tmp[r, b, k] = 0
-                for a in range(m):
-                    c = At[a, r]
-                    if c != 0:
-                        for k in range(K):
-                            tmp[r, b, k] += c * gy[a, b, k]
-        for r in range(A):  # gM[r*A + s] = sum over b of tmp[r, b] At[b, s]
-            for s in range(A):
-                dst = gM[r * A + s, u]
+                    g0, g1, g2, g3 = gy[0, b, k], gy[1, b, k], gy[2, b, k], gy[3, b, k]
+                    even, odd = g0 + g2, g1 + g3
+                    even4, odd8 = g0 + 4 * g2, 2 * g1 + 8 * g3
+                    tmp[0, b, k] = g0
+                    tmp[1, b, k] = even + odd
+                    tmp[2, b, k] = even - odd
+                    tmp[3, b, k] = even4 + odd8
+                    tmp[4, b, k] = even4 - odd8
+                    tmp[5, b, k] = g3
+            for a in range(6):  # gM[a, :] = tmp[a] At
                 for k in range(K):
-                    dst[k] = 0
-                for b in range(m):
-                    c = At[b, s]
-                    if c != 0:
-                        for k in range(K):
-                            dst[k] += c * tmp[r, b, k]
+                    g0, g1, g2, g3 = tmp[a, 0, k], tmp[a, 1, k], tmp[a, 2, k], tmp[a, 3, k]
+                    even, odd = g0 + g2, g1 + g3
+                    even4, odd8 = g0 + 4 * g2, 2 * g1 + 8 * g3
+                    gM[a * 6, u, k] = g0
+                    gM[a * 6 + 1, u, k] = even + odd
+                    gM[a * 6 + 2, u, k] = even - odd
+                    gM[a * 6 + 3, u, k] = even4 + odd8
+                    gM[a * 6 + 4, u, k] = even4 - odd8
+                    gM[a * 6 + 5, u, k] = g3
+        else:
+            for b in range(2):
+                for k in range(K):
+                    g0, g1 = gy[0, b, k], gy[1, b, k]
+                    tmp[0, b, k] = g0
+                    tmp[1, b, k] = g0 + g1
+                    tmp[2, b, k] = g0 - g1
+                    tmp[3, b, k] = -g1
+            for a in range(4):
+                for k in range(K):
+                    g0, g1 = tmp[a, 0, k], tmp[a, 1, k]
+                    gM[a * 4, u, k] = g0
+                    gM[a * 4 + 1, u, k] = g0 + g1
+                    gM[a * 4 + 2, u, k] = g0 - g1
+                    gM[a * 4 + 3, u, k] = -g1
 
 
 @kernel(nogil=True)
@@ -586,18 +605,17 @@ class NumbaTrainingOps(TrainingOps):
         K = grad_out.shape[3]
         m = backend.winograd_tile_for(H, W)
         A = m + 2
-        _, Gm, At = cpu.WINOGRAD[m]
+        Gm = cpu.WINOGRAD[m][1]
         T = N * -(-H // m) * -(-W // m)
         dtype = x.dtype
         V = backend._workspace("wgrad V", (A * A, T, C), dtype)
         gM = backend._workspace("wgrad M", (A * A, T, K), dtype)
-        At = At.astype(dtype)  # small integers: exact in either dtype
 
         def transforms(lo, hi):  # job 0: V, job 1: grad_M, each over every tile (one buffer each, whole GEMMs after)
             if lo == 0:
                 backend.kernels.winograd_input(x, m, 0, T, backend._workspace("winograd in", (2, A, A, C), dtype), V)
             if hi == 2:
-                self.kernels.winograd_grad_output(grad_out, At, 0, T, backend._workspace("wgrad out", (2, A, A, K), dtype), gM)
+                self.kernels.winograd_grad_output(grad_out, m, 0, T, backend._workspace("wgrad out", (2, A, A, K), dtype), gM)
 
         backend._split(transforms, 2)
         gU = backend._workspace("wgrad U", (A * A, K, C), dtype)
