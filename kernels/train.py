@@ -11,7 +11,8 @@ Every op keeps the signature and the numbers of its NumPy reference in ``functio
 (through ``npresnet.autograd.TrainingOps``), with activations (N, H, W, C) instead of
 (N, C, H, W); ``tests/test_kernels_train.py`` checks each against the reference, and
 ``tests/test_grad.py`` the whole pass against torch autograd. What runs where:
-    conv2d            the backend's own convolution (Winograd F(4x4, 3x3) for 3x3 stride 1,
+    conv2d            the backend's own convolution (Winograd for 3x3 stride 1 on maps from
+                      4x4 up: F(4x4, 3x3) from 7x7, F(2x2, 3x3) below, StepBackend.winograd_tile_for;
                       GEMMs elsewhere) with a zero bias; its weights packed (``pack_weights``)
                       and Winograd-transformed (``winograd_weights``) by the pool's threads.
     conv2d_backward   weight gradient: for 3x3 stride 1 (maps from 4x4 up), by Winograd
