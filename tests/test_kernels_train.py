@@ -104,6 +104,19 @@ def test_winograd_convolutions_with_either_tile(ops, monkeypatch, name, tile, dt
     assert_close(got_w, want_w)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_winograd_weight_grad_on_other_thread_counts(train, threads):
+    """One thread makes both transforms in turn; three share two transforms and the tile positions."""
+    backend = train.StepBackend(threads=threads)
+    ops = train.NumbaTrainingOps(backend)
+    ops.winograd_weight_grad_min_size = 1
+    x, w, grad_out, _ = conv_inputs(CONV_CASES["3x3"], np.float64, seed=3)
+    want_x, want_w = F.conv2d_backward(grad_out, x, w, 1, 1, 1)
+    got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, 1, 1, 1)
+    assert_close(got_w, want_w)
+    assert_close(nchw(got_x), want_x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("flipped", [False, True], ids=["weights", "flipped-view"])
 def test_step_conv_weights_match_the_inference_backends(ops, train, flipped, dtype):
