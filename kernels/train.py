@@ -408,11 +408,13 @@ class StepConv(cpu.PreparedConv):
     """A convolution prepared for one training step (its weights change at every step): Winograd
     only where asked (winograd=False: the GEMM path), and its weights made by kernels shared out
     between the backend's threads: groups-1 weights packed by pack_weights (on one thread, layer4's
-    packing took 5 ms a convolution, twice a step), Winograd weights by winograd_weights."""
+    packing took 5 ms a convolution, twice a step), Winograd weights by winograd_weights. A convolution
+    that runs by Winograd (StepBackend picks a tile for every one) is not packed for the GEMM path at all."""
 
     def __init__(self, conv: FoldedConv, winograd: bool, backend: cpu.NumbaBackend):
         self.backend = backend
         self.given_weight = conv.weight  # (K, C/G, R, S), maybe a flipped view: the Winograd weights are made from it
+        self.by_winograd = winograd and (conv.weight.shape[2:], conv.stride, conv.padding, conv.groups) == ((3, 3), 1, 1, 1)
         super().__init__(conv)
         self.winograd = self.winograd and winograd
 
@@ -421,6 +423,8 @@ class StepConv(cpu.PreparedConv):
         return np.array(self.given_weight)
 
     def pack(self, weight):
+        if self.by_winograd:
+            return None  # U instead (the packed GEMM weights of a 3x3 layer were a sixth of a step's packing and transforms)
         K = weight.shape[0]
         NR = cpu.panel_width(weight.dtype)
         panels = -(-K // NR)

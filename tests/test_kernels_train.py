@@ -120,8 +120,9 @@ def test_winograd_weight_grad_on_other_thread_counts(train, threads):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("flipped", [False, True], ids=["weights", "flipped-view"])
 def test_step_conv_weights_match_the_inference_backends(ops, train, flipped, dtype):
-    """StepConv packs its GEMM weights and makes its Winograd weights (both tiles) in its own kernels,
-    from the weights or from the flipped, transposed view the input gradient uses: as cpu.PreparedConv does."""
+    """StepConv packs its GEMM weights or (for Winograd, and then only those) makes its Winograd weights
+    (both tiles) in its own kernels, from the weights or from the flipped, transposed view the input
+    gradient uses: as cpu.PreparedConv does."""
     from npresnet.backends import FoldedConv
     from npresnet_kernels import cpu
 
@@ -129,9 +130,10 @@ def test_step_conv_weights_match_the_inference_backends(ops, train, flipped, dty
     if flipped:
         w = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
     conv = FoldedConv(w, np.zeros(w.shape[0], dtype=dtype), 1, 1, 1)
-    got = train.StepConv(conv, True, ops.backend)
     want = cpu.PreparedConv(FoldedConv(np.ascontiguousarray(w), conv.bias, 1, 1, 1))
-    np.testing.assert_array_equal(got.Wp, want.Wp)
+    np.testing.assert_array_equal(train.StepConv(conv, False, ops.backend).Wp, want.Wp)  # the GEMM path's
+    got = train.StepConv(conv, True, ops.backend)
+    assert got.Wp is None  # by Winograd: U only
     for tile in (2, 4):
         assert got.U(tile).shape == want.U(tile).shape
         assert_close(got.U(tile), want.U(tile))
