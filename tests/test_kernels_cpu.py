@@ -166,6 +166,36 @@ def test_kernels_at_the_other_vector_width(cpu):
     assert proc.stdout.strip() == "ok"
 
 
+@pytest.mark.parametrize("keep", ["1", "0"], ids=["kept", "opted-out"])
+def test_the_backend_keeps_freed_memory_for_the_next_pass(cpu, keep):
+    """Creating a NumbaBackend sets glibc's malloc to keep freed arrays' memory (cpu.keep_freed_memory):
+    three 30 MiB arrays freed stay resident for the next allocations; NPRESNET_KEEP_FREED_MEMORY=0 leaves
+    glibc's default, which gives them back to the system (and the next pass faults them in again)."""
+    proc = run_python(
+        """
+        import numpy as np
+        from npresnet_kernels import cpu
+        cpu.NumbaBackend(threads=1)
+        def resident_mb():
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * 4096 / 2**20
+        for _ in range(2):
+            arrays = [np.ones(30 << 18, dtype=np.float32) for _ in range(3)]  # 30 MiB each
+            before = resident_mb()
+            del arrays
+            print(cpu.keep_freed_memory(), round(before - resident_mb()))
+        """,
+        env={"NPRESNET_KEEP_FREED_MEMORY": keep},
+    )
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.splitlines():  # each pass: whether malloc was set, MiB given back on freeing 90
+        kept, given_back = line.split()
+        if keep == "1":
+            assert kept == "True" and int(given_back) < 10, proc.stdout
+        else:
+            assert kept == "False" and int(given_back) > 50, proc.stdout
+
+
 def test_simd_bytes_override_is_checked(cpu, monkeypatch):
     monkeypatch.setenv("NPRESNET_SIMD_BYTES", "48")
     with pytest.raises(ValueError, match="NPRESNET_SIMD_BYTES must be 32 or 64"):
