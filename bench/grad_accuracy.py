@@ -1,6 +1,6 @@
 """Largest gradient error of npresnet.value_and_grad against torch autograd, per architecture and dtype.
 
-    python bench/grad_accuracy.py [--size 64] [--batch 2] [--mode train eval] [--arch resnet18 ...]
+    python bench/grad_accuracy.py [--size 64] [--batch 2] [--mode train eval] [--arch resnet18 ...] [--backend numpy]
 
 Builds each architecture in torch (tests/torch_resnet.py: TorchVision's layout, random weights and
 batch-norm statistics), loads the same state dict into npresnet, runs one cross-entropy forward and
@@ -44,7 +44,7 @@ def torch_grads(spec, state, x, labels, training, dtype):
     return {k: p.grad.numpy() for k, p in model.named_parameters()}
 
 
-def measure(arch: str, shape, training: bool) -> dict[str, float]:
+def measure(arch: str, shape, training: bool, backend: str = "numpy") -> dict[str, float]:
     spec = get_spec(arch, num_classes=10)
     state = numpy_state_dict(randomise(torch_resnet(spec), seed=0).double())
     x = np.random.default_rng(1).standard_normal(shape)
@@ -54,7 +54,7 @@ def measure(arch: str, shape, training: bool) -> dict[str, float]:
     for label, np_dtype, t_dtype in (("f32", np.float32, torch.float32), ("f64", np.float64, torch.float64)):
         want[label] = torch_grads(spec, state, x, labels, training, t_dtype)
         cast = {k: v.astype(np_dtype) if v.dtype.kind == "f" else v for k, v in state.items()}
-        model = npresnet.build(arch, cast, backend="numpy").train(training)
+        model = npresnet.build(arch, cast, backend=backend).train(training)
         _, grads = npresnet.value_and_grad(model, x.astype(np_dtype), labels)
         result[label] = worst(grads, want[label])
     result["torch f32 vs f64"] = worst(want["f32"], want["f64"])
@@ -67,16 +67,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--mode", nargs="*", default=["train", "eval"], choices=["train", "eval"])
     parser.add_argument("--arch", nargs="*", default=list(ARCHITECTURES))
+    parser.add_argument("--backend", default="numpy", help="npresnet backend whose training pass is measured (numpy, numba)")
     args = parser.parse_args()
     shape = (args.batch, 3, args.size, args.size)
     columns = [f"{mode} {c}" for mode in args.mode for c in ("f32", "f64", "torch f32 vs f64")]
-    print(f"input {shape}, 10 classes; largest |gradient error| relative to max |torch gradient| of its tensor\n")
+    print(f"{args.backend} backend, input {shape}, 10 classes; largest |gradient error| relative to max |torch gradient| of its tensor\n")
     print("| architecture | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * len(columns))
     for arch in args.arch:
         cells = []
         for mode in args.mode:
-            errors = measure(arch, shape, mode == "train")
+            errors = measure(arch, shape, mode == "train", args.backend)
             cells += [errors[c] for c in ("f32", "f64", "torch f32 vs f64")]
         print(f"| {arch} | " + " | ".join(f"{e:.1e}" for e in cells) + " |", flush=True)
 
