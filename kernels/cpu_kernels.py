@@ -482,6 +482,23 @@ def epilogue(src, scale, bias, residual, has_residual, relu, out):
                     v = 0
                 out[row, k] = v
 
+@njit(inline="always")
+def gather_tile(x, n, h0, w0, size, d):
+    """d[:size, :size] = the size x size patch of image n of x (N, H, W, C) at (h0, w0), zeros outside x:
+    a Winograd tile of the input (winograd_input) or of an output gradient (train.winograd_grad_output)."""
+    H, W, C = x.shape[1], x.shape[2], x.shape[3]
+    for a in range(size):
+        h = h0 + a
+        for b in range(size):
+            w = w0 + b
+            if 0 <= h < H and 0 <= w < W:
+                for c in range(C):
+                    d[a, b, c] = x[n, h, w, c]
+            else:
+                for c in range(C):
+                    d[a, b, c] = 0
+
+
 @kernel(nogil=True)
 def winograd_input(x, m, t_lo, t_hi, work, V):
     """x (N, H, W, C) -> V (A*A, t_hi-t_lo, C) = B^T d B for tiles t_lo <= t < t_hi, m = 4 or 2.
@@ -503,16 +520,7 @@ def winograd_input(x, m, t_lo, t_hi, work, V):
         i = (t // tw) % th
         j = t % tw
         u = t - t_lo
-        for a in range(A):
-            h = i * m + a - 1
-            for b in range(A):
-                w = j * m + b - 1
-                if 0 <= h < H and 0 <= w < W:
-                    for c in range(C):
-                        d[a, b, c] = x[n, h, w, c]
-                else:
-                    for c in range(C):
-                        d[a, b, c] = 0
+        gather_tile(x, n, i * m - 1, j * m - 1, A, d)
         if m == 4:
             for b in range(6):  # tmp[:, b] = B^T d[:, b]
                 for c in range(C):

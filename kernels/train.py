@@ -52,7 +52,7 @@ from npresnet.autograd import TrainingOps, register_training_ops
 from npresnet.backends import FoldedConv
 
 from . import cpu
-from .cpu_kernels import compile_kernels, kernel
+from .cpu_kernels import compile_kernels, gather_tile, kernel
 
 # Each thread's col2im GEMMs (and the forward's GEMM paths) take output rows in chunks of about this
 # many bytes of patches: large enough for fast GEMMs, small enough to stay a bounded workspace.
@@ -317,16 +317,7 @@ def winograd_grad_output(grad_out, m, t_lo, t_hi, work, gM):
         i = (t // tw) % th
         j = t % tw
         u = t - t_lo
-        for a in range(m):
-            p = i * m + a
-            for b in range(m):
-                q = j * m + b
-                if p < P and q < Q:
-                    for k in range(K):
-                        gy[a, b, k] = grad_out[n, p, q, k]
-                else:
-                    for k in range(K):
-                        gy[a, b, k] = 0
+        gather_tile(grad_out, n, i * m, j * m, m, gy)
         if m == 4:
             for b in range(4):  # tmp[:, b] = At^T gY[:, b]
                 for k in range(K):
