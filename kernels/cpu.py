@@ -184,8 +184,9 @@ def panel_width(dtype) -> int:
 
 def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
     """w (E, ..., K) -> (E, ceil(K/NR), D, NR) in `dtype` (default w's), D the product of the middle
-    axes in C order: gemm_packed's weights, NR = panel_width(dtype) output channels, the last panel zero-padded. Filled panel by panel from w as it is (a transposed view
-    will do), so that packing holds no whole-size temporary beside its result."""
+    axes in C order: gemm_packed's weights, NR = panel_width(dtype) output channels, the last panel
+    zero-padded. Filled panel by panel from w as it is (a transposed view will do), so that packing holds
+    no whole-size temporary beside its result."""
     dtype = np.dtype(dtype or w.dtype)
     E, K = w.shape[0], w.shape[-1]
     D = math.prod(w.shape[1:-1])
@@ -222,17 +223,21 @@ class PreparedConv:
         self.bias = np.ascontiguousarray(conv.bias)
         self.batch_norm_scale = scale
         self.scale = np.ones(K, dtype=self.dtype) if scale is None else scale.astype(self.dtype)
+        self.winograd = self.runs_winograd(conv)
         self.W = self.Wp = None
         if G == 1:
             self.Wp = self.pack(conv.weight)
         else:
             w = conv.weight.reshape(G, K // G, Cg, R, S).transpose(0, 3, 4, 2, 1)  # (G, R, S, C/G, K/G)
             self.W = np.ascontiguousarray(w.reshape(G, R * S * Cg, K // G))
-        self.winograd = (R, S, conv.stride, conv.padding, G) == (3, 3, 1, 1, 1)
         self._U: dict[int, np.ndarray] = {}
         # The scale and bias of Winograd's GEMMs: the batch norm's scale is in U, its bias added by the output transform.
         self.zeros = np.zeros(K, dtype=self.dtype) if self.winograd else None
         self.ones = np.ones(K, dtype=self.dtype) if self.winograd else None
+
+    def runs_winograd(self, conv: FoldedConv) -> bool:
+        """Whether Winograd may run this convolution (3x3, stride 1, padding 1, groups 1); a subclass may narrow it."""
+        return (conv.weight.shape[2:], conv.stride, conv.padding, conv.groups) == ((3, 3), 1, 1, 1)
 
     def pack(self, weight: np.ndarray) -> np.ndarray:
         """Wp of groups-1 weights (K, C, R, S); a subclass may pack them another way."""

@@ -482,6 +482,7 @@ def epilogue(src, scale, bias, residual, has_residual, relu, out):
                     v = 0
                 out[row, k] = v
 
+
 @njit(inline="always")
 def gather_tile(x, n, h0, w0, size, d):
     """d[:size, :size] = the size x size patch of image n of x (N, H, W, C) at (h0, w0), zeros outside x:

@@ -405,16 +405,18 @@ class StepConv(cpu.PreparedConv):
     def __init__(self, conv: FoldedConv, winograd: bool, backend: cpu.NumbaBackend):
         self.backend = backend
         self.given_weight = conv.weight  # (K, C/G, R, S), maybe a flipped view: the Winograd weights are made from it
-        self.by_winograd = winograd and (conv.weight.shape[2:], conv.stride, conv.padding, conv.groups) == ((3, 3), 1, 1, 1)
+        self.wants_winograd = winograd
         super().__init__(conv)
-        self.winograd = self.winograd and winograd
+
+    def runs_winograd(self, conv: FoldedConv) -> bool:
+        return self.wants_winograd and super().runs_winograd(conv)
 
     def weight(self) -> np.ndarray:
         """The weights (K, C/G, R, S) as given (a copy): what the NumPy stand-in of a kernel being built reads."""
         return np.array(self.given_weight)
 
     def pack(self, weight):
-        if self.by_winograd:
+        if self.winograd:
             return None  # U instead: 26 of a resnet18 step's 33 packings were of such layers, and never read
         K = weight.shape[0]
         NR = cpu.panel_width(weight.dtype)
@@ -470,7 +472,6 @@ class NumbaTrainingOps(TrainingOps):
     # Winograd for 3x3 stride-1 convolutions on maps of at least this size, in the forward and the input
     # gradient, and for their weight gradients (_weight_grad_winograd); the tile: StepBackend.winograd_tile_for.
     winograd_min_size = 4
-    winograd_weight_grad_min_size = 4
 
     def __init__(self, backend: cpu.NumbaBackend):
         super().__init__(backend)
@@ -534,7 +535,7 @@ class NumbaTrainingOps(TrainingOps):
         if one_by_one:
             strided = x[:, ::stride, ::stride, :] if stride > 1 else x  # (N, P, Q, C)
         grad_weight = np.empty(weight.shape, dtype=dtype)  # (K, C/G, R, S)
-        if (R, S, stride, padding, G) == (3, 3, 1, 1, 1) and min(P, Q) >= self.winograd_weight_grad_min_size:
+        if (R, S, stride, padding, G) == (3, 3, 1, 1, 1) and min(P, Q) >= self.winograd_min_size:
             return self._weight_grad_winograd(grad_out, x, grad_weight)
         layout = grad_weight.reshape(K, Cg, R * S)
 

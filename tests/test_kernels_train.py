@@ -27,8 +27,7 @@ def ops(train):
     backend = train.StepBackend(threads=2)
     backend.MIN_TILES = 1
     ops = train.NumbaTrainingOps(backend)
-    ops.winograd_min_size = 1  # Winograd (forward and input gradient) even on the tiny maps of a test
-    ops.winograd_weight_grad_min_size = 1  # and for 3x3 stride-1 weight gradients
+    ops.winograd_min_size = 1  # Winograd (forward, input and weight gradients) even on the tiny maps of a test
     return ops
 
 
@@ -75,11 +74,11 @@ def test_conv2d_backward_in_chunks_is_exact(ops, train, monkeypatch, name):
     monkeypatch.setattr(train, "CHUNK_BYTES", 1)
     monkeypatch.setattr(train, "WEIGHT_GRAD_CHUNK_BYTES", 1)
     monkeypatch.setattr(train, "WEIGHT_GRAD_MIN_ROWS", 1)
-    monkeypatch.setattr(ops, "winograd_weight_grad_min_size", 10**6)  # the patches' GEMMs, not Winograd's
+    monkeypatch.setattr(ops, "winograd_min_size", 10**6)  # the patches' GEMMs, not Winograd's
     want_x, want_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
     got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, stride, padding, groups)
     np.testing.assert_array_equal(got_w, want_w)
-    if stride > 1:  # col2im: exact; stride 1 goes through the (Winograd) convolution
+    if stride > 1:  # col2im: exact; stride 1 goes through the convolution of the flipped weights
         np.testing.assert_array_equal(nchw(got_x), want_x)
     else:
         assert_close(nchw(got_x), want_x)
@@ -109,7 +108,7 @@ def test_winograd_weight_grad_on_other_thread_counts(train, threads):
     """One thread makes both transforms in turn; three share two transforms and the tile positions."""
     backend = train.StepBackend(threads=threads)
     ops = train.NumbaTrainingOps(backend)
-    ops.winograd_weight_grad_min_size = 1
+    ops.winograd_min_size = 1
     x, w, grad_out, _ = conv_inputs(CONV_CASES["3x3"], np.float64, seed=3)
     want_x, want_w = F.conv2d_backward(grad_out, x, w, 1, 1, 1)
     got_x, got_w = ops.conv2d_backward(nhwc(grad_out), nhwc(x), w, 1, 1, 1)
