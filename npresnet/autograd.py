@@ -16,9 +16,10 @@ Frozen stages (``model.freeze``) run first, as the ordinary inference forward on
 model's own backend: no gradient is computed below the first trainable stage.
 
 The ops come from one table, ``TrainingOps``, picked by the model's backend in
-``training_ops``: the NumPy reference ops of ``functional.py`` (NCHW) by default,
-or a compiled table that owns its activation layout (the numba backend's, NHWC:
-``npresnet_kernels.train``), which is tested against this one.
+``training_ops``: the NumPy reference ops of ``functional.py`` by default (on
+(N, C, H, W) arrays laid out channel by channel), or a compiled table that owns its
+activation layout (the numba backend's, NHWC: ``npresnet_kernels.train``), which is
+tested against this one.
 
 Reference: PyTorch autograd on TorchVision's ``models/resnet.py`` in train() and
 eval() mode, which the tests compare with, gradient by gradient.
@@ -40,7 +41,8 @@ BN_MOMENTUM = 0.1  # torch.nn.BatchNorm2d's default
 
 
 class TrainingOps:
-    """The ops a training pass calls: here the NumPy reference ops of ``functional.py``, NCHW.
+    """The ops a training pass calls: here the NumPy reference ops of ``functional.py``, on
+    (N, C, H, W) arrays laid out channel by channel (F.to_channel_major).
 
     A compiled table subclasses this with the same signatures over its own activation layout
     (between from_numpy and the pooled (N, C) features); per-channel arrays are (C,) in every
@@ -55,7 +57,9 @@ class TrainingOps:
         return contextlib.nullcontext() if self.backend is None else self.backend.running()
 
     def from_numpy(self, x: np.ndarray) -> Any:
-        return x  # (N, C, H, W)
+        # (N, C, H, W) laid out channel by channel, as im2col's matrix product writes each conv's
+        # output; the functional ops keep that layout all the way through the pass and back.
+        return F.to_channel_major(x)
 
     def conv2d(self, x, weight, stride, padding, groups):
         return F.conv2d(x, weight, stride=stride, padding=padding, groups=groups)
@@ -100,7 +104,9 @@ class TrainingOps:
         return F.adaptive_avg_pool2d(x, 1).reshape(x.shape[0], x.shape[1])  # (N, C)
 
     def global_avg_pool_backward(self, grad_out: np.ndarray, x):
-        return F.adaptive_avg_pool2d_backward(grad_out.reshape(*grad_out.shape, 1, 1), x.shape)
+        grad_x = np.empty_like(x)  # in x's layout, as every gradient of the pass
+        grad_x[...] = F.adaptive_avg_pool2d_backward(grad_out.reshape(*grad_out.shape, 1, 1), x.shape)
+        return grad_x
 
 
 # backend name -> TrainingOps factory(backend); optional ones register on import (register_training_ops).

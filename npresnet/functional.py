@@ -19,6 +19,13 @@ with its batch norm folded into a bias, then the residual add and the ReLU of a 
 built on ``conv2d``, whose meaning ``conv2d_loops`` spells out as the sum the papers write.
 The NumPy backend runs ``conv2d_bias_act``; the Numba and CUDA kernels are tested against it.
 
+Memory layout: every op takes (N, C, H, W) arrays whatever their strides. The convolutions
+and pools keep their input's layout: an (N, C, H, W) array that lies in memory channel by
+channel (a transposed view of a (C, N, H, W) array, ``to_channel_major``) gives outputs and
+input gradients laid out the same way. That is the layout im2col's matrix product writes, so
+the training pass (``autograd.py``) keeps its activations in it and never transposes them back
+and forth; a C-contiguous input gives C-contiguous outputs, as before.
+
 References: PyTorch's ``torch.nn.functional`` for semantics (and ATen's CPU
 kernels for batch norm's running-statistic update and max pooling's tie rule);
 CS231n's ``layers.py`` for the im2col formulation of convolution and its backward;
@@ -39,6 +46,16 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     The one place this formula is written: the ops, the kernels and the MAC count all use it.
     """
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def channel_major(x: np.ndarray) -> bool:
+    """Whether x (N, C, H, W) lies in memory channel by channel: x.transpose(1, 0, 2, 3) is C-contiguous."""
+    return x.transpose(1, 0, 2, 3).flags.c_contiguous
+
+
+def to_channel_major(x: np.ndarray) -> np.ndarray:
+    """x (N, C, H, W), the same values laid out channel by channel: a view of a C-contiguous (C, N, H, W) copy."""
+    return np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
 
 def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
@@ -129,7 +146,8 @@ def conv2d(
 
     One matrix product per group: weight (G, K/G, C/G*R*S) times the patch matrix
     (G, C/G*R*S, N*P*Q) of all images side by side (a few images at a time, so that
-    one chunk's patch matrix stays near CONV_CHUNK_ELEMENTS).
+    one chunk's patch matrix stays near CONV_CHUNK_ELEMENTS). The product is the output
+    channel by channel: kept so for a channel-major x, copied to C order otherwise.
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
@@ -147,9 +165,11 @@ def conv2d(
     chunks = image_chunks(N, C * R * S * P * Q)
     if len(chunks) == 1:
         cols = patch_matrix(x, R, S, stride, padding, G)  # (G, C/G*R*S, N*P*Q)
-        out = np.ascontiguousarray(np.matmul(w, cols).reshape(K, N, P, Q).transpose(1, 0, 2, 3))  # (N, K, P, Q)
+        out = np.matmul(w, cols).reshape(K, N, P, Q).transpose(1, 0, 2, 3)  # (N, K, P, Q), channel-major
+        if not channel_major(x):
+            out = np.ascontiguousarray(out)
     else:
-        out = np.empty((N, K, P, Q), dtype=np.result_type(x, weight))
+        out = np.empty_like(x, shape=(N, K, P, Q), dtype=np.result_type(x, weight))  # x's layout
         for n0, n1 in chunks:
             cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
             out[n0:n1] = np.matmul(w, cols).reshape(K, n1 - n0, P, Q).transpose(1, 0, 2, 3)
@@ -238,7 +258,9 @@ def conv2d_backward(
     over every image and position at once, and grad_cols[g] = w[g]^T @ grad_out[g], which
     col2im adds back onto the pixels each column was read from (with stride 1 and a square kernel
     larger than 1x1, _conv2d_backward_stride1 does both from the patches of grad_out instead).
-    Images go in chunks so that only one chunk's patch matrix exists at a time.
+    Images go in chunks so that only one chunk's patch matrix exists at a time. grad_x has x's
+    memory layout; for a channel-major grad_out, the gradient's matrix products read and write
+    channel-major arrays with no transposing copy.
     """
     N, C, H, W = x.shape
     K, C_per_group, R, S = weight.shape
@@ -252,8 +274,9 @@ def conv2d_backward(
     # two take as long, and transposing the result back costs as much again (512 x 4608: 11 ms).
     transposed = K // G < 256
     grad_w = np.zeros((G, C_per_group * R * S, K // G) if transposed else (G, K // G, C_per_group * R * S), dtype=x.dtype)
-    grad_x = np.empty_like(x) if input_grad else None
-    for n0, n1 in image_chunks(N, C * R * S * P * Q):
+    grad_x = np.empty_like(x) if input_grad else None  # in x's layout
+    chunks = image_chunks(N, C * R * S * P * Q)
+    for n0, n1 in chunks:
         n = n1 - n0
         go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
         cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
@@ -264,7 +287,7 @@ def conv2d_backward(
         del cols
         if input_grad:
             grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
-            grad_x[n0:n1] = col2im(grad_cols, H, W, stride, padding)
+            grad_x = _into(grad_x, n0, n1, col2im(grad_cols, H, W, stride, padding), len(chunks) == 1)
     if transposed:
         grad_w = np.ascontiguousarray(grad_w.transpose(0, 2, 1))
     return grad_x, grad_w.reshape(weight.shape)
@@ -290,16 +313,26 @@ def _conv2d_backward_stride1(
     G = groups
     flipped = flipped_kernel(weight, G).reshape(G, C_per_group, K // G * R * R)  # (G, C/G, K/G*R*R)
     grad_w_turned = np.zeros((G, K // G * R * R, C_per_group), dtype=x.dtype)  # rows (k, R-1-r, R-1-s)
-    grad_x = np.empty_like(x)
-    for n0, n1 in image_chunks(N, K * R * R * H * W):
+    grad_x = np.empty_like(x)  # in x's layout
+    chunks = image_chunks(N, K * R * R * H * W)
+    for n0, n1 in chunks:
         n = n1 - n0
         gcols = patch_matrix(grad_out[n0:n1], R, R, 1, R - 1 - padding, G)  # (G, K/G*R*R, n*H*W)
-        grad_x[n0:n1] = np.matmul(flipped, gcols).reshape(C, n, H, W).transpose(1, 0, 2, 3)
+        grad_x = _into(grad_x, n0, n1, np.matmul(flipped, gcols).reshape(C, n, H, W).transpose(1, 0, 2, 3), len(chunks) == 1)
         x_cm = np.ascontiguousarray(x[n0:n1].transpose(1, 0, 2, 3)).reshape(G, C_per_group, n * H * W)
         grad_w_turned += np.matmul(gcols, x_cm.transpose(0, 2, 1))  # (G, K/G*R*R, C/G)
         del gcols, x_cm
     grad_w = grad_w_turned.reshape(G, K // G, R, R, C_per_group)[:, :, ::-1, ::-1].transpose(0, 1, 4, 2, 3)
     return grad_x, np.ascontiguousarray(grad_w).reshape(weight.shape)
+
+
+def _into(grad_x: np.ndarray, n0: int, n1: int, chunk: np.ndarray, whole: bool) -> np.ndarray:
+    """grad_x with images n0:n1 set to chunk; when the chunk is every image and already in
+    grad_x's layout (a channel-major matrix product for a channel-major x), the chunk itself."""
+    if whole and chunk.strides == grad_x.strides:
+        return chunk
+    grad_x[n0:n1] = chunk
+    return grad_x
 
 
 def flipped_kernel(weight: np.ndarray, groups: int = 1) -> np.ndarray:
@@ -528,8 +561,11 @@ def max_pool2d_with_indices(
     times slower. The work happens in the padded input's stride x stride phases (rows a,
     a + stride, ...; columns likewise; the -inf border rounded out to whole phases): the elements at
     offset (r, s) of all windows are then a plain slice of one phase, which NumPy's vector loops
-    run several times faster than a stride-2 view.
+    run several times faster than a stride-2 view. A channel-major x gives channel-major outputs.
     """
+    if x.shape[0] > 1 and channel_major(x):  # each (n, c) plane pools alone: pool the (C, N, H, W) array
+        out, indices = max_pool2d_with_indices(x.transpose(1, 0, 2, 3), kernel_size, stride, padding)
+        return out.transpose(1, 0, 2, 3), indices.transpose(1, 0, 2, 3)
     N, C, H, W = x.shape
     P, Q = _pool_output_size(H, W, kernel_size, stride, padding)
     k = kernel_size
@@ -586,9 +622,12 @@ def max_pool2d_backward(grad_out: np.ndarray, indices: np.ndarray, input_shape: 
     grad_out, indices: (N, C, P, Q), indices from max_pool2d_with_indices; input_shape: (N, C, H, W).
     Returns (N, C, H, W). Where windows overlap, an element collects the gradient of every window it
     won, added in window order as torch does (np.add.at, unbuffered); a NaN or inf gradient reaches
-    its window's winner only.
+    its window's winner only. A channel-major grad_out and indices give a channel-major gradient.
     """
     N, C, H, W = input_shape
+    if N > 1 and channel_major(grad_out) and channel_major(indices):  # per (n, c) plane, as the forward
+        grad_t = max_pool2d_backward(grad_out.transpose(1, 0, 2, 3), indices.transpose(1, 0, 2, 3), (C, N, H, W))
+        return grad_t.transpose(1, 0, 2, 3)
     grad_x = np.zeros((N * C, H * W), dtype=grad_out.dtype)
     flat = indices.reshape(N * C, -1) + (np.arange(N * C, dtype=np.int64) * (H * W))[:, None]  # into grad_x.ravel()
     np.add.at(grad_x.reshape(-1), flat.reshape(-1), grad_out.reshape(-1))

@@ -76,6 +76,31 @@ def test_conv2d_backward_in_chunks(monkeypatch, stride):
         np.testing.assert_array_equal(want, exact)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunks"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}K{}R{}s{}p{}g{}".format(*c))
+def test_conv2d_and_backward_keep_the_input_layout(monkeypatch, case, chunked):
+    """The training pass keeps activations channel-major: such inputs give the same sums (integer-valued
+    here, so exact whatever the order) with outputs and input gradients laid out channel by channel;
+    C-ordered inputs give C-ordered outputs."""
+    N, C, H, W, K, R, stride, padding, groups = case
+    rng = np.random.default_rng(7)
+    x = rng.integers(-3, 4, size=(N, C, H, W)).astype(np.float64)
+    w = rng.integers(-2, 3, size=(K, C // groups, R, R)).astype(np.float64)
+    out = F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+    grad_out = rng.integers(-2, 3, size=out.shape).astype(np.float64)
+    grad_x, grad_w = F.conv2d_backward(grad_out, x, w, stride, padding, groups)
+    assert out.flags.c_contiguous and grad_x.flags.c_contiguous
+    if chunked:
+        monkeypatch.setattr(F, "CONV_CHUNK_ELEMENTS", 1)
+    x_cm, grad_out_cm = F.to_channel_major(x), F.to_channel_major(grad_out)
+    assert F.channel_major(x_cm) and not F.channel_major(x) or N == 1
+    out_cm = F.conv2d(x_cm, w, stride=stride, padding=padding, groups=groups)
+    grad_x_cm, grad_w_cm = F.conv2d_backward(grad_out_cm, x_cm, w, stride, padding, groups)
+    for got, want in ((out_cm, out), (grad_x_cm, grad_x), (grad_w_cm, grad_w)):
+        np.testing.assert_array_equal(got, want)
+    assert F.channel_major(out_cm) and F.channel_major(grad_x_cm)
+
+
 def bn_inputs(dtype, shape=(3, 5, 4, 3), seed=3):
     rng = np.random.default_rng(seed)
     C = shape[1]
@@ -162,6 +187,12 @@ def test_max_pool2d_indices_and_backward_pick_torchs_element(kind, dtype):
     grad_out = (np.arange(out.size).reshape(out.shape) + 1).astype(dtype)  # distinct: shows where each went
     want_out.backward(t(grad_out))
     np.testing.assert_array_equal(F.max_pool2d_backward(grad_out, indices, x.shape), tx.grad.numpy())
+    # Channel-major in (the training pass's layout), the same values out, laid out channel by channel.
+    out_cm, indices_cm = F.max_pool2d_with_indices(F.to_channel_major(x), 3, 2, 1)
+    grad_x_cm = F.max_pool2d_backward(F.to_channel_major(grad_out), indices_cm, x.shape)
+    for got, want in ((out_cm, out), (indices_cm, indices), (grad_x_cm, tx.grad.numpy())):
+        np.testing.assert_array_equal(got, want)
+        assert F.channel_major(got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
