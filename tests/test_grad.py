@@ -35,6 +35,8 @@ CONV_CASES = [
     (1, 3, 4, 6, 2, 3, 1, 0, 1),  # no padding
     (1, 2, 5, 5, 3, 3, 1, 3, 1),  # padding 3 on a 3x3 kernel
     (2, 8, 3, 3, 256, 3, 2, 1, 1),  # 256 output channels: the weight gradient as grad_out @ patches^T
+    (2, 4, 5, 3, 2, 5, 1, 2, 2),  # 5x5 keeping the size, groups 2: shifted whole-plane patches
+    (1, 2, 2, 3, 3, 7, 1, 3, 1),  # 7x7 keeping the size of a 2x3 image: every shift passes a whole row
 ]
 
 
