@@ -175,11 +175,15 @@ MAXPOOL_INPUTS = {
 }
 
 
+@pytest.mark.parametrize("planes_a_block", [None, 4], ids=["one-block", "blocks-of-4"])  # 4: the last block short
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("kind", list(MAXPOOL_INPUTS))
-def test_max_pool2d_indices_and_backward_pick_torchs_element(kind, dtype):
+def test_max_pool2d_indices_and_backward_pick_torchs_element(monkeypatch, kind, dtype, planes_a_block):
     rng = np.random.default_rng(4)
     x = MAXPOOL_INPUTS[kind](rng).astype(dtype)
+    if planes_a_block:  # a block's phases: planes * stride**2 * (Hp + 1) * Wp elements, Hp = ceil((H + 1) / 2) + 1
+        Hp, Wp = -(-(x.shape[2] + 1) // 2) + 1, -(-(x.shape[3] + 1) // 2) + 1
+        monkeypatch.setattr(F, "POOL_BLOCK_ELEMENTS", planes_a_block * 4 * (Hp + 1) * Wp)
     out, indices = F.max_pool2d_with_indices(x, 3, 2, 1)
     tx = t(x, True)
     want_out, want_indices = TF.max_pool2d(tx, 3, 2, 1, return_indices=True)
