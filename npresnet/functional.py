@@ -418,6 +418,19 @@ def channel_sums(x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
     return partial.sum(axis=0, dtype=np.float64)
 
 
+# Batch norm in training mode reads and writes its input several times over (the mean, the centring,
+# the variance, the scaling, the output; the backward likewise): it takes the channels a block at a
+# time, a block near 2**19 elements (2 MB in float32), so that the later passes find it in the cache.
+BN_BLOCK_ELEMENTS = 1 << 19
+
+
+def channel_blocks(x: np.ndarray) -> list[tuple[int, int]]:
+    """The spans c0:c1 of x's (N, C, H, W) channels taken together, near BN_BLOCK_ELEMENTS each."""
+    N, C, H, W = x.shape
+    block = max(1, BN_BLOCK_ELEMENTS // max(1, N * H * W))
+    return [(c0, min(C, c0 + block)) for c0 in range(0, C, block)]
+
+
 def batch_norm_train(
     x: np.ndarray,
     running_mean: np.ndarray | None,
@@ -438,18 +451,26 @@ def batch_norm_train(
     batch_norm_backward needs. The variance is summed over the centred values (channel_sums),
     never as E[x^2] - E[x]^2, which cancels catastrophically on a channel far from zero.
     inplace=True turns x itself into the saved x_hat (the training pass does not read it again).
+    The channels go a block at a time (channel_blocks): each channel's statistics are its own.
     """
     shape = (1, -1, 1, 1)
-    M = x.shape[0] * x.shape[2] * x.shape[3]
+    N, C, H, W = x.shape
+    M = N * H * W
     if M < 2:
         raise ValueError(f"batch norm in training mode needs more than 1 value per channel, got input {x.shape} (as in torch)")
-    mean = channel_sums(x) / M  # (C,)
-    x_hat = np.subtract(x, mean.astype(x.dtype).reshape(shape), out=x if inplace else None)  # (N, C, H, W), centred
-    var = channel_sums(x_hat, x_hat) / M  # (C,), biased
-    inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
-    x_hat *= inv_std.reshape(shape)
-    out = x_hat * weight.astype(x.dtype).reshape(shape)
-    out += bias.astype(x.dtype).reshape(shape)
+    x_hat = x if inplace else np.empty_like(x)
+    out = np.empty_like(x)
+    mean, var = np.empty(C), np.empty(C)  # float64, as channel_sums
+    inv_std = np.empty(C, dtype=x.dtype)
+    for c0, c1 in channel_blocks(x):
+        block, xh = x[:, c0:c1], x_hat[:, c0:c1]
+        mean[c0:c1] = channel_sums(block) / M
+        np.subtract(block, mean[c0:c1].astype(x.dtype).reshape(shape), out=xh)  # centred
+        var[c0:c1] = channel_sums(xh, xh) / M  # biased
+        inv_std[c0:c1] = 1.0 / np.sqrt(var[c0:c1] + eps)
+        xh *= inv_std[c0:c1].reshape(shape)
+        np.multiply(xh, weight[c0:c1].astype(x.dtype).reshape(shape), out=out[:, c0:c1])
+        out[:, c0:c1] += bias[c0:c1].astype(x.dtype).reshape(shape)
     if running_mean is not None:
         running_mean[...] = (1 - momentum) * running_mean + momentum * mean
     if running_var is not None:
@@ -495,17 +516,22 @@ def batch_norm_backward(
     x_hat, inv_std, training = saved
     shape = (1, -1, 1, 1)
     dtype = grad_out.dtype
-    M = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
-    grad_bias = channel_sums(grad_out)  # (C,)
-    grad_weight = channel_sums(grad_out, x_hat)  # (C,)
+    N, C, H, W = grad_out.shape
+    M = N * H * W
+    grad_x = x_hat if inplace else np.empty_like(x_hat)
+    grad_weight, grad_bias = np.empty(C), np.empty(C)  # float64, as channel_sums
     scale = (weight.astype(np.float64) * inv_std).astype(dtype).reshape(shape)
-    if training:
-        grad_x = np.multiply(x_hat, (-grad_weight / M).astype(dtype).reshape(shape), out=x_hat if inplace else None)
-        grad_x += grad_out
-        grad_x -= (grad_bias / M).astype(dtype).reshape(shape)
-        grad_x *= scale
-    else:
-        grad_x = np.multiply(grad_out, scale, out=x_hat if inplace else None)
+    for c0, c1 in channel_blocks(grad_out):  # each channel's sums are its own
+        go, xh, gx = grad_out[:, c0:c1], x_hat[:, c0:c1], grad_x[:, c0:c1]
+        grad_bias[c0:c1] = channel_sums(go)
+        grad_weight[c0:c1] = channel_sums(go, xh)
+        if training:
+            np.multiply(xh, (-grad_weight[c0:c1] / M).astype(dtype).reshape(shape), out=gx)
+            gx += go
+            gx -= (grad_bias[c0:c1] / M).astype(dtype).reshape(shape)
+            gx *= scale[:, c0:c1]
+        else:
+            np.multiply(go, scale[:, c0:c1], out=gx)
     return grad_x, grad_weight.astype(dtype), grad_bias.astype(dtype)
 
 

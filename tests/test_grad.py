@@ -133,6 +133,22 @@ def test_batch_norm_forward_backward_and_running_stats(training, dtype):
     assert_close(grad_b, tb.grad.numpy())
 
 
+def test_batch_norm_in_channel_blocks_is_batch_norm_whole(monkeypatch):
+    """Channels a block at a time (2 a block, the last one short) give the same numbers, bit for bit,
+    in either layout: each channel's sums are its own."""
+    x, mean, var, weight, bias, grad_out = bn_inputs(np.float32, shape=(3, 5, 4, 3))
+    for layout in (np.ascontiguousarray, F.to_channel_major):
+        results = []
+        for block in (F.BN_BLOCK_ELEMENTS, 2 * 3 * 4 * 3):
+            monkeypatch.setattr(F, "BN_BLOCK_ELEMENTS", block)
+            running = mean.copy(), var.copy()
+            out, saved = F.batch_norm_train(layout(x), *running, weight, bias, momentum=0.1)
+            results.append((out, *saved[:2], *running, *F.batch_norm_backward(layout(grad_out), saved, weight)))
+        assert len(F.channel_blocks(x)) == 3
+        for whole, blocked in zip(*results):
+            np.testing.assert_array_equal(blocked, whole)
+
+
 def test_batch_norm_train_float32_on_a_channel_far_from_zero():
     """Mean 1000x the spread, 4096 values a channel: the statistics and the gradient sums must be taken
     over centred values, as written. E[x^2] - E[x]^2 in float32 is off by 20% here, and
