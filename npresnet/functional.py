@@ -160,7 +160,7 @@ def image_chunks(N: int, elements_per_image: int) -> list[tuple[int, int]]:
     """The spans n0:n1 of N images taken together, so that their patch matrix (elements_per_image
     each) stays near CONV_CHUNK_ELEMENTS."""
     chunk = max(1, CONV_CHUNK_ELEMENTS // elements_per_image)
-    return [(n0, min(N, n0 + chunk)) for n0 in range(0, N, chunk)]
+    return [(n0, min(N, n0 + chunk)) for n0 in range(0, max(N, 1), chunk)]  # no images: one empty span
 
 
 def conv2d(
@@ -305,7 +305,7 @@ def conv2d_backward(
     # when K/G is small (64 rows against 25088-long columns: 8x on AVX2), but from K/G = 256 up the
     # two take as long, and transposing the result back costs as much again (512 x 4608: 11 ms).
     transposed = K // G < 256
-    grad_w = np.zeros((G, C_per_group * R * S, K // G) if transposed else (G, K // G, C_per_group * R * S), dtype=x.dtype)
+    grad_w = None  # the sum over the chunks: (G, C/G*R*S, K/G) if transposed else (G, K/G, C/G*R*S)
     grad_x = np.empty_like(x) if input_grad else None  # in x's layout
     chunks = image_chunks(N, C * R * S * P * Q)
     for n0, n1 in chunks:
@@ -313,9 +313,9 @@ def conv2d_backward(
         go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
         cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
         if transposed:
-            grad_w += np.matmul(cols, go.transpose(0, 2, 1))  # (G, C/G*R*S, K/G)
+            grad_w = _sum_into(grad_w, np.matmul(cols, go.transpose(0, 2, 1)))  # (G, C/G*R*S, K/G)
         else:
-            grad_w += np.matmul(go, cols.transpose(0, 2, 1))  # (G, K/G, C/G*R*S)
+            grad_w = _sum_into(grad_w, np.matmul(go, cols.transpose(0, 2, 1)))  # (G, K/G, C/G*R*S)
         del cols
         if input_grad:
             grad_cols = np.matmul(w_t, go).reshape(C, R, S, n, P, Q)
@@ -344,7 +344,7 @@ def _conv2d_backward_stride1(
     K, C_per_group, R, _ = weight.shape
     G = groups
     flipped = flipped_kernel(weight, G).reshape(G, C_per_group, K // G * R * R)  # (G, C/G, K/G*R*R)
-    grad_w_turned = np.zeros((G, K // G * R * R, C_per_group), dtype=x.dtype)  # rows (k, R-1-r, R-1-s)
+    grad_w_turned = None  # (G, K/G*R*R, C/G), rows (k, R-1-r, R-1-s): the sum over the chunks
     grad_x = np.empty_like(x)  # in x's layout
     chunks = image_chunks(N, K * R * R * H * W)
     for n0, n1 in chunks:
@@ -352,10 +352,19 @@ def _conv2d_backward_stride1(
         gcols = patch_matrix(grad_out[n0:n1], R, R, 1, R - 1 - padding, G)  # (G, K/G*R*R, n*H*W)
         grad_x = _into(grad_x, n0, n1, np.matmul(flipped, gcols).reshape(C, n, H, W).transpose(1, 0, 2, 3), len(chunks) == 1)
         x_cm = np.ascontiguousarray(x[n0:n1].transpose(1, 0, 2, 3)).reshape(G, C_per_group, n * H * W)
-        grad_w_turned += np.matmul(gcols, x_cm.transpose(0, 2, 1))  # (G, K/G*R*R, C/G)
+        grad_w_turned = _sum_into(grad_w_turned, np.matmul(gcols, x_cm.transpose(0, 2, 1)))  # (G, K/G*R*R, C/G)
         del gcols, x_cm
     grad_w = grad_w_turned.reshape(G, K // G, R, R, C_per_group)[:, :, ::-1, ::-1].transpose(0, 1, 4, 2, 3)
     return grad_x, np.ascontiguousarray(grad_w).reshape(weight.shape)
+
+
+def _sum_into(total: np.ndarray | None, part: np.ndarray) -> np.ndarray:
+    """total + part in total's memory; part itself for the first chunk (with one chunk, the gradient
+    is the product: no zeroed array first, no addition)."""
+    if total is None:
+        return part
+    total += part
+    return total
 
 
 def _into(grad_x: np.ndarray, n0: int, n1: int, chunk: np.ndarray, whole: bool) -> np.ndarray:

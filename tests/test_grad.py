@@ -103,6 +103,16 @@ def test_conv2d_and_backward_keep_the_input_layout(monkeypatch, case, chunked):
     assert F.channel_major(out_cm) and F.channel_major(grad_x_cm)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_backward_of_no_images_is_zero(stride):
+    x = np.zeros((0, 3, 5, 5))
+    w = np.ones((4, 3, 3, 3))
+    grad_out = np.zeros(F.conv2d(x, w, stride=stride, padding=1).shape)
+    grad_x, grad_w = F.conv2d_backward(grad_out, x, w, stride, 1)
+    assert grad_x.shape == x.shape
+    np.testing.assert_array_equal(grad_w, np.zeros_like(w))
+
+
 def bn_inputs(dtype, shape=(3, 5, 4, 3), seed=3):
     rng = np.random.default_rng(seed)
     C = shape[1]
