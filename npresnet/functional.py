@@ -76,6 +76,8 @@ def patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, group
         return np.ascontiguousarray(patches.transpose(1, 0, 2, 3)).reshape(groups, C // groups, N * P * Q)
     if stride == 1 and R - 1 == 2 * padding == S - 1:
         return _same_size_patch_matrix(x, R, padding, groups)
+    if stride > 1 and R * S >= 4 * stride * stride:
+        return _phase_patch_matrix(x, R, S, stride, padding, groups)
     P = conv_output_size(H, R, stride, padding)
     Q = conv_output_size(W, S, stride, padding)
     cols = np.empty((C, R, S, N, P, Q), dtype=x.dtype)
@@ -125,6 +127,34 @@ def _same_size_patch_matrix(x: np.ndarray, R: int, padding: int, groups: int) ->
             by_column[..., :q0] = 0
             by_column[..., q1:] = 0
     return cols.reshape(groups, C // groups * R * R, N * HW)
+
+
+def _phase_patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
+    """patch_matrix of a strided kernel much larger than its stride (the ImageNet stem's 7x7, stride 2).
+
+    The zero-padded input is split once into its stride x stride phases (phase (a, b) holds the
+    padded pixels of rows a, a + stride, ... and columns b, b + stride, ...); offset (r, s) of every
+    window is then a plain window of phase (r % stride, s % stride), copied in contiguous runs where
+    reading x itself steps `stride` elements at a time (twice as fast on the stem). The phases are
+    the size of x, so for a 3x3 stride-2 kernel (patches 9/4 of x) they cost more than they save.
+    """
+    N, C, H, W = x.shape
+    P, Q = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    Hp, Wp = -(-(H + 2 * padding) // stride), -(-(W + 2 * padding) // stride)
+    phases = np.zeros((stride, stride, C, N, Hp, Wp), dtype=x.dtype)  # the zeros: the padding
+    x_cnhw = x.transpose(1, 0, 2, 3)
+    for a in range(stride):
+        i0, i1 = _inside(a, stride, padding, H, Hp)  # phase rows that hold pixels of x
+        for b in range(stride):
+            j0, j1 = _inside(b, stride, padding, W, Wp)
+            if i0 < i1 and j0 < j1:
+                h0, w0 = i0 * stride + a - padding, j0 * stride + b - padding
+                phases[a, b, :, :, i0:i1, j0:j1] = x_cnhw[:, :, h0 : h0 + (i1 - i0 - 1) * stride + 1 : stride, w0 : w0 + (j1 - j0 - 1) * stride + 1 : stride]
+    cols = np.empty((C, R, S, N, P, Q), dtype=x.dtype)
+    for r in range(R):
+        for s in range(S):
+            cols[:, r, s] = phases[r % stride, s % stride, :, :, r // stride : r // stride + P, s // stride : s // stride + Q]
+    return cols.reshape(groups, C // groups * R * S, N * P * Q)
 
 
 def _inside(r: int, stride: int, padding: int, size: int, out_size: int) -> tuple[int, int]:

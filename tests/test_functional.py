@@ -30,6 +30,7 @@ CONV_CASES = [
     (1, 2, 1, 2, 3, 3, 3, 2, 1),  # padding past the kernel's reach: whole offsets read only zeros
     (3, 5, 6, 4, 4, 5, 1, 2, 1),  # 5x5 keeping the size: shifted whole-plane patches
     (1, 2, 2, 3, 3, 7, 1, 3, 1),  # 7x7 keeping the size of a 2x3 image: shifts past whole rows
+    (2, 2, 11, 9, 3, 7, 3, 2, 1),  # 7x7 stride 3: patches from the input's stride x stride phases, as the stem's
 ]
 
 
