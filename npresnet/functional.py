@@ -340,7 +340,7 @@ def conv2d_backward(
     chunks = image_chunks(N, C * R * S * P * Q)
     for n0, n1 in chunks:
         n = n1 - n0
-        go = np.ascontiguousarray(grad_out[n0:n1].transpose(1, 0, 2, 3)).reshape(G, K // G, n * P * Q)
+        go = grad_out[n0:n1].transpose(1, 0, 2, 3).reshape(G, K // G, n * P * Q)  # a view if channel-major (BLAS takes its row stride)
         cols = patch_matrix(x[n0:n1], R, S, stride, padding, G)  # (G, C/G*R*S, n*P*Q)
         if transposed:
             grad_w = _sum_into(grad_w, np.matmul(cols, go.transpose(0, 2, 1)))  # (G, C/G*R*S, K/G)
@@ -381,7 +381,7 @@ def _conv2d_backward_stride1(
         n = n1 - n0
         gcols = patch_matrix(grad_out[n0:n1], R, R, 1, R - 1 - padding, G)  # (G, K/G*R*R, n*H*W)
         grad_x = _into(grad_x, n0, n1, np.matmul(flipped, gcols).reshape(C, n, H, W).transpose(1, 0, 2, 3), len(chunks) == 1)
-        x_cm = np.ascontiguousarray(x[n0:n1].transpose(1, 0, 2, 3)).reshape(G, C_per_group, n * H * W)
+        x_cm = x[n0:n1].transpose(1, 0, 2, 3).reshape(G, C_per_group, n * H * W)  # a view if x is channel-major
         grad_w_turned = _sum_into(grad_w_turned, np.matmul(gcols, x_cm.transpose(0, 2, 1)))  # (G, K/G*R*R, C/G)
         del gcols, x_cm
     grad_w = grad_w_turned.reshape(G, K // G, R, R, C_per_group)[:, :, ::-1, ::-1].transpose(0, 1, 4, 2, 3)
