@@ -182,6 +182,11 @@ def panel_width(dtype) -> int:
     return 2 * simd_bytes() // np.dtype(dtype).itemsize
 
 
+def winograd_fits(R: int, S: int, stride: int, padding: int, groups: int) -> bool:
+    """Whether the Winograd kernels compute this convolution: 3x3, stride 1, padding 1, groups 1."""
+    return (R, S, stride, padding, groups) == (3, 3, 1, 1, 1)
+
+
 def pack_panels(w: np.ndarray, dtype=None) -> np.ndarray:
     """w (E, ..., K) -> (E, ceil(K/NR), D, NR) in `dtype` (default w's), D the product of the middle
     axes in C order: gemm_packed's weights, NR = panel_width(dtype) output channels, the last panel
@@ -236,8 +241,8 @@ class PreparedConv:
         self.ones = np.ones(K, dtype=self.dtype) if self.winograd else None
 
     def runs_winograd(self, conv: FoldedConv) -> bool:
-        """Whether Winograd may run this convolution (3x3, stride 1, padding 1, groups 1); a subclass may narrow it."""
-        return (conv.weight.shape[2:], conv.stride, conv.padding, conv.groups) == ((3, 3), 1, 1, 1)
+        """Whether Winograd may run this convolution (winograd_fits); a subclass may narrow it."""
+        return winograd_fits(*conv.weight.shape[2:], conv.stride, conv.padding, conv.groups)
 
     def pack(self, weight: np.ndarray) -> np.ndarray:
         """Wp of groups-1 weights (K, C, R, S); a subclass may pack them another way."""

@@ -491,6 +491,7 @@ class NumbaTrainingOps(TrainingOps):
     # --- convolution ----------------------------------------------------------------------
 
     def _winograd(self, x) -> bool:
+        """Whether a convolution that winograd_fits runs by Winograd on x's maps (N, H, W, C): winograd_min_size."""
         return min(x.shape[1:3]) >= self.winograd_min_size
 
     def conv2d(self, x, weight, stride, padding, groups):
@@ -531,12 +532,12 @@ class NumbaTrainingOps(TrainingOps):
         G, Kg, width = groups, K // groups, R * S * Cg
         dtype = grad_out.dtype
         go = grad_out.reshape(N * P * Q, K)
+        grad_weight = np.empty(weight.shape, dtype=dtype)  # (K, C/G, R, S)
+        if cpu.winograd_fits(R, S, stride, padding, G) and self._winograd(grad_out):
+            return self._weight_grad_winograd(grad_out, x, grad_weight)
         one_by_one = R == S == 1 and padding == 0 and G == 1
         if one_by_one:
             strided = x[:, ::stride, ::stride, :] if stride > 1 else x  # (N, P, Q, C)
-        grad_weight = np.empty(weight.shape, dtype=dtype)  # (K, C/G, R, S)
-        if (R, S, stride, padding, G) == (3, 3, 1, 1, 1) and min(P, Q) >= self.winograd_min_size:
-            return self._weight_grad_winograd(grad_out, x, grad_weight)
         layout = grad_weight.reshape(K, Cg, R * S)
 
         def patches(j, k):  # (G, (k-j)*Q, width): the patches of output rows j <= (n, p) < k

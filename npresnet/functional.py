@@ -129,27 +129,45 @@ def _same_size_patch_matrix(x: np.ndarray, R: int, padding: int, groups: int) ->
     return cols.reshape(groups, C // groups * R * R, N * HW)
 
 
-def _phase_patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
-    """patch_matrix of a strided kernel much larger than its stride (the ImageNet stem's 7x7, stride 2).
+def phase_length(size: int, stride: int, padding: int) -> int:
+    """The rows (or columns) of each of stride_phases' phases: ceil((size + 2*padding) / stride)."""
+    return -(-(size + 2 * padding) // stride)
 
-    The zero-padded input is split once into its stride x stride phases (phase (a, b) holds the
-    padded pixels of rows a, a + stride, ... and columns b, b + stride, ...); offset (r, s) of every
-    window is then a plain window of phase (r % stride, s % stride), copied in contiguous runs where
-    reading x itself steps `stride` elements at a time (twice as fast on the stem). The phases are
-    the size of x, so for a 3x3 stride-2 kernel (patches 9/4 of x) they cost more than they save.
+
+def stride_phases(x: np.ndarray, stride: int, padding: int, fill: float, spare_rows: int = 0) -> np.ndarray:
+    """x (..., H, W), padded by `padding` rows and columns of `fill` on every side, split into its
+    stride x stride phases: (stride, stride, ..., Hp + spare_rows, Wp), Hp and Wp phase_length, phase
+    (a, b) holding the padded rows a, a + stride, ... and columns b, b + stride, ..., then `spare_rows`
+    rows of fill.
+
+    Offset (r, s) of a stride-`stride` window at (p, q) is then pixel (p + r // stride, q + s // stride)
+    of phase (r % stride, s % stride): the offset's pixels of all windows are a plain window of one
+    phase, copied or compared in contiguous runs where x itself is read every stride-th element.
     """
-    N, C, H, W = x.shape
-    P, Q = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
-    Hp, Wp = -(-(H + 2 * padding) // stride), -(-(W + 2 * padding) // stride)
-    phases = np.zeros((stride, stride, C, N, Hp, Wp), dtype=x.dtype)  # the zeros: the padding
-    x_cnhw = x.transpose(1, 0, 2, 3)
+    H, W = x.shape[-2:]
+    Hp, Wp = phase_length(H, stride, padding), phase_length(W, stride, padding)
+    phases = np.full((stride, stride, *x.shape[:-2], Hp + spare_rows, Wp), fill, dtype=x.dtype)
     for a in range(stride):
-        i0, i1 = _inside(a, stride, padding, H, Hp)  # phase rows that hold pixels of x
+        i0, i1 = _inside(a, stride, padding, H, Hp)  # the phase rows that are pixels of x
         for b in range(stride):
             j0, j1 = _inside(b, stride, padding, W, Wp)
             if i0 < i1 and j0 < j1:
                 h0, w0 = i0 * stride + a - padding, j0 * stride + b - padding
-                phases[a, b, :, :, i0:i1, j0:j1] = x_cnhw[:, :, h0 : h0 + (i1 - i0 - 1) * stride + 1 : stride, w0 : w0 + (j1 - j0 - 1) * stride + 1 : stride]
+                phases[a, b, ..., i0:i1, j0:j1] = x[..., h0 : h0 + (i1 - i0 - 1) * stride + 1 : stride, w0 : w0 + (j1 - j0 - 1) * stride + 1 : stride]
+    return phases
+
+
+def _phase_patch_matrix(x: np.ndarray, R: int, S: int, stride: int, padding: int, groups: int) -> np.ndarray:
+    """patch_matrix of a strided kernel much larger than its stride (the ImageNet stem's 7x7, stride 2).
+
+    The zero-padded input is split once into its stride x stride phases (stride_phases); offset (r, s)
+    of every window is then a plain window of one phase, copied in contiguous runs (twice as fast on
+    the stem). The phases are the size of x, so for a 3x3 stride-2 kernel (patches 9/4 of x) they cost
+    more than they save.
+    """
+    N, C, H, W = x.shape
+    P, Q = conv_output_size(H, R, stride, padding), conv_output_size(W, S, stride, padding)
+    phases = stride_phases(x.transpose(1, 0, 2, 3), stride, padding, 0)  # (stride, stride, C, N, Hp, Wp)
     cols = np.empty((C, R, S, N, P, Q), dtype=x.dtype)
     for r in range(R):
         for s in range(S):
@@ -660,10 +678,10 @@ def max_pool2d_with_indices(
     All windows scan at once, one kernel offset (r, s) at a time. The offset each window stands
     on is kept as a small integer and updated by arithmetic (winner += better * (offset - winner)),
     not by a masked write, which branches on every element of a random mask and runs several
-    times slower. The work happens in the padded input's stride x stride phases (rows a,
-    a + stride, ...; columns likewise; the -inf border rounded out to whole phases): the elements at
-    offset (r, s) of all windows are then a plain slice of one phase, which NumPy's vector loops
-    run several times faster than a stride-2 view. The (n, c) planes go a block at a time, so that
+    times slower. The work happens in the stride x stride phases of the input padded with -inf
+    (stride_phases, as the stem's patches): the elements at offset (r, s) of all windows are then a
+    plain slice of one phase, which NumPy's vector loops run several times faster than a stride-2
+    view. The (n, c) planes go a block at a time, so that
     a block's phases are still in the cache when the nine offsets read them (from memory, the
     offset loop took twice as long). A channel-major x gives channel-major outputs.
     """
@@ -673,27 +691,20 @@ def max_pool2d_with_indices(
     N, C, H, W = x.shape
     P, Q = _pool_output_size(H, W, kernel_size, stride, padding)
     k = kernel_size
-    # The image starts `lead` (padding rounded up to a multiple of stride) rows and columns into the
-    # -inf border, and the border's far sides end on a multiple of stride; window p's offset r is
-    # row p*stride + r + shift of the padded input, phase (p*stride + r + shift) % stride.
-    lead = -(-padding // stride) * stride
-    shift = lead - padding
-    Hp = (lead + -(-(H + padding) // stride) * stride) // stride  # a phase's rows and columns
-    Wp = (lead + -(-(W + padding) // stride) * stride) // stride
-    first = lead // stride  # the image's first row and column in every phase
+    Hp, Wp = phase_length(H, stride, padding), phase_length(W, stride, padding)
 
     # The windows are worked on a P x Wp grid, rows as long as a phase's, so that offset (r, s) of a
     # plane's windows is one contiguous run of a phase: P*Wp elements from the run's start (a slice of
     # P x Q windows has runs of Q, and NumPy's per-run overhead dominated). Columns Q and beyond are
-    # scratch (the run reads on into the next row, or a spare -inf row) and are dropped at the end.
-    offsets = [(r + shift, s + shift) for r in range(k) for s in range(k)]  # scan order, in padded rows/columns
+    # scratch (the run reads on into the next row, or the spare -inf row) and are dropped at the end.
+    offsets = [(r, s) for r in range(k) for s in range(k)]  # scan order
     runs = [(r % stride, s % stride, (r // stride) * Wp + s // stride) for r, s in offsets]  # (phase a, b, start)
     rows, cols = np.arange(P)[:, None] * stride - padding, np.arange(Wp)[None, :] * stride - padding  # window corners
     first_inside = np.full((P, Wp), len(offsets), dtype=np.uint8)
     for i in reversed(range(len(offsets))):
-        r, s = offsets[i][0] - shift, offsets[i][1] - shift
+        r, s = offsets[i]
         first_inside[(rows + r >= 0) & (rows + r < H) & (cols + s >= 0) & (cols + s < W)] = i
-    delta = np.array([(r - shift) * W + (s - shift) for r, s in offsets], dtype=np.int64)  # from a window's corner
+    delta = np.array([r * W + s for r, s in offsets], dtype=np.int64)  # offset (r, s) from a window's corner
     with_nan = x.size > 0 and bool(np.isnan(x.max()))  # max propagates NaN: one pass, no temporary
 
     planes = x.reshape(N * C, H, W)
@@ -702,22 +713,15 @@ def max_pool2d_with_indices(
     block = max(1, POOL_BLOCK_ELEMENTS // (stride * stride * (Hp + 1) * Wp))
     for b0 in range(0, N * C, block):
         B = min(N * C, b0 + block) - b0
-        phases = np.empty((B, stride, stride, Hp + 1, Wp), dtype=x.dtype)  # a spare row after each phase
-        phases[:, :, :, Hp] = -np.inf
-        for a in range(stride):
-            for b in range(stride):  # phase (a, b) holds x[:, :, a::stride, b::stride] inside a -inf border
-                phase, last_row, last_col = phases[:, a, b, :Hp], first + len(range(a, H, stride)), first + len(range(b, W, stride))
-                phase[:, first:last_row, first:last_col] = planes[b0 : b0 + B, a::stride, b::stride]
-                for border in (phase[:, :first], phase[:, last_row:], phase[:, :, :first], phase[:, :, last_col:]):
-                    border[...] = -np.inf
-        phases = phases.reshape(B, stride, stride, (Hp + 1) * Wp)
+        phases = stride_phases(planes[b0 : b0 + B], stride, padding, -np.inf, spare_rows=1)  # never wins the max
+        phases = phases.reshape(stride, stride, B, (Hp + 1) * Wp)
         winner = np.empty((B, P * Wp), dtype=np.uint8)  # the index into offsets each window stands on
         winner[...] = first_inside.reshape(-1)
         maximum = np.full((B, P * Wp), -np.inf, dtype=x.dtype)  # the maximum so far
         better = np.empty((B, P * Wp), dtype=bool)
         step = np.empty((B, P * Wp), dtype=np.uint8)
         for i, (a, b, start) in enumerate(runs):
-            value = phases[:, a, b, start : start + P * Wp]  # offset i of every window of the block
+            value = phases[a, b, :, start : start + P * Wp]  # offset i of every window of the block
             np.greater(value, maximum, out=better)
             if with_nan:
                 better |= np.isnan(value)
