@@ -27,12 +27,15 @@ array as the ndarray object itself, and it reads data, shape and strides out of 
 exception info on its own stack, in numba's native calling convention (numba.core.callconv.CPUCallConv): status = f(&return slot, &exception info, *arguments),
 each array as the fields of numba's array struct (meminfo, parent, size, itemsize, data, shape...,
 strides... in bytes), each boolean as a byte. The kernels return nothing: status 0 (or numba's
-"returned None", -2) is success.
+"returned None", -2) is success. Beside it, ``symbol_slots(int64 *slots)`` makes the same call with
+each argument in one int64 slot (an array as its object's address): what a helper thread calls from
+native code, without the GIL, for a share the caller recorded (``record_calls``, ``threads.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+from array import array as _slots_array
 import functools
 import hashlib
 import importlib
@@ -334,7 +337,7 @@ def build(module: str, name: str, codes: tuple) -> tuple[dict, bytes]:
     missing = [s for s in undefined if _process_symbol(s) is None]
     if missing:
         raise AotUnavailable(f"{name} refers to {', '.join(missing)}")
-    header = {"kernel": name, "codes": repr(codes), "symbol": symbol + "_entry", "argtypes": argtypes,
+    header = {"kernel": name, "codes": repr(codes), "symbol": symbol + "_entry", "slots_symbol": symbol + "_slots", "argtypes": argtypes,
               "undefined": undefined, "kernel_bytes": len(obj)}
     return header, obj + entry
 
@@ -391,6 +394,23 @@ def _entry_point(symbol: str, function_type, codes) -> tuple[bytes, list[str]]:
         for _ in range(2 * ndim):
             next(kernel_types)
     builder.ret(builder.call(kernel, args))
+    # The same call with every argument in one i64 slot (an array as its object's address, a scalar as its
+    # value or bits), for a helper thread that runs a share's calls natively, without the GIL (threads.py).
+    slots = ir.Function(module, ir.FunctionType(ir.IntType(32), [i64.as_pointer()]), name=symbol + "_slots")
+    builder = ir.IRBuilder(slots.append_basic_block())
+    values = []
+    for k, param in enumerate(entry.args):
+        value = builder.load(builder.gep(slots.args[0], [ir.Constant(i64, k)], source_etype=i64), typ=i64)
+        if isinstance(param.type, ir.PointerType):
+            value = builder.inttoptr(value, param.type)
+        elif isinstance(param.type, ir.IntType):
+            value = builder.trunc(value, param.type) if param.type.width < 64 else value
+        elif isinstance(param.type, ir.DoubleType):
+            value = builder.bitcast(value, param.type)
+        else:  # float: its bits in the slot's low half
+            value = builder.bitcast(builder.trunc(value, ir.IntType(32)), param.type)
+        values.append(value)
+    builder.ret(builder.call(entry, values))
     ir_module = _llvm().parse_assembly(str(module))
     ir_module.verify()
     return _target_machine().emit_object(ir_module), argtypes
@@ -425,9 +445,9 @@ KERNEL_ENTRIES = np.zeros(8, dtype=np.int64)  # [0] counts; a cache line of its 
 _engines: list = []  # every MCJIT engine holds its kernel's code: kept for the life of the process
 
 
-def load(header: dict, obj: bytes) -> int:
+def load(header: dict, obj: bytes) -> tuple[int, int]:
     """Link the object into this process (its own MCJIT engine, so that objects never clash): the
-    kernel's address."""
+    addresses of the kernel's entry point and of its slots form (_entry_point)."""
     llvm = _llvm()
     for symbol in header["undefined"]:
         address = _process_symbol(symbol)
@@ -439,11 +459,11 @@ def load(header: dict, obj: bytes) -> int:
     for part in (obj[:kernel_bytes], obj[kernel_bytes:]):  # the kernel, then its entry point
         engine.add_object_file(llvm.ObjectFileRef.from_data(part))
     engine.finalize_object()
-    address = engine.get_function_address(header["symbol"])
-    if not address:
-        raise AotUnavailable(f"{header['kernel']}: no symbol {header['symbol']} in its object")
+    addresses = tuple(engine.get_function_address(header[key]) for key in ("symbol", "slots_symbol"))
+    if not all(addresses):
+        raise AotUnavailable(f"{header['kernel']}: no symbol {header['symbol']} or {header['slots_symbol']} in its object")
     _engines.append(engine)
-    return address
+    return addresses
 
 
 def compile_ir(text: str, names: list[str]) -> dict[str, int]:
@@ -458,10 +478,12 @@ def compile_ir(text: str, names: list[str]) -> dict[str, int]:
     return {name: engine.get_function_address(name) for name in names}
 
 
-def native_call(name: str, address: int, argtypes: list[str]):
-    """call(args) for the entry point at address: arrays passed as the objects they are (the entry reads
-    their fields), scalars converted by ctypes, the GIL released for the call."""
-    function = ctypes.CFUNCTYPE(ctypes.c_int32, *(_CTYPES[t] for t in argtypes))(address)
+def native_call(name: str, addresses: tuple[int, int], argtypes: list[str]):
+    """call(args) for the entry point at addresses[0]: arrays passed as the objects they are (the entry
+    reads their fields), scalars converted by ctypes, the GIL released for the call. call.slots is the
+    address of the same call's slots form (addresses[1]), call.argtypes its arguments' codes: what
+    record_calls needs to prepare a call that a helper thread makes natively."""
+    function = ctypes.CFUNCTYPE(ctypes.c_int32, *(_CTYPES[t] for t in argtypes))(addresses[0])
 
     def call(args):
         try:
@@ -471,7 +493,54 @@ def native_call(name: str, address: int, argtypes: list[str]):
         if status not in _STATUS_OK:
             raise RuntimeError(f"npresnet kernel {name} failed (numba status {status})")
 
+    call.slots, call.argtypes = addresses[1], argtypes
     return call
+
+
+# --- recording: a share's kernel calls prepared for a helper thread to make without the GIL -------------
+
+_recording = threading.local()  # .calls: the list this thread's kernel calls go to instead (record_calls)
+
+
+class NotRecordable(Exception):
+    """A kernel call that a helper cannot make natively: numba's JIT serves the kernel, it is still being
+    built (NotYetBuilt), or an argument is neither an array nor an integer."""
+
+
+class NotYetBuilt(NotRecordable):
+    """A kernel call that cannot be recorded until the kernel's background build has ended."""
+
+
+@contextlib.contextmanager
+def record_calls():
+    """``with record_calls() as calls:`` the kernel calls this thread makes in the block are not made but
+    prepared, in order, into `calls`: each (slots function address, slots, arguments), the slots an
+    array.array of int64 (an array argument as its object's address, an integer as its value) and the
+    arguments kept with them, so that the arrays live as long as the prepared call. Raises NotRecordable
+    at the first call that cannot be prepared. Only for code whose Python does nothing with what its
+    kernels write: the calls run later, elsewhere (threads.NativeShare)."""
+    calls: list = []
+    outer = getattr(_recording, "calls", None)  # a block within another records apart, then the outer goes on
+    _recording.calls = calls
+    try:
+        yield calls
+    finally:
+        _recording.calls = outer
+
+
+def _prepare(call, args) -> tuple:
+    slots_function = getattr(call, "slots", None)
+    if slots_function is None:
+        raise NotRecordable("a kernel served by numba's JIT")
+    values = []
+    for arg, code in zip(args, call.argtypes):
+        if code == "obj":
+            values.append(id(arg))  # the object's address, as ctypes' py_object passes it
+        elif code[0] == "i" and isinstance(arg, (int, np.integer, np.bool_)):
+            values.append(int(arg))
+        else:
+            raise NotRecordable(f"an argument {arg!r} for a slot of type {code}")
+    return slots_function, _slots_array("q", values), args
 
 
 def aot_supported() -> bool:
@@ -685,10 +754,16 @@ class Kernel:
                 try:
                     call = self.specialisations.get(codes) or self._specialise(codes)
                 except KernelNotReady:  # being built: skipped, and counted for the deferring caller
+                    if getattr(_recording, "calls", None) is not None:
+                        raise NotYetBuilt(f"{self.name}, still being built") from None
                     global _skipped_calls
                     _skipped_calls += 1
                     return
                 self.calls[key] = self.specialisations[codes] = call
+        recorded = getattr(_recording, "calls", None)
+        if recorded is not None:
+            recorded.append(_prepare(call, args))
+            return
         KERNEL_ENTRIES[0] += 1  # for threads.py: a thread is about to let go of the GIL
         call(args)
 

@@ -23,7 +23,15 @@ Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
               per group, fused epilogue.
     The 1x1, direct and im2col paths hand each thread one share of the output rows (or,
     where the weights outweigh the patches, of the output channels) and let it gather,
-    multiply and finish its share alone: one thread synchronisation per layer.
+    multiply and finish its share alone: one thread synchronisation per layer. Winograd's
+    shares go in blocks of tiles whose V and M stay in cache (WINOGRAD_BLOCK_BYTES).
+
+A helper's share whose Python only calls kernels (every path but im2col's, which calls BLAS) is
+recorded by the caller and made by the helper natively, without the GIL (``threads.py``). And a
+model's trunk (stem to layer4) is recorded once per input shape into a plan (``run_trunk``): every
+layer's shares as native calls, the activations in one arena laid out by when each is needed, run
+afterwards in a single native call with no Python between layers; resnet18 and resnet50 at batch 1
+ran 17% faster than layer by layer with Python shares (bench/results/notes.md).
 
 The GEMMs of ungrouped convolutions run in gemm_packed, a register-blocked SIMD kernel over
 weights packed into panels (``cpu_kernels.py``). Grouped convolutions use NumPy's BLAS
@@ -71,8 +79,8 @@ from npresnet.backends import Backend, ConvBatchNorm, FoldedConv, register_backe
 from npresnet import functional as F
 from npresnet.functional import conv_output_size
 
-from .aot import DeferredBuilds, deferring, kernel_table, simd_bytes
-from .threads import Helpers
+from .aot import DeferredBuilds, NotRecordable, NotYetBuilt, deferring, kernel_table, record_calls, simd_bytes
+from .threads import Helpers, NativeShare, Plan, run_plan_alone, spin_waits
 
 if importlib.util.find_spec("numba") is None:  # found, not imported (a second): the kernels are built with it
     raise ImportError("No module named 'numba'")
@@ -288,6 +296,12 @@ class NumbaBackend(Backend):
     thread_safe = False
     # Winograd only with at least this many tiles per call (see _winograd_tile).
     MIN_TILES = 32
+    WINOGRAD_BLOCK_BYTES = 1 << 20
+    # The most activation memory a plan (run_trunk) keeps (about what a pass layer by layer holds at its
+    # peak: resnet50 at batch 8 79 MB); larger inputs run layer by layer. And the most plans kept (input
+    # shapes, networks), the least recently used dropped.
+    PLAN_BYTES = 128 << 20
+    PLANS_KEPT = 4
     # Rows of the GEMM paths are gathered, multiplied and finished in chunks of at least this many
     # bytes of patches (or outputs), which bounds the patch workspace at large batches; smaller
     # chunks make small, slow GEMMs (bench/results/notes.md).
@@ -300,33 +314,171 @@ class NumbaBackend(Backend):
         self.threads = min(threads or max_threads(), max_threads())
         self.winograd_tile = winograd_tile
         self._local = threading.local()
+        self._share_spaces: dict[int, dict] = {}  # the workspaces of each helper's recorded shares (_record)
+        self._plans: dict[tuple, tuple] = {}  # run_trunk's, by (network, input shape, dtype)
+        self._plan_steps = self._plan_pending = self._plan_activations = None  # while a plan is being recorded
+        self._plan_arena = (None, None)
         self._cpus = thread_cpus(self.threads)
         # Helper threads, one per thread beyond the caller, each pinned to a CPU of its own where _cpus says.
         self._helpers = Helpers(self.threads - 1, self._cpus[1:] if self._cpus else None) if self.threads > 1 else None
 
     # --- threads ---------------------------------------------------------------------------
 
-    def _split(self, work, length):
+    def _split(self, work, length, native=False):
         """work(lo, hi) over [0, length) cut into one contiguous share per thread; returns when all are done.
 
         Each share does its whole layer step (gather or transform, single-threaded BLAS,
         epilogue) alone: one thread synchronisation per layer. OpenBLAS splitting each
         GEMM itself meant one per GEMM (36 per Winograd layer), ruinous when the cores
         are shared, and its spinning threads stole cores from the next kernels.
+
+        native: work's Python only calls kernels (and makes views and workspaces), doing nothing
+        with what they write; then the helpers' shares are recorded here (_record) and made by
+        the helpers natively, without the GIL, which a Python share waits for (threads.py).
         """
+        if self._plan_steps is not None:  # recording a plan (run_trunk)
+            if not native:
+                raise NotRecordable("a layer whose Python works on what its kernels write")
+            self._plan_step(work, length)
+            return
         parts = min(self.threads, length)
-        bounds = [length * i // parts for i in range(parts + 1)]
-        if parts > 1 and deferring():  # the helpers defer kernels being built as the caller does
-            inner = work
-
-            def work(lo, hi):
-                with DeferredBuilds():
-                    inner(lo, hi)
-
         if parts == 1:
             work(0, length)
             return
-        self._helpers.run([functools.partial(work, bounds[i], bounds[i + 1]) for i in range(parts)])
+        shares = [functools.partial(work, length * i // parts, length * (i + 1) // parts) for i in range(parts)]
+        if native and self._helpers.native:
+            recorded = [self._record(shares[i], i) for i in range(1, parts)]
+            if None not in recorded:
+                self._helpers.run([shares[0], *recorded])
+                return
+        if deferring():  # the helpers defer kernels being built as the caller does
+            shares[1:] = [functools.partial(_deferring_builds, share) for share in shares[1:]]
+        self._helpers.run(shares)
+
+    # --- plans ------------------------------------------------------------------------------
+
+    def run_trunk(self, trunk, net, h):
+        """trunk(self, net, h), recorded for this network and input shape the first time into a plan (the
+        kernel calls of every layer's shares, threads.Plan), and afterwards run as that plan: one native
+        call for the whole trunk, no Python between layers, the helpers spinning from one layer to the
+        next. The plan keeps the trunk's activations (so only where they fit in PLAN_BYTES). Returns the
+        trunk's output, which the next call overwrites."""
+        key = (id(net), h.shape, h.dtype.str)
+        recorded = self._plans.pop(key, None)
+        if recorded is None:
+            recorded = self._record_plan(trunk, net, h)
+            if recorded is None:
+                return trunk(self, net, h)
+        self._plans[key] = recorded  # the most recently used last
+        while len(self._plans) > self.PLANS_KEPT:
+            del self._plans[next(iter(self._plans))]
+        _, plan, plan_input, plan_output = recorded  # (the plan keeps its network, so no other takes its id)
+        if plan is None:
+            return trunk(self, net, h)
+        np.copyto(plan_input, h)
+        if self._helpers is None:
+            run_plan_alone(plan)
+        else:
+            self._helpers.run_plan(plan)
+        return plan_output
+
+    def _record_plan(self, trunk, net, h):
+        """(net, plan, its input, its output), or (net, None, None, None) where the trunk cannot be run as a
+        plan (a layer with Python between its kernels, a kernel numba's JIT serves, more than PLAN_BYTES of
+        activations alive at once, no spin-waits); None, to try again next time, while a kernel is being
+        built.
+
+        Recorded twice: first with every activation an array of its own, which tells from the steps that
+        read or write each when it is last needed; then with each in an arena at an offset that no
+        activation alive at the same time shares (first fit), so that the plan holds about what a pass
+        layer by layer holds at its peak, and reuses memory still in cache as that pass does."""
+        never = (net, None, None, None)
+        if spin_waits() is None or (self._helpers is not None and not self._helpers.native):
+            return never
+        plan_input = np.empty_like(h)
+        try:
+            steps, activations, output = self._record_pass(trunk, net, plan_input)
+            offsets, size = _arena_layout(steps, activations, output)
+            if size > self.PLAN_BYTES:
+                return never
+            arena = np.empty(size, dtype=np.uint8)
+            steps, placed, output = self._record_pass(trunk, net, plan_input, arena, offsets)
+        except NotYetBuilt:
+            return None
+        except NotRecordable:
+            return never
+        if [(a.shape, a.dtype) for a in placed] != [(a.shape, a.dtype) for a in activations]:
+            return never  # the trunk allocated otherwise the second time: not a fixed sequence of layers
+        return net, Plan(steps), plan_input, output
+
+    def _record_pass(self, trunk, net, plan_input, arena=None, offsets=None):
+        """trunk recorded: (steps, the activations it allocated in order, its output); in `arena` at
+        `offsets` where given."""
+        self._plan_steps, self._plan_activations = [], []
+        self._plan_arena = (arena, offsets)
+        try:
+            with record_calls() as pending:
+                self._plan_pending = pending
+                output = trunk(self, net, plan_input)
+                self._plan_flush()
+            return self._plan_steps, self._plan_activations, output
+        finally:
+            self._plan_steps = self._plan_pending = self._plan_activations = None
+            self._plan_arena = (None, None)
+
+    def _plan_step(self, work, length):
+        """Record one _split into the plan being recorded: the caller's kernel calls since the last step
+        (pad_into) as a step of its own, then a step of every thread's share of work."""
+        self._plan_flush()
+        parts = min(self.threads, length)
+        step = [None] * self.threads
+        for i in range(parts):
+            share = functools.partial(work, length * i // parts, length * (i + 1) // parts)
+            step[i] = self._record(share, i)
+            if step[i] is None:
+                raise NotRecordable("a share that cannot be made natively")
+        self._plan_steps.append(step)
+
+    def _plan_flush(self):
+        if self._plan_pending:
+            self._plan_steps.append([NativeShare(list(self._plan_pending))] + [None] * (self.threads - 1))
+            self._plan_pending.clear()
+
+    def _new_activation(self, shape, dtype):
+        """A layer's output: np.empty, or while a plan is recorded the next activation, in its arena where
+        it has one (_record_plan)."""
+        if self._plan_steps is None:
+            return np.empty(shape, dtype=dtype)
+        arena, offsets = self._plan_arena
+        k = len(self._plan_activations)
+        if arena is None:
+            out = np.empty(shape, dtype=dtype)
+        else:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            if k >= len(offsets) or offsets[k] + nbytes > arena.size:
+                raise NotRecordable("a trunk that allocates otherwise each time")
+            out = arena[offsets[k] : offsets[k] + nbytes].view(dtype).reshape(shape)
+        self._plan_activations.append(out)
+        return out
+
+    def _record(self, share, i):
+        """share's kernel calls, prepared here for helper i to make natively (a threads.NativeShare), with
+        workspaces of that helper's own; None where a call cannot be (aot.NotRecordable)."""
+        local = self._local.__dict__
+        saved = local.get("spaces")
+        if i:  # the caller's own share (a plan's) keeps the caller's workspaces
+            local["spaces"] = self._share_spaces.setdefault(i, {})
+        try:
+            with record_calls() as calls:
+                share()
+        except NotRecordable:
+            return None
+        finally:
+            if saved is None:
+                local.pop("spaces", None)
+            else:
+                local["spaces"] = saved
+        return NativeShare(calls)
 
     @contextlib.contextmanager
     def running(self):
@@ -409,7 +561,7 @@ class NumbaBackend(Backend):
         Q = conv_output_size(W, conv.S, conv.stride, conv.padding)
         if P < 1 or Q < 1:
             raise ValueError(f"conv2d: input {H}x{W} is too small for a {conv.R}x{conv.S} kernel with padding {conv.padding}")
-        out = np.empty((N, P, Q, conv.K), dtype=x.dtype)  # (N, P, Q, K)
+        out = self._new_activation((N, P, Q, conv.K), x.dtype)  # (N, P, Q, K)
         if residual is not None and residual.shape != out.shape:
             raise ValueError(f"conv: residual shape {residual.shape} != output shape {out.shape}")
         tile = self._winograd_tile(conv, N, P, Q)
@@ -448,17 +600,25 @@ class NumbaBackend(Backend):
         has_residual = residual is not None
         res = residual if has_residual else out  # a placeholder of the right type when there is none
 
+        # Tiles a block: V and M of a block near WINOGRAD_BLOCK_BYTES, or half of U's bytes where U is larger
+        # (every block reads all of U); a whole number of gemm_packed's 6-row blocks.
+        block_bytes = max(self.WINOGRAD_BLOCK_BYTES, U.nbytes // 2)
+        block = max(6, block_bytes // (A * A * (conv.Cg + conv.K) * x.itemsize) // 6 * 6)
+
         def tiles(lo, hi):
-            V = self._workspace("V", (A * A, hi - lo, conv.Cg), x.dtype)
-            self.kernels.winograd_input(x, m, lo, hi, self._workspace("winograd in", (2, A, A, conv.Cg), x.dtype), V)
-            Mt = self._workspace("M", (A * A, hi - lo, conv.K), x.dtype)
+            work = self._workspace("winograd in", (2, A, A, conv.Cg), x.dtype)
             tile = self._workspace("tile", (6, U.shape[3]), x.dtype)
-            self.kernels.gemm_packed(V, U, conv.ones, conv.zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
             tmp = self._workspace("winograd out", (m, A, conv.K), x.dtype)
             y = self._workspace("winograd y", (m, m, conv.K), x.dtype)
-            self.kernels.winograd_output(Mt, m, conv.bias, res, has_residual, relu, lo, hi, tmp, y, out)
+            for b_lo in range(lo, hi, block):
+                b_hi = min(b_lo + block, hi)
+                V = self._workspace("V", (A * A, b_hi - b_lo, conv.Cg), x.dtype)
+                Mt = self._workspace("M", (A * A, b_hi - b_lo, conv.K), x.dtype)
+                self.kernels.winograd_input(x, m, b_lo, b_hi, work, V)
+                self.kernels.gemm_packed(V, U, conv.ones, conv.zeros, Mt, False, False, 0, U.shape[1], tile, Mt)
+                self.kernels.winograd_output(Mt, m, conv.bias, res, has_residual, relu, b_lo, b_hi, tmp, y, out)
 
-        self._split(tiles, T)
+        self._split(tiles, T, native=True)
 
     def _conv_1x1(self, x, conv: PreparedConv, relu, residual, out):
         """1x1, stride 1, groups 1: the NHWC input is already the GEMM's left matrix."""
@@ -486,11 +646,7 @@ class NumbaBackend(Backend):
         xp = x
         if pad:
             xp = self._workspace("padded", (N, H + 2 * pad, W + 2 * pad, C), x.dtype)
-            xp[:, :pad] = 0
-            xp[:, H + pad :] = 0
-            xp[:, pad : H + pad, :pad] = 0
-            xp[:, pad : H + pad, W + pad :] = 0
-            xp[:, pad : H + pad, pad : W + pad] = x
+            self.kernels.pad_into(x, pad, xp)
         M = N * P * Q
         out2 = out.reshape(M, K)
         has_residual = residual is not None
@@ -507,9 +663,9 @@ class NumbaBackend(Backend):
             self.kernels.conv_packed(xp, conv.Wp, conv.scale, conv.bias, res2, has_residual, relu, *args, 0, M, lo, hi, tile, out2)
 
         if conv.Wp.nbytes > M * conv.Wp.shape[2] * x.itemsize:
-            self._split(columns, panels)  # the weights outweigh the patches: each thread reads its share
+            self._split(columns, panels, native=True)  # the weights outweigh the patches: each thread reads its share
         else:
-            self._split(pixels, -(-M // 6))
+            self._split(pixels, -(-M // 6), native=True)
 
     def _gemm(self, conv: PreparedConv, relu, residual, out, patches):
         """out = epilogue(patches @ W), where patches(j, k) is the (G, (k-j)*Q, R*S*C/G) patch matrix
@@ -533,7 +689,7 @@ class NumbaBackend(Backend):
                     tile = self._workspace("tile", tile_shape, out.dtype)
                     kernels.gemm_packed(a, conv.Wp, conv.scale, conv.bias, res2[None], has_residual, relu, lo, hi, tile, out2[None])
 
-                self._split(columns, panels)
+                self._split(columns, panels, native=True)
                 return
         step = max(1, self.CHUNK_BYTES // (Q * max(G * width, K) * out.itemsize))
 
@@ -552,16 +708,16 @@ class NumbaBackend(Backend):
                 kernels.epilogue(src, conv.scale, conv.bias, res2[span], has_residual, relu, out2[span])
 
         if G == 1:
-            self._split(rows, N * P)
+            self._split(rows, N * P, native=True)
             return
         with _single_threaded_blas():
             self._split(rows, N * P)
 
     def max_pool(self, x):
         N, H, W, C = x.shape
-        out = np.empty((N, conv_output_size(H, 3, 2, 1), conv_output_size(W, 3, 2, 1), C), dtype=x.dtype)
+        out = self._new_activation((N, conv_output_size(H, 3, 2, 1), conv_output_size(W, 3, 2, 1), C), x.dtype)
         with DeferredBuilds() as deferred:
-            self._split(lambda lo, hi: self.kernels.max_pool_3x3s2(x, lo, hi, out), N * out.shape[1])
+            self._split(lambda lo, hi: self.kernels.max_pool_3x3s2(x, lo, hi, out), N * out.shape[1], native=True)
         if deferred.skipped():  # the kernel is still being built (aot.py): the NumPy reference, this once
             out[...] = F.max_pool2d(x.transpose(0, 3, 1, 2), 3, 2, 1).transpose(0, 2, 3, 1)
         return out
@@ -576,6 +732,49 @@ class NumbaBackend(Backend):
             out = x @ weight_t
         out += bias
         return out
+
+
+def _arena_layout(steps, activations, output) -> tuple[list[int], int]:
+    """Byte offsets in one arena for the activations of a recorded plan, and the arena's size: each
+    activation is alive from the first step whose calls refer to it (through any view) to the last (the
+    output to the end), and shares no byte with another alive at any same step; first fit, in order of
+    allocation, 64-byte aligned."""
+    index = {id(a): k for k, a in enumerate(activations)}
+    first = [len(steps)] * len(activations)
+    last = [-1] * len(activations)
+    for s, step in enumerate(steps):
+        for share in step:
+            for _, _, args in share.calls if share is not None else ():
+                for arg in args:
+                    while isinstance(arg, np.ndarray) and isinstance(arg.base, np.ndarray):
+                        arg = arg.base
+                    k = index.get(id(arg))
+                    if k is not None:
+                        first[k], last[k] = min(first[k], s), max(last[k], s)
+    root = output
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if id(root) in index:
+        last[index[id(root)]] = len(steps)
+    offsets, placed, size = [], [], 0  # placed: (offset, end, last step) of those given a place
+    for k, a in enumerate(activations):
+        alive = sorted((o, e) for o, e, l in placed if l >= first[k])
+        nbytes = -(-a.nbytes // 64) * 64
+        offset = 0
+        for o, e in alive:
+            if offset + nbytes <= o:
+                break
+            offset = max(offset, e)
+        offsets.append(offset)
+        placed.append((offset, offset + nbytes, last[k]))
+        size = max(size, offset + nbytes)
+    return offsets, size
+
+
+def _deferring_builds(share):
+    """A helper's Python share of a deferring caller, deferring kernels being built as the caller does."""
+    with DeferredBuilds():
+        share()
 
 
 # --- BLAS thread count ---------------------------------------------------------------------------

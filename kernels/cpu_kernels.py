@@ -361,6 +361,22 @@ def gemm_packed(a, Wp, scale, bias, residual, has_residual, relu, p_lo, p_hi, ti
                            rows, width, tf, scale, bias, col, rf, has_residual, relu, of, o0 + i0 * K + col, K, L)
 
 
+@njit(inline="always")
+def next_pixel(n, p, q, P, Q, step):
+    """The output pixel after (n, p, q) in row-major order where step, else (n, p, q) itself (a last block
+    of fewer than six repeats its last pixel)."""
+    if not step:
+        return n, p, q
+    q += 1
+    if q == Q:
+        q = 0
+        p += 1
+        if p == P:
+            p = 0
+            n += 1
+    return n, p, q
+
+
 @kernel(nogil=True)
 def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P, Q, m_lo, m_hi, p_lo, p_hi, tile, out):
     """Output pixels m_lo <= m < m_hi of a convolution, out (N*P*Q, K) = [relu](conv * scale + bias [+ residual]),
@@ -389,19 +405,20 @@ def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P,
     for g_lo in range(p_lo, p_hi, group):
         for i0 in range(m_lo, m_hi, 6):
             rows = min(6, m_hi - i0)
-            # Where each of the six windows starts in xf.
-            m = i0
-            x0 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
-            m = i0 + min(1, rows - 1)
-            x1 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
-            m = i0 + min(2, rows - 1)
-            x2 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
-            m = i0 + min(3, rows - 1)
-            x3 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
-            m = i0 + min(4, rows - 1)
-            x4 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
-            m = i0 + min(5, rows - 1)
-            x5 = ((m // (P * Q) * Hp + (m // Q) % P * stride) * Wq + m % Q * stride) * C
+            # Where each of the six windows starts in xf: the first pixel's (image, row, column) divided out, the others
+            # stepped from it (divisions for each cost the stem, whose windows are short, a fifth of its time).
+            img, pr, pc = i0 // (P * Q), (i0 // Q) % P, i0 % Q
+            x0 = ((img * Hp + pr * stride) * Wq + pc * stride) * C
+            img, pr, pc = next_pixel(img, pr, pc, P, Q, rows > 1)
+            x1 = ((img * Hp + pr * stride) * Wq + pc * stride) * C
+            img, pr, pc = next_pixel(img, pr, pc, P, Q, rows > 2)
+            x2 = ((img * Hp + pr * stride) * Wq + pc * stride) * C
+            img, pr, pc = next_pixel(img, pr, pc, P, Q, rows > 3)
+            x3 = ((img * Hp + pr * stride) * Wq + pc * stride) * C
+            img, pr, pc = next_pixel(img, pr, pc, P, Q, rows > 4)
+            x4 = ((img * Hp + pr * stride) * Wq + pc * stride) * C
+            img, pr, pc = next_pixel(img, pr, pc, P, Q, rows > 5)
+            x5 = ((img * Hp + pr * stride) * Wq + pc * stride) * C
             for p in range(g_lo, min(g_lo + group, p_hi)):
                 w = p * D * NR
                 col = p * NR
@@ -417,6 +434,30 @@ def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P,
                         w += NR
                 finish(c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51,
                        rows, width, tf, scale, bias, col, rf, has_residual, relu, of, i0 * K + col, K, L)
+
+
+@kernel(nogil=True)
+def pad_into(x, pad, xp):
+    """xp (N, H + 2 pad, W + 2 pad, C) = x (N, H, W, C) with `pad` zeros around each map (conv_packed's input)."""
+    N, H, W, C = x.shape
+    Hp = H + 2 * pad
+    row = (W + 2 * pad) * C
+    xf = flat(x)
+    pf = flat(xp)
+    for n in range(N):
+        for h in range(Hp):
+            o = (n * Hp + h) * row
+            if h < pad or h >= H + pad:
+                for k in range(row):
+                    pf[o + k] = 0
+                continue
+            for k in range(pad * C):
+                pf[o + k] = 0
+                pf[o + row - pad * C + k] = 0
+            i = (n * H + h - pad) * W * C
+            o += pad * C
+            for k in range(W * C):
+                pf[o + k] = xf[i + k]
 
 
 @kernel(nogil=True)

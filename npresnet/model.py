@@ -339,24 +339,31 @@ class ResNet(SpecProperties):
             return self._run(ops, net, x, keep_features)
 
     @staticmethod
-    def _run(ops: Backend, net, x: np.ndarray, keep_features: bool):
-        features = {}
-        h = ops.from_numpy(x)
+    def _trunk(ops: Backend, net, h, features: dict | None = None):
+        """The stem and the four stages: activation in, layer4's activation out (each stage's output also
+        into `features`, as NumPy arrays, where given)."""
         h = ops.conv(h, net.stem, relu=True)  # (N, 64, H/2, W/2)
-        if keep_features:
+        if features is not None:
             features["stem"] = ops.to_numpy(h)
         if net.max_pool:
             h = ops.max_pool(h)  # (N, 64, H/4, W/4)
         for stage, blocks in enumerate(net.stages, start=1):
             for block in blocks:
                 h = residual_block(h, block, ops)
-            if keep_features:
+            if features is not None:
                 features[f"layer{stage}"] = ops.to_numpy(h)
-        pooled = ops.global_avg_pool(h)  # (N, 512 * expansion)
+        return h
+
+    @staticmethod
+    def _run(ops: Backend, net, x: np.ndarray, keep_features: bool):
+        h = ops.from_numpy(x)
         if keep_features:
-            features["pool"] = ops.to_numpy(pooled)
+            features = {}
+            h = ResNet._trunk(ops, net, h, features)
+            features["pool"] = ops.to_numpy(ops.global_avg_pool(h))  # (N, 512 * expansion)
             return features
-        return ops.to_numpy(ops.linear(pooled, net.fc))  # (N, num_classes)
+        h = ops.run_trunk(ResNet._trunk, net, h)
+        return ops.to_numpy(ops.linear(ops.global_avg_pool(h), net.fc))  # (N, num_classes)
 
     def _forward_frozen(self, x: np.ndarray, stage: str) -> np.ndarray:
         """The inference-mode forward pass from the input through `stage` (a frozen prefix), on this

@@ -207,6 +207,7 @@ def test_a_first_run_computes_on_numpy_while_the_builder_builds_then_runs_the_ke
     with caplog.at_level("WARNING", logger="npresnet"):
         assert_close(model(x), expected)
     assert "in the background" in caplog.text
+    assert not backend._plans  # no plan while kernels are being built: the next pass tries again
     kernels = {name: getattr(table, name) for name in aot.declared_kernels(MODULE)}
     assert not any(k.specialisations for k in kernels.values())  # every layer ran on NumPy
     asked = {os.path.basename(path).split(".")[1] for path in aot._builder.sent}
@@ -219,6 +220,8 @@ def test_a_first_run_computes_on_numpy_while_the_builder_builds_then_runs_the_ke
     assert {p.name.split(".")[1] for p in cache.rglob("*.o")} == asked
     assert_close(model(x), expected)
     assert {name for name, k in kernels.items() if k.specialisations} == asked  # the kernels ran
+    assert [plan is not None for _, plan, _, _ in backend._plans.values()] == [True]  # and as a plan
+    assert_close(model(x), expected)
 
 
 def test_outside_a_deferring_caller_a_kernel_is_built_before_it_runs(cache, monkeypatch):

@@ -502,3 +502,220 @@ def test_blas_thread_count_is_restored_after_a_conv(cpu):
     out = backend.conv(backend.from_numpy(np.ones((1, 4, 3, 3))), prepared, relu=True)
     assert np.all(backend.to_numpy(out) == 4.0)
     assert get_threads() == before
+
+
+# --- helpers' shares made natively, and whole trunks run as plans ------------------------------
+
+def _gemm_case(cpu, dtype=np.float32, M=50, D=24, K=40, seed=11):
+    """gemm_packed's arguments for out = a @ w + bias (ReLU), and that result by NumPy."""
+    rng = np.random.default_rng(seed)
+    a, w = rng.standard_normal((1, M, D)).astype(dtype), rng.standard_normal((1, D, K)).astype(dtype)
+    bias, scale = rng.standard_normal(K).astype(dtype), np.ones(K, dtype)
+    Wp = cpu.pack_panels(w)
+    out = np.full((1, M, K), 7, dtype)
+    args = (a, Wp, scale, bias, out, False, True, 0, Wp.shape[1], np.empty((6, Wp.shape[3]), dtype), out)
+    return args, out, np.maximum(np.matmul(a, w) + bias, 0)
+
+
+def test_helpers_make_native_shares_and_report_a_failed_call(cpu):
+    """A share recorded with aot.record_calls is made by the helper natively (nothing runs while recording),
+    back to back and after the helper has fallen asleep, beside Python shares; a call whose status says it
+    failed is raised in the caller as a RuntimeError, and the helpers go on working."""
+    from npresnet_kernels import aot, threads
+
+    kernels = cpu.NumbaBackend(threads=1).kernels
+    helpers = threads.Helpers(1)
+    assert helpers.native
+    for pause in (0, 2 * threads.SPIN_SECONDS, 0):
+        time.sleep(pause)
+        args, out, want = _gemm_case(cpu, seed=int(pause * 1e4))
+        with aot.record_calls() as calls:
+            kernels.gemm_packed(*args)
+        assert len(calls) == 1 and (out == 7).all()  # prepared, not made
+        ran = []
+        helpers.run([lambda: ran.append(threading.get_ident()), threads.NativeShare(calls)])
+        assert ran == [threading.get_ident()]
+        assert_close(out, want)
+    # A function that fails as a kernel does: numba's status 1.
+    failing = aot.compile_ir("define i32 @npresnet_test_fails(i64* %slots) {\n  ret i32 1\n}\n", ["npresnet_test_fails"])
+    share = threads.NativeShare([(failing["npresnet_test_fails"], threads._slots_array("q", [0]), ())])
+    with pytest.raises(RuntimeError, match="status 1"):
+        helpers.run([lambda: None, share])
+    args, out, want = _gemm_case(cpu, seed=5)
+    with aot.record_calls() as calls:
+        kernels.gemm_packed(*args)
+    helpers.run([lambda: None, threads.NativeShare(calls)])
+    assert_close(out, want)
+
+
+def test_recording_refuses_what_a_helper_cannot_make_natively(cpu, monkeypatch):
+    """record_calls raises NotRecordable for a kernel numba's JIT serves (no slots form) and for an argument
+    that is neither an array nor an integer; a backend's layer then runs its helpers' shares in Python,
+    with the same result."""
+    from npresnet_kernels import aot
+
+    backend = cpu.NumbaBackend(threads=2)
+    args, _, _ = _gemm_case(cpu)
+    backend.kernels.gemm_packed(*args)  # specialised
+    call = next(iter(backend.kernels.gemm_packed.calls.values()))
+    with pytest.raises(aot.NotRecordable, match="argument 0.5"):
+        aot._prepare(call, args[:7] + (0.5,) + args[8:])
+    bad = dict(backend.kernels.gemm_packed.calls)
+    monkeypatch.setattr(backend.kernels.gemm_packed, "calls", {k: (lambda a, c=c: c(a)) for k, c in bad.items()})
+    with pytest.raises(aot.NotRecordable, match="JIT"), aot.record_calls():
+        backend.kernels.gemm_packed(*args)
+    shares = []
+    run = backend._helpers.run
+    monkeypatch.setattr(backend._helpers, "run", lambda s: (shares.append(s), run(s)))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 6, 5, 5)).astype(np.float32)
+    conv = FoldedConv(rng.standard_normal((12, 6, 1, 1)).astype(np.float32), np.zeros(12, np.float32), 1, 0, 1)
+    got = backend.to_numpy(backend.conv(backend.from_numpy(x), backend.prepare_conv(conv), relu=False))
+    assert_close(got, reference_conv(x, conv, False, None))
+    assert shares and all(callable(s) for s in shares[-1])  # Python shares, not NativeShares
+
+
+def test_a_layers_helper_shares_are_native_where_they_can_be(cpu, monkeypatch):
+    """Every ungrouped convolution path and the max pool hand their helpers native shares; a grouped
+    convolution (NumPy's BLAS between its kernels) Python shares."""
+    from npresnet_kernels import threads
+
+    backend = numba_backend(cpu, "winograd4")
+    kinds = []
+    run = backend._helpers.run
+    monkeypatch.setattr(backend._helpers, "run", lambda s: (kinds.append(type(s[1]).__name__), run(s)))
+    rng = np.random.default_rng(4)
+    for case in ("3x3", "1x1", "3x3_stride2", "7x7_stem", "3x3_groups4"):
+        N, C, H, W, K, k, stride, padding, groups = CONV_CASES[case]
+        x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+        conv = FoldedConv(rng.standard_normal((K, C // groups, k, k)).astype(np.float32), np.zeros(K, np.float32), stride, padding, groups)
+        kinds.append(case)
+        got = backend.to_numpy(backend.conv(backend.from_numpy(x), backend.prepare_conv(conv), relu=True))
+        assert_close(got, reference_conv(x, conv, True, None))
+    backend.max_pool(backend.from_numpy(rng.standard_normal((2, 4, 9, 9)).astype(np.float32)))
+    native = threads.NativeShare.__name__
+    assert kinds == ["3x3", native, "1x1", native, "3x3_stride2", native, "7x7_stem", native, "3x3_groups4", "partial", native]
+
+
+@pytest.mark.parametrize("tile", [4, 2])
+def test_winograd_in_blocks_of_tiles_equals_one_block(cpu, tile):
+    """A thread's tiles in blocks (transform, multiply, finish each block while it is in cache) give the
+    very numbers of one block of them all."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 8, 17, 13)).astype(np.float32)
+    conv = FoldedConv(rng.standard_normal((16, 8, 3, 3)).astype(np.float32), rng.standard_normal(16).astype(np.float32), 1, 1, 1)
+    residual = rng.standard_normal((3, 17, 13, 16)).astype(np.float32)
+    outs = []
+    for block_bytes in (1 << 40, 1):  # one block of all; blocks of 6 tiles (the least)
+        backend = numba_backend(cpu, f"winograd{tile}")
+        backend.WINOGRAD_BLOCK_BYTES = block_bytes
+        prepared = backend.prepare_conv(conv)
+        outs.append(backend.conv(backend.from_numpy(x), prepared, True, residual))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert_close(backend.to_numpy(outs[1]), reference_conv(x, conv, True, residual.transpose(0, 3, 1, 2)))
+
+
+def _plan_models(cpu, arch, threads, dtype, seed=12):
+    """Two models on one state: one whose backend runs its trunk as a plan, one layer by layer."""
+    spec = get_spec(arch, num_classes=7)
+    state = random_state_dict(spec, seed=seed, dtype=dtype)
+    layered = cpu.NumbaBackend(threads=threads)
+    layered.PLAN_BYTES = 0
+    return npresnet.build(spec, state, backend=cpu.NumbaBackend(threads=threads)), npresnet.build(spec, state, backend=layered)
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+@pytest.mark.parametrize("arch, dtype", [("resnet18", np.float32), ("resnet50", np.float32), ("resnet18", np.float64)], ids=str)
+def test_a_forward_pass_runs_as_a_plan_with_the_numbers_of_layer_by_layer(cpu, arch, dtype, threads):
+    """The first pass at an input shape records the trunk into a plan, every pass after runs it: the same
+    kernels, shares and order as layer by layer, so the same numbers bit for bit, for each new input (the
+    plan's input is copied in), with logits the caller owns (the next pass does not change them); and the
+    reference's numbers."""
+    planned, layered = _plan_models(cpu, arch, threads, dtype)
+    rng = np.random.default_rng(threads)
+    xs = [rng.standard_normal((2, 3, 40, 40)).astype(dtype) for _ in range(3)]
+    outs = [planned(x) for x in xs]
+    (key, (net, plan, _, _)), = planned.backend._plans.items()
+    assert plan is not None and key[1] == (2, 40, 40, 3) and len(plan.steps) > 20
+    assert not layered.backend._plans or all(p is None for _, p, _, _ in layered.backend._plans.values())
+    for x, out in zip(xs, outs):
+        np.testing.assert_array_equal(out, layered(x))
+    np.testing.assert_array_equal(outs[0], planned(xs[0]))
+    assert_close(outs[2], npresnet.build(planned.spec, planned.state_dict(), backend="numpy")(xs[2]))
+
+
+def test_a_plans_arena_gives_activations_alive_together_bytes_of_their_own(cpu):
+    """_arena_layout: any two activations alive at a same step (from the first step that refers to one to
+    the last) get disjoint bytes of the arena, and the arena is much smaller than all of them."""
+    model, _ = _plan_models(cpu, "resnet50", 2, np.float32)
+    backend = model.backend
+    h = backend.from_numpy(np.zeros((1, 3, 64, 64), np.float32))
+    steps, activations, output = backend._record_pass(type(model)._trunk, model._prepare(np.dtype(np.float32)), h)
+    offsets, size = cpu._arena_layout(steps, activations, output)
+    index = {id(a): k for k, a in enumerate(activations)}
+    alive = [set() for _ in activations]
+    for s, step in enumerate(steps):
+        for share in step:
+            for _, _, args in share.calls if share is not None else ():
+                for arg in args:
+                    while isinstance(arg, np.ndarray) and isinstance(arg.base, np.ndarray):
+                        arg = arg.base
+                    if id(arg) in index:
+                        alive[index[id(arg)]].add(s)
+    spans = [(min(s), max(s)) if s else None for s in alive]
+    spans[index[id(output)]] = (spans[index[id(output)]][0], len(steps))
+    assert sum(s is not None for s in spans) == len(activations) > 50
+    for i in range(len(activations)):
+        for j in range(i):
+            if spans[i][0] <= spans[j][1] and spans[j][0] <= spans[i][1]:
+                a = (offsets[i], offsets[i] + activations[i].nbytes)
+                b = (offsets[j], offsets[j] + activations[j].nbytes)
+                assert a[1] <= b[0] or b[1] <= a[0], (i, j)
+    assert max(o + a.nbytes for o, a in zip(offsets, activations)) <= size < sum(a.nbytes for a in activations) / 3
+
+
+def test_plans_fall_back_to_layer_by_layer_and_are_bounded(cpu):
+    """No plan for a trunk with a grouped convolution (Python between its kernels) nor one over PLAN_BYTES:
+    those run layer by layer, with the right numbers; at most PLANS_KEPT plans, the least recently used
+    dropped."""
+    x = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    spec = get_spec("resnext50_32x4d", num_classes=3)
+    state = random_state_dict(spec, seed=2)
+    grouped = npresnet.build(spec, state, backend=cpu.NumbaBackend(threads=2))
+    assert_close(grouped(x), npresnet.build(spec, state, backend="numpy")(x))
+    assert [plan for _, plan, _, _ in grouped.backend._plans.values()] == [None]
+    planned, _ = _plan_models(cpu, "resnet18", 2, np.float32)
+    planned.backend.PLAN_BYTES = 1000
+    planned(x)
+    assert [plan for _, plan, _, _ in planned.backend._plans.values()] == [None]
+    planned.backend.PLAN_BYTES = cpu.NumbaBackend.PLAN_BYTES
+    planned.backend._plans.clear()
+    sizes = [32, 40, 48, 56, 64, 32]
+    for size in sizes:
+        planned(np.zeros((1, 3, size, size), np.float32))
+    kept = [key[1][1] for key in planned.backend._plans]  # (N, H, W, C) of the input
+    assert kept == [48, 56, 64, 32][-planned.backend.PLANS_KEPT:] and len(kept) == planned.backend.PLANS_KEPT == 4
+
+
+def test_a_plan_whose_helper_idles_longer_than_its_spin_goes_on(cpu):
+    """Helpers.run_plan: a helper with no share in a step that outlasts its spin (SPIN_SECONDS) spins on
+    rather than falling asleep, and makes its share of the next step; then the pool works as before."""
+    from npresnet_kernels import aot, threads
+
+    kernels = cpu.NumbaBackend(threads=1).kernels
+    helpers = threads.Helpers(1)
+    long_args, long_out, long_want = _gemm_case(cpu, M=12000, D=256, K=256, seed=1)  # about 10 ms
+    args, out, want = _gemm_case(cpu, seed=2)
+    with aot.record_calls() as long_calls:
+        kernels.gemm_packed(*long_args)
+    with aot.record_calls() as calls:
+        kernels.gemm_packed(*args)
+    time.sleep(2 * threads.SPIN_SECONDS)  # the helper asleep before the plan
+    start = time.perf_counter()
+    helpers.run_plan(threads.Plan([[threads.NativeShare(long_calls), None], [None, threads.NativeShare(calls)]]))
+    assert time.perf_counter() - start > threads.SPIN_SECONDS
+    assert_close(long_out, long_want)
+    assert_close(out, want)
+    ran = []
+    helpers.run([lambda: None, lambda: ran.append(1)])
+    assert ran == [1]
