@@ -646,7 +646,8 @@ class NumbaBackend(Backend):
         xp = x
         if pad:
             xp = self._workspace("padded", (N, H + 2 * pad, W + 2 * pad, C), x.dtype)
-            self.kernels.pad_into(x, pad, xp)
+            # On the caller alone: split between the threads, resnet50 at batch 1 ran no faster (1.003, notes.md).
+            self.kernels.pad_into(x, pad, 0, N * (H + 2 * pad), xp)
         M = N * P * Q
         out2 = out.reshape(M, K)
         has_residual = residual is not None

@@ -157,6 +157,16 @@ def simd_store(typingctx, array, index, vector):
 
 
 @intrinsic
+def simd_lanes(typingctx, array):
+    """L, the values of array's dtype in one vector (a constant)."""
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(64), _llvm_vector(sig.args[0].dtype).count)
+
+    return types.int64(array), codegen
+
+
+@intrinsic
 def simd_zero(typingctx, array):
     """A vector of zeros of array's dtype."""
 
@@ -437,27 +447,51 @@ def conv_packed(xp, Wp, scale, bias, residual, has_residual, relu, R, stride, P,
 
 
 @kernel(nogil=True)
-def pad_into(x, pad, xp):
-    """xp (N, H + 2 pad, W + 2 pad, C) = x (N, H, W, C) with `pad` zeros around each map (conv_packed's input)."""
+def pad_into(x, pad, r_lo, r_hi, xp):
+    """Rows r_lo <= r < r_hi of xp (N, H + 2 pad, W + 2 pad, C), counted over all images, from x (N, H, W, C)
+    with `pad` zeros around each map (conv_packed's input)."""
     N, H, W, C = x.shape
     Hp = H + 2 * pad
     row = (W + 2 * pad) * C
     xf = flat(x)
     pf = flat(xp)
-    for n in range(N):
-        for h in range(Hp):
-            o = (n * Hp + h) * row
-            if h < pad or h >= H + pad:
-                for k in range(row):
-                    pf[o + k] = 0
-                continue
-            for k in range(pad * C):
-                pf[o + k] = 0
-                pf[o + row - pad * C + k] = 0
-            i = (n * H + h - pad) * W * C
-            o += pad * C
-            for k in range(W * C):
-                pf[o + k] = xf[i + k]
+    for r in range(r_lo, r_hi):
+        n, h = r // Hp, r % Hp
+        o = r * row
+        if h < pad or h >= H + pad:
+            fill_zeros(pf, o, row)
+            continue
+        fill_zeros(pf, o, pad * C)
+        fill_zeros(pf, o + row - pad * C, pad * C)
+        copy_run(xf, (n * H + h - pad) * W * C, pf, o + pad * C, W * C)
+
+
+@njit(inline="always")
+def copy_run(src, i, dst, o, n):
+    """dst[o : o + n] = src[i : i + n] of flat arrays, a vector at a time (a scalar loop is not vectorised:
+    numba's negative-index wraparound), the remainder one by one."""
+    L = simd_lanes(dst)
+    k = 0
+    while k + L <= n:
+        simd_store(dst, o + k, simd_load(src, i + k))
+        k += L
+    while k < n:
+        dst[o + k] = src[i + k]
+        k += 1
+
+
+@njit(inline="always")
+def fill_zeros(dst, o, n):
+    """dst[o : o + n] = 0 of a flat array, a vector at a time."""
+    L = simd_lanes(dst)
+    zero = simd_zero(dst)
+    k = 0
+    while k + L <= n:
+        simd_store(dst, o + k, zero)
+        k += L
+    while k < n:
+        dst[o + k] = 0
+        k += 1
 
 
 @kernel(nogil=True)
