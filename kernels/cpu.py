@@ -72,6 +72,7 @@ import math
 import os
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -369,10 +370,14 @@ class NumbaBackend(Backend):
             recorded = self._record_plan(trunk, net, h)
             if recorded is None:
                 return trunk(self, net, h)
+            if not any(k[0] == key[0] for k in self._plans):
+                # A plan holds its network's prepared weights: dropped with the network (a model that has
+                # prepared its weights anew, say after training), before any other network can take its id.
+                weakref.finalize(net, _forget_plans, weakref.ref(self), key[0])
         self._plans[key] = recorded  # the most recently used last
         while len(self._plans) > self.PLANS_KEPT:
             del self._plans[next(iter(self._plans))]
-        _, plan, plan_input, plan_output = recorded  # (the plan keeps its network, so no other takes its id)
+        plan, plan_input, plan_output = recorded
         if plan is None:
             return trunk(self, net, h)
         np.copyto(plan_input, h)
@@ -383,7 +388,7 @@ class NumbaBackend(Backend):
         return plan_output
 
     def _record_plan(self, trunk, net, h):
-        """(net, plan, its input, its output), or (net, None, None, None) where the trunk cannot be run as a
+        """(plan, its input, its output), or (None, None, None) where the trunk cannot be run as a
         plan (a layer with Python between its kernels, a kernel numba's JIT serves, more than PLAN_BYTES of
         activations alive at once, no spin-waits); None, to try again next time, while a kernel is being
         built.
@@ -392,7 +397,7 @@ class NumbaBackend(Backend):
         read or write each when it is last needed; then with each in an arena at an offset that no
         activation alive at the same time shares (first fit), so that the plan holds about what a pass
         layer by layer holds at its peak, and reuses memory still in cache as that pass does."""
-        never = (net, None, None, None)
+        never = (None, None, None)
         if spin_waits() is None or (self._helpers is not None and not self._helpers.native):
             return never
         plan_input = np.empty_like(h)
@@ -409,7 +414,7 @@ class NumbaBackend(Backend):
             return never
         if [(a.shape, a.dtype) for a in placed] != [(a.shape, a.dtype) for a in activations]:
             return never  # the trunk allocated otherwise the second time: not a fixed sequence of layers
-        return net, Plan(steps), plan_input, output
+        return Plan(steps), plan_input, output
 
     def _record_pass(self, trunk, net, plan_input, arena=None, offsets=None):
         """trunk recorded: (steps, the activations it allocated in order, its output); in `arena` at
@@ -733,6 +738,14 @@ class NumbaBackend(Backend):
             out = x @ weight_t
         out += bias
         return out
+
+
+def _forget_plans(backend_ref, net_id: int) -> None:
+    """Drop a collected network's plans (weakref.finalize of run_trunk)."""
+    backend = backend_ref()
+    if backend is not None:
+        for key in [k for k in backend._plans if k[0] == net_id]:
+            del backend._plans[key]
 
 
 def _arena_layout(steps, activations, output) -> tuple[list[int], int]:

@@ -220,7 +220,7 @@ def test_a_first_run_computes_on_numpy_while_the_builder_builds_then_runs_the_ke
     assert {p.name.split(".")[1] for p in cache.rglob("*.o")} == asked
     assert_close(model(x), expected)
     assert {name for name, k in kernels.items() if k.specialisations} == asked  # the kernels ran
-    assert [plan is not None for _, plan, _, _ in backend._plans.values()] == [True]  # and as a plan
+    assert [plan is not None for plan, _, _ in backend._plans.values()] == [True]  # and as a plan
     assert_close(model(x), expected)
 
 

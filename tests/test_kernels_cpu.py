@@ -635,9 +635,9 @@ def test_a_forward_pass_runs_as_a_plan_with_the_numbers_of_layer_by_layer(cpu, a
     rng = np.random.default_rng(threads)
     xs = [rng.standard_normal((2, 3, 40, 40)).astype(dtype) for _ in range(3)]
     outs = [planned(x) for x in xs]
-    (key, (net, plan, _, _)), = planned.backend._plans.items()
+    (key, (plan, _, _)), = planned.backend._plans.items()
     assert plan is not None and key[1] == (2, 40, 40, 3) and len(plan.steps) > 20
-    assert not layered.backend._plans or all(p is None for _, p, _, _ in layered.backend._plans.values())
+    assert not layered.backend._plans or all(p is None for p, _, _ in layered.backend._plans.values())
     for x, out in zip(xs, outs):
         np.testing.assert_array_equal(out, layered(x))
     np.testing.assert_array_equal(outs[0], planned(xs[0]))
@@ -683,11 +683,11 @@ def test_plans_fall_back_to_layer_by_layer_and_are_bounded(cpu):
     state = random_state_dict(spec, seed=2)
     grouped = npresnet.build(spec, state, backend=cpu.NumbaBackend(threads=2))
     assert_close(grouped(x), npresnet.build(spec, state, backend="numpy")(x))
-    assert [plan for _, plan, _, _ in grouped.backend._plans.values()] == [None]
+    assert [plan for plan, _, _ in grouped.backend._plans.values()] == [None]
     planned, _ = _plan_models(cpu, "resnet18", 2, np.float32)
     planned.backend.PLAN_BYTES = 1000
     planned(x)
-    assert [plan for _, plan, _, _ in planned.backend._plans.values()] == [None]
+    assert [plan for plan, _, _ in planned.backend._plans.values()] == [None]
     planned.backend.PLAN_BYTES = cpu.NumbaBackend.PLAN_BYTES
     planned.backend._plans.clear()
     sizes = [32, 40, 48, 56, 64, 32]
@@ -695,6 +695,12 @@ def test_plans_fall_back_to_layer_by_layer_and_are_bounded(cpu):
         planned(np.zeros((1, 3, size, size), np.float32))
     kept = [key[1][1] for key in planned.backend._plans]  # (N, H, W, C) of the input
     assert kept == [48, 56, 64, 32][-planned.backend.PLANS_KEPT:] and len(kept) == planned.backend.PLANS_KEPT == 4
+    # Weights prepared anew (after training, say): the old network's plans, and its weights, go with it.
+    old = weakref.ref(planned._prepare(np.dtype(np.float32)))
+    planned.invalidate()
+    planned(x)
+    gc.collect()
+    assert old() is None and len(planned.backend._plans) == 1
 
 
 def test_a_plan_whose_helper_idles_longer_than_its_spin_goes_on(cpu):
