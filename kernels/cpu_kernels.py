@@ -157,6 +157,18 @@ def simd_store(typingctx, array, index, vector):
 
 
 @intrinsic
+def simd_max_nan(typingctx, acc, v):
+    """v where v > acc or v is NaN, else acc, lane by lane: the max pool's step (NaN, once met, stays)."""
+
+    def codegen(context, builder, sig, args):
+        a, b = args
+        take = builder.or_(builder.fcmp_ordered(">", b, a), builder.fcmp_unordered("uno", b, b))
+        return builder.select(take, b, a)
+
+    return acc(acc, v), codegen
+
+
+@intrinsic
 def simd_lanes(typingctx, array):
     """L, the values of array's dtype in one vector (a constant)."""
 
@@ -691,28 +703,42 @@ def winograd_output(Mt, m, bias, residual, has_residual, relu, t_lo, t_hi, tmp, 
 @kernel(nogil=True)
 def max_pool_3x3s2(x, job_lo, job_hi, out):
     """x (N, H, W, C) -> output rows job_lo <= (n, p) < job_hi of out (N, P, Q, C): 3x3 window, stride 2,
-    padding 1 (never wins), NaN propagates. Serial and GIL-free: each pool thread pools its own rows
-    (a parallel numba loop would load numba's threading layer and compile parfors: seconds of start-up)."""
+    padding 1 (never wins), NaN propagates. Each output pixel's channels a vector at a time (as scalar
+    loops, numba's wraparound kept them from being vectorised: 4-5x slower, bench/results/notes.md),
+    starting from the window's first element inside the map, then the others in row-major order.
+    Serial and GIL-free: each pool thread pools its own rows (a parallel numba loop would load numba's
+    threading layer and compile parfors: seconds of start-up)."""
     N, H, W, C = x.shape
     _, P, Q, _ = out.shape
+    xf = flat(x)
+    of = flat(out)
+    L = simd_lanes(x)
     for job in range(job_lo, job_hi):
         n = job // P
         p = job % P
+        h0, h1 = max(2 * p - 1, 0), min(2 * p + 2, H)
         for q in range(Q):
-            for c in range(C):
-                out[n, p, q, c] = -np.inf
-            for r in range(3):
-                h = 2 * p + r - 1
-                if h < 0 or h >= H:
-                    continue
-                for s in range(3):
-                    w = 2 * q + s - 1
-                    if w < 0 or w >= W:
-                        continue
-                    for c in range(C):
-                        v = x[n, h, w, c]
-                        if v > out[n, p, q, c] or v != v:
-                            out[n, p, q, c] = v
+            w0, w1 = max(2 * q - 1, 0), min(2 * q + 2, W)
+            o = ((n * P + p) * Q + q) * C
+            first = ((n * H + h0) * W + w0) * C
+            c = 0
+            while c + L <= C:
+                acc = simd_load(xf, first + c)
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        if h != h0 or w != w0:
+                            acc = simd_max_nan(acc, simd_load(xf, ((n * H + h) * W + w) * C + c))
+                simd_store(of, o + c, acc)
+                c += L
+            while c < C:
+                best = xf[first + c]
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        v = xf[((n * H + h) * W + w) * C + c]
+                        if v > best or v != v:
+                            best = v
+                of[o + c] = best
+                c += 1
 
 
 # --- numba's JIT: the training ops' kernels, and any the ahead-of-time build cannot serve -------------
