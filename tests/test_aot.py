@@ -23,9 +23,9 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "numba" / "aot"
 
 
-def pool(kernel, x, contiguous=True):
-    """max_pool_3x3s2 of NCHW x through `kernel`, over NHWC as the backend lays it out (or a strided view)."""
-    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if contiguous else x.transpose(0, 2, 3, 1)
+def pool(kernel, x):
+    """max_pool_3x3s2 of NCHW x through `kernel`, over NHWC as the backend lays it out."""
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     N, H, W, C = nhwc.shape
     out = np.full((N, (H + 1) // 2, (W + 1) // 2, C), np.nan, dtype=x.dtype)
     kernel(nhwc, 0, N * out.shape[1], out)
@@ -51,14 +51,29 @@ def test_undefined_symbols_reads_an_elf_objects_symbol_table():
         aot.undefined_symbols(b"MZ" + obj[2:])
 
 
+def winograd_input(kernel, x):
+    """winograd_input's V (F(2x2): 16 tile elements) of NHWC x (a kernel that takes any layout for x)."""
+    N, H, W, C = x.shape
+    tiles = N * -(-H // 2) * -(-W // 2)
+    V = np.full((16, tiles, C), np.nan)
+    kernel(x, 2, 0, tiles, np.empty((2, 4, 4, C)), V)
+    return V
+
+
 def test_a_kernel_is_built_once_then_loaded_and_strided_arrays_pass_whole(cache):
-    """A strided view (numba layout 'A') reaches the kernel with its strides; the object is written once
-    per argument types and a fresh table (as in a new process) loads it instead of building."""
+    """A strided view (numba layout 'A') reaches the kernel with its strides (the same numbers as its
+    contiguous copy); the object is written once per argument types and a fresh table (as in a new
+    process) loads it instead of building."""
     x = np.random.default_rng(0).standard_normal((2, 3, 9, 14))
-    for view, contiguous in ((x, True), (x[:, :, :, ::2], False), (x.astype(np.float32), True)):
-        assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), view, contiguous), F.max_pool2d(view, 3, 2, 1))
+    for view in (x, x.astype(np.float32)):
+        assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), view), F.max_pool2d(view, 3, 2, 1))
+    strided = x.transpose(0, 2, 3, 1)[:, :, ::2]
+    assert not strided.flags.c_contiguous
+    got = winograd_input(aot.Kernel(MODULE, "winograd_input"), strided)
+    np.testing.assert_array_equal(got, winograd_input(aot.Kernel(MODULE, "winograd_input"), np.ascontiguousarray(strided)))
+    assert not np.isnan(got).any()
     objects = sorted(cache.rglob("*.o"))
-    assert len(objects) == 3  # float64 contiguous and strided, float32
+    assert len(objects) == 4  # the pool in float64 and float32; the transform of a strided and a contiguous x
     assert all(p.parent == cache / aot.source_key(MODULE) / aot.cpu_key() for p in objects)
     times = [p.stat().st_mtime_ns for p in objects]
     assert np.array_equal(pool(aot.Kernel(MODULE, "max_pool_3x3s2"), x), F.max_pool2d(x, 3, 2, 1))
