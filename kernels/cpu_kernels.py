@@ -32,7 +32,6 @@ import importlib
 import os
 from types import SimpleNamespace
 
-import numpy as np
 
 from npresnet.backends import kernel_cache_dir
 
