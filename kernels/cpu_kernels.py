@@ -32,7 +32,6 @@ import importlib
 import os
 from types import SimpleNamespace
 
-
 from npresnet.backends import kernel_cache_dir
 
 from . import COMPILING, announce, scipy_hidden_from_numba
