@@ -756,28 +756,37 @@ def _forget_plans(backend_ref, net_id: int) -> None:
             del backend._plans[key]
 
 
-def _arena_layout(steps, activations, output) -> tuple[list[int], int]:
-    """Byte offsets in one arena for the activations of a recorded plan, and the arena's size: each
-    activation is alive from the first step whose calls refer to it (through any view) to the last (the
-    output to the end), and shares no byte with another alive at any same step; first fit, in order of
-    allocation, 64-byte aligned."""
+def _alive(steps, activations, output) -> list[tuple[int, int]]:
+    """(first, last) step of each activation of a recorded plan: from the first step whose calls refer to
+    it (through any view) to the last; the output to the end (len(steps)); one no call refers to
+    (len(steps), -1)."""
     index = {id(a): k for k, a in enumerate(activations)}
-    first = [len(steps)] * len(activations)
-    last = [-1] * len(activations)
+    spans = [[len(steps), -1] for _ in activations]
     for s, step in enumerate(steps):
         for share in step:
             for _, _, args in share.calls if share is not None else ():
                 for arg in args:
-                    while isinstance(arg, np.ndarray) and isinstance(arg.base, np.ndarray):
-                        arg = arg.base
-                    k = index.get(id(arg))
+                    k = index.get(id(_root(arg)))
                     if k is not None:
-                        first[k], last[k] = min(first[k], s), max(last[k], s)
-    root = output
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    if id(root) in index:
-        last[index[id(root)]] = len(steps)
+                        spans[k] = [min(spans[k][0], s), max(spans[k][1], s)]
+    k = index.get(id(_root(output)))
+    if k is not None:
+        spans[k][1] = len(steps)
+    return [tuple(span) for span in spans]
+
+
+def _root(a):
+    """The array a view is of (a itself if it is none's)."""
+    while isinstance(a, np.ndarray) and isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _arena_layout(steps, activations, output) -> tuple[list[int], int]:
+    """Byte offsets in one arena for the activations of a recorded plan, and the arena's size: each
+    activation shares no byte with another alive at any same step (_alive); first fit, in order of
+    allocation, 64-byte aligned."""
+    first, last = zip(*_alive(steps, activations, output)) if activations else ((), ())
     offsets, placed, size = [], [], 0  # placed: (offset, end, last step) of those given a place
     for k, a in enumerate(activations):
         alive = sorted((o, e) for o, e, l in placed if l >= first[k])

@@ -656,19 +656,10 @@ def test_a_plans_arena_gives_activations_alive_together_bytes_of_their_own(cpu):
     h = backend.from_numpy(np.zeros((1, 3, 64, 64), np.float32))
     steps, activations, output = backend._record_pass(type(model)._trunk, model._prepare(np.dtype(np.float32)), h)
     offsets, size = cpu._arena_layout(steps, activations, output)
-    index = {id(a): k for k, a in enumerate(activations)}
-    alive = [set() for _ in activations]
-    for s, step in enumerate(steps):
-        for share in step:
-            for _, _, args in share.calls if share is not None else ():
-                for arg in args:
-                    while isinstance(arg, np.ndarray) and isinstance(arg.base, np.ndarray):
-                        arg = arg.base
-                    if id(arg) in index:
-                        alive[index[id(arg)]].add(s)
-    spans = [(min(s), max(s)) if s else None for s in alive]
-    spans[index[id(output)]] = (spans[index[id(output)]][0], len(steps))
-    assert sum(s is not None for s in spans) == len(activations) > 50
+    spans = cpu._alive(steps, activations, output)
+    # Every activation is written by one step and read by a later one (the output: read after the plan).
+    assert len(activations) > 50 and all(first < last for first, last in spans)
+    assert spans[[a is output for a in activations].index(True)][1] == len(steps)
     for i in range(len(activations)):
         for j in range(i):
             if spans[i][0] <= spans[j][1] and spans[j][0] <= spans[i][1]:
