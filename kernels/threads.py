@@ -78,6 +78,11 @@ def _spin_ir() -> str:
     table's address at flags[calls]): make its calls, one after the other, each f(slots) (the first
     failure's status into flags[status], the rest not made), set flags[done] to the share's number, and
     wait for the next. A Python share: wait_for_gil, then 1 (the Python side runs it).
+    make_calls(table): a NativeShare's calls in order (0, or the first failure's status; a table at
+    address 0 has none).
+    run_plan(flags, plan, helpers, generation): a Plan's steps in turn, step s numbered generation + s + 1:
+    post each helper's share of it (calls, then posted), make the caller's, wait until each posted
+    helper's done reaches the number; the caller's first failure's status (a helper's in its flags).
     wait_for_gil(flags, entries, posted, entries_at_post, gil_spins, settle): until entries[0] >
     flags[entries_at_post] (the caller has entered a kernel, and so let go of the GIL) or `gil_spins`
     turns (a share of Python and NumPy only, or numba dispatchers, counts no entry); then `settle` turns
