@@ -28,7 +28,7 @@ Variants, chosen on each call in ``NumbaBackend.conv``, one method each:
 
 A helper's share whose Python only calls kernels (every path but im2col's, which calls BLAS) is
 recorded by the caller and made by the helper natively, without the GIL (``threads.py``). And a
-model's trunk (stem to layer4) is recorded once per input shape into a plan (``run_trunk``): every
+model's forward pass (stem to fc) is recorded once per input shape into a plan (``run_network``): every
 layer's shares as native calls, the activations in one arena laid out by when each is needed, run
 afterwards in a single native call with no Python between layers; resnet18 and resnet50 at batch 1
 ran 17% faster than layer by layer with Python shares (bench/results/notes.md).
@@ -298,7 +298,7 @@ class NumbaBackend(Backend):
     # Winograd only with at least this many tiles per call (see _winograd_tile).
     MIN_TILES = 32
     WINOGRAD_BLOCK_BYTES = 1 << 20
-    # The most activation memory a plan (run_trunk) keeps (about what a pass layer by layer holds at its
+    # The most activation memory a plan (run_network) keeps (about what a pass layer by layer holds at its
     # peak: resnet50 at batch 8 79 MB); larger inputs run layer by layer. And the most plans kept (input
     # shapes, networks), the least recently used dropped.
     PLAN_BYTES = 128 << 20
@@ -316,7 +316,7 @@ class NumbaBackend(Backend):
         self.winograd_tile = winograd_tile
         self._local = threading.local()
         self._share_spaces: dict[int, dict] = {}  # the workspaces of each helper's recorded shares (_record)
-        self._plans: dict[tuple, tuple] = {}  # run_trunk's, by (network, input shape, dtype)
+        self._plans: dict[tuple, tuple] = {}  # run_network's, by (network, input shape, dtype)
         self._plan_steps = self._plan_pending = self._plan_activations = None  # while a plan is being recorded
         self._plan_arena = (None, None)
         self._cpus = thread_cpus(self.threads)
@@ -337,7 +337,7 @@ class NumbaBackend(Backend):
         with what they write; then the helpers' shares are recorded here (_record) and made by
         the helpers natively, without the GIL, which a Python share waits for (threads.py).
         """
-        if self._plan_steps is not None:  # recording a plan (run_trunk)
+        if self._plan_steps is not None:  # recording a plan (run_network)
             if not native:
                 raise NotRecordable("a layer whose Python works on what its kernels write")
             self._plan_step(work, length)
@@ -358,18 +358,19 @@ class NumbaBackend(Backend):
 
     # --- plans ------------------------------------------------------------------------------
 
-    def run_trunk(self, trunk, net, h):
-        """trunk(self, net, h), recorded for this network and input shape the first time into a plan (the
+    def run_network(self, network, net, h):
+        """network(self, net, h), recorded for this network and input shape the first time into a plan (the
         kernel calls of every layer's shares, threads.Plan), and afterwards run as that plan: one native
-        call for the whole trunk, no Python between layers, the helpers spinning from one layer to the
-        next. The plan keeps the trunk's activations (so only where they fit in PLAN_BYTES). Returns the
-        trunk's output, which the next call overwrites."""
+        call for the whole forward pass, no Python between layers, the helpers spinning from one layer to
+        the next. The plan keeps the activations (so only where they fit in PLAN_BYTES). Returns the
+        network's output, which the next call overwrites.
+        """
         key = (id(net), h.shape, h.dtype.str)
         recorded = self._plans.pop(key, None)
         if recorded is None:
-            recorded = self._record_plan(trunk, net, h)
+            recorded = self._record_plan(network, net, h)
             if recorded is None:
-                return trunk(self, net, h)
+                return network(self, net, h)
             if not any(k[0] == key[0] for k in self._plans):
                 # A plan holds its network's prepared weights: dropped with the network (a model that has
                 # prepared its weights anew, say after training), before any other network can take its id.
@@ -379,7 +380,7 @@ class NumbaBackend(Backend):
             del self._plans[next(iter(self._plans))]
         plan, plan_input, plan_output = recorded
         if plan is None:
-            return trunk(self, net, h)
+            return network(self, net, h)
         np.copyto(plan_input, h)
         if self._helpers is None:
             run_plan_alone(plan)
@@ -387,8 +388,8 @@ class NumbaBackend(Backend):
             self._helpers.run_plan(plan)
         return plan_output
 
-    def _record_plan(self, trunk, net, h):
-        """(plan, its input, its output), or (None, None, None) where the trunk cannot be run as a
+    def _record_plan(self, network, net, h):
+        """(plan, its input, its output), or (None, None, None) where the network cannot be run as a
         plan (a layer with Python between its kernels, a kernel numba's JIT serves, more than PLAN_BYTES of
         activations alive at once, no spin-waits); None, to try again next time, while a kernel is being
         built.
@@ -402,29 +403,29 @@ class NumbaBackend(Backend):
             return never
         plan_input = np.empty_like(h)
         try:
-            steps, activations, output = self._record_pass(trunk, net, plan_input)
+            steps, activations, output = self._record_pass(network, net, plan_input)
             offsets, size = _arena_layout(steps, activations, output)
             if size > self.PLAN_BYTES:
                 return never
             arena = np.empty(size, dtype=np.uint8)
-            steps, placed, output = self._record_pass(trunk, net, plan_input, arena, offsets)
+            steps, placed, output = self._record_pass(network, net, plan_input, arena, offsets)
         except NotYetBuilt:
             return None
         except NotRecordable:
             return never
         if [(a.shape, a.dtype) for a in placed] != [(a.shape, a.dtype) for a in activations]:
-            return never  # the trunk allocated otherwise the second time: not a fixed sequence of layers
+            return never  # the network allocated otherwise the second time: not a fixed sequence of layers
         return Plan(steps), plan_input, output
 
-    def _record_pass(self, trunk, net, plan_input, arena=None, offsets=None):
-        """trunk recorded: (steps, the activations it allocated in order, its output); in `arena` at
+    def _record_pass(self, network, net, plan_input, arena=None, offsets=None):
+        """network recorded: (steps, the activations it allocated in order, its output); in `arena` at
         `offsets` where given."""
         self._plan_steps, self._plan_activations = [], []
         self._plan_arena = (arena, offsets)
         try:
             with record_calls() as pending:
                 self._plan_pending = pending
-                output = trunk(self, net, plan_input)
+                output = network(self, net, plan_input)
                 self._plan_flush()
             return self._plan_steps, self._plan_activations, output
         finally:
@@ -461,7 +462,7 @@ class NumbaBackend(Backend):
         else:
             nbytes = math.prod(shape) * np.dtype(dtype).itemsize
             if k >= len(offsets) or offsets[k] + nbytes > arena.size:
-                raise NotRecordable("a trunk that allocates otherwise each time")
+                raise NotRecordable("a network that allocates otherwise each time")
             out = arena[offsets[k] : offsets[k] + nbytes].view(dtype).reshape(shape)
         self._plan_activations.append(out)
         return out
@@ -549,10 +550,13 @@ class NumbaBackend(Backend):
         return 0
 
     def prepare_linear(self, weight, bias):
-        return np.ascontiguousarray(weight.T), bias
+        """(Wp, bias, ones): the fc's weights (K, C) packed for gemm_packed as a 1x1 convolution's."""
+        return pack_panels(weight.T[None]), np.ascontiguousarray(bias), np.ones(weight.shape[0], dtype=weight.dtype)
 
     def linear_weight(self, prepared) -> np.ndarray:
-        return np.ascontiguousarray(prepared[0].T)
+        Wp, bias, _ = prepared
+        _, panels, D, NR = Wp.shape
+        return np.ascontiguousarray(Wp[0].transpose(1, 0, 2).reshape(D, panels * NR)[:, : bias.shape[0]].T)
 
     # --- ops -------------------------------------------------------------------------------
 
@@ -737,19 +741,37 @@ class NumbaBackend(Backend):
         return out
 
     def global_avg_pool(self, x):
-        return x.mean(axis=(1, 2))  # (N, C)
+        N, _, _, C = x.shape
+        out = self._new_activation((N, C), x.dtype)
+        with DeferredBuilds() as deferred:
+            self._split(lambda lo, hi: self.kernels.mean_pool(x, lo, hi, out), N, native=True)
+        if deferred.skipped():  # the kernel is still being built (aot.py): NumPy's mean, this once
+            np.mean(x, axis=(1, 2), out=out)
+        return out  # (N, C)
 
     def linear(self, x, fc):
-        weight_t, bias = fc
-        # Single-threaded too: a woken OpenBLAS worker spins on, stealing a core from the next layers.
-        with _single_threaded_blas():
-            out = x @ weight_t
-        out += bias
+        """The fc as a 1x1 convolution's GEMM (gemm_packed), each thread its own panels of output
+        features: a thread streams half of the weights (resnet50's 8 MB, from memory at every pass)."""
+        Wp, bias, ones = fc
+        N, K = x.shape[0], bias.shape[0]
+        out = self._new_activation((N, K), x.dtype)
+        a = x.reshape(1, N, x.shape[1])
+        tile_shape = (6, Wp.shape[3])
+
+        def columns(lo, hi):
+            tile = self._workspace("tile", tile_shape, x.dtype)
+            self.kernels.gemm_packed(a, Wp, ones, bias, out[None], False, False, lo, hi, tile, out[None])
+
+        with DeferredBuilds() as deferred:
+            self._split(columns, Wp.shape[1], native=True)
+        if deferred.skipped():  # the kernel is still being built (aot.py): NumPy, this once
+            np.matmul(x, self.linear_weight(fc).T, out=out)
+            out += bias
         return out
 
 
 def _forget_plans(backend_ref, net_id: int) -> None:
-    """Drop a collected network's plans (weakref.finalize of run_trunk)."""
+    """Drop a collected network's plans (weakref.finalize of run_network)."""
     backend = backend_ref()
     if backend is not None:
         for key in [k for k in backend._plans if k[0] == net_id]:

@@ -167,6 +167,16 @@ def simd_max_nan(typingctx, acc, v):
 
 
 @intrinsic
+def simd_add(typingctx, a, b):
+    """a + b, lane by lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
 def simd_lanes(typingctx, array):
     """L, the values of array's dtype in one vector (a constant)."""
 
@@ -737,6 +747,33 @@ def max_pool_3x3s2(x, job_lo, job_hi, out):
                             best = v
                 of[o + c] = best
                 c += 1
+
+
+@kernel(nogil=True)
+def mean_pool(x, n_lo, n_hi, out):
+    """out (N, C) = the mean of x (N, H, W, C) over H and W, images n_lo <= n < n_hi: each channel's sum
+    in pixel order (a vector of channels at a time), then divided by H * W."""
+    N, H, W, C = x.shape
+    xf = flat(x)
+    of = flat(out)
+    L = simd_lanes(x)
+    HW = H * W
+    for n in range(n_lo, n_hi):
+        c = 0
+        while c + L <= C:
+            acc = simd_zero(x)
+            for p in range(HW):
+                acc = simd_add(acc, simd_load(xf, (n * HW + p) * C + c))
+            simd_store(of, n * C + c, acc)
+            c += L
+        while c < C:
+            total = 0.0
+            for p in range(HW):
+                total += xf[(n * HW + p) * C + c]
+            of[n * C + c] = total
+            c += 1
+        for c in range(C):
+            of[n * C + c] /= HW
 
 
 # --- numba's JIT: the training ops' kernels, and any the ahead-of-time build cannot serve -------------

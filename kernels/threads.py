@@ -24,7 +24,7 @@ Python only calls kernels is recorded by the caller instead (aot.record_calls: e
 slots function and its arguments in int64 slots) and posted as a NativeShare, whose calls the helper
 makes from its native loop (``serve``) without ever taking the GIL: 13 us a layer instead of 30.
 
-Plans: a whole forward pass's trunk recorded once (cpu.py's run_trunk), every thread's share of every
+Plans: a whole forward pass recorded once (cpu.py's run_network), every thread's share of every
 layer, and run by ``run_plan`` in one native call: the caller posts each step's shares, makes its own,
 waits for the helpers' and goes on to the next step, no Python in between; the helpers spin on through
 the whole plan (_PLAN_RUNNING) instead of falling asleep when a step leaves them idle longer than

@@ -112,10 +112,10 @@ class Backend:
         """(N, C, H, W) array -> activation."""
         raise NotImplementedError
 
-    def run_trunk(self, trunk: Callable, net: Any, h: Any) -> Any:
-        """trunk(self, net, h): the network's layers from the stem to layer4, on activation h (a backend may
-        run them another way with the same result: the Numba backend replays a recorded plan)."""
-        return trunk(self, net, h)
+    def run_network(self, network: Callable, net: Any, h: Any) -> Any:
+        """network(self, net, h): a forward pass of these ops on activation h (a backend may run it another
+        way with the same result: the Numba backend replays a recorded plan)."""
+        return network(self, net, h)
 
     def to_numpy(self, x: Any) -> np.ndarray:
         """Activation -> (N, C, H, W), or (N, C) after pooling, as a NumPy array the caller owns."""

@@ -362,8 +362,12 @@ class ResNet(SpecProperties):
             h = ResNet._trunk(ops, net, h, features)
             features["pool"] = ops.to_numpy(ops.global_avg_pool(h))  # (N, 512 * expansion)
             return features
-        h = ops.run_trunk(ResNet._trunk, net, h)
-        return ops.to_numpy(ops.linear(ops.global_avg_pool(h), net.fc))  # (N, num_classes)
+        return ops.to_numpy(ops.run_network(ResNet._classify, net, h))  # (N, num_classes)
+
+    @staticmethod
+    def _classify(ops: Backend, net, h):
+        """The whole network on activation h: the trunk, the average pool, the fc: (N, num_classes) logits."""
+        return ops.linear(ops.global_avg_pool(ResNet._trunk(ops, net, h)), net.fc)
 
     def _forward_frozen(self, x: np.ndarray, stage: str) -> np.ndarray:
         """The inference-mode forward pass from the input through `stage` (a frozen prefix), on this

@@ -654,7 +654,7 @@ def test_a_plans_arena_gives_activations_alive_together_bytes_of_their_own(cpu):
     model, _ = _plan_models(cpu, "resnet50", 2, np.float32)
     backend = model.backend
     h = backend.from_numpy(np.zeros((1, 3, 64, 64), np.float32))
-    steps, activations, output = backend._record_pass(type(model)._trunk, model._prepare(np.dtype(np.float32)), h)
+    steps, activations, output = backend._record_pass(type(model)._classify, model._prepare(np.dtype(np.float32)), h)
     offsets, size = cpu._arena_layout(steps, activations, output)
     spans = cpu._alive(steps, activations, output)
     # Every activation is written by one step and read by a later one (the output: read after the plan).
