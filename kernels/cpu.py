@@ -316,7 +316,7 @@ class NumbaBackend(Backend):
         self.winograd_tile = winograd_tile
         self._local = threading.local()
         self._share_spaces: dict[int, dict] = {}  # the workspaces of each helper's recorded shares (_record)
-        self._plans: dict[tuple, tuple] = {}  # run_network's, by (network, input shape, dtype)
+        self._plans: dict[tuple, tuple] = {}  # run_network's, by (net, network function, input shape, dtype)
         self._plan_steps = self._plan_pending = self._plan_activations = None  # while a plan is being recorded
         self._plan_arena = (None, None)
         self._cpus = thread_cpus(self.threads)
@@ -365,7 +365,7 @@ class NumbaBackend(Backend):
         the next. The plan keeps the activations (so only where they fit in PLAN_BYTES). Returns the
         network's output, which the next call overwrites.
         """
-        key = (id(net), h.shape, h.dtype.str)
+        key = (id(net), network.__qualname__, h.shape, h.dtype.str)
         recorded = self._plans.pop(key, None)
         if recorded is None:
             recorded = self._record_plan(network, net, h)
@@ -780,8 +780,8 @@ def _forget_plans(backend_ref, net_id: int) -> None:
 
 def _alive(steps, activations, output) -> list[tuple[int, int]]:
     """(first, last) step of each activation of a recorded plan: from the first step whose calls refer to
-    it (through any view) to the last; the output to the end (len(steps)); one no call refers to
-    (len(steps), -1)."""
+    it (through any view) to the last; the output (each, where a tuple) to the end (len(steps)); one no
+    call refers to (len(steps), -1)."""
     index = {id(a): k for k, a in enumerate(activations)}
     spans = [[len(steps), -1] for _ in activations]
     for s, step in enumerate(steps):
@@ -791,9 +791,10 @@ def _alive(steps, activations, output) -> list[tuple[int, int]]:
                     k = index.get(id(_root(arg)))
                     if k is not None:
                         spans[k] = [min(spans[k][0], s), max(spans[k][1], s)]
-    k = index.get(id(_root(output)))
-    if k is not None:
-        spans[k][1] = len(steps)
+    for out in output if isinstance(output, tuple) else (output,):
+        k = index.get(id(_root(out)))
+        if k is not None:
+            spans[k][1] = len(steps)
     return [tuple(span) for span in spans]
 
 

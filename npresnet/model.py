@@ -338,36 +338,35 @@ class ResNet(SpecProperties):
         with ops.running():
             return self._run(ops, net, x, keep_features)
 
+    # The activations ResNet.features returns, in the order _stages gives them.
+    FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool")
+
     @staticmethod
-    def _trunk(ops: Backend, net, h, features: dict | None = None):
-        """The stem and the four stages: activation in, layer4's activation out (each stage's output also
-        into `features`, as NumPy arrays, where given)."""
+    def _stages(ops: Backend, net, h) -> tuple:
+        """The stem and the four stages on activation h, then the average pool: the activation after each,
+        in FEATURES' order (the last, layer4's pooled, (N, 512 * expansion))."""
         h = ops.conv(h, net.stem, relu=True)  # (N, 64, H/2, W/2)
-        if features is not None:
-            features["stem"] = ops.to_numpy(h)
+        outputs = [h]
         if net.max_pool:
             h = ops.max_pool(h)  # (N, 64, H/4, W/4)
-        for stage, blocks in enumerate(net.stages, start=1):
+        for blocks in net.stages:
             for block in blocks:
                 h = residual_block(h, block, ops)
-            if features is not None:
-                features[f"layer{stage}"] = ops.to_numpy(h)
-        return h
+            outputs.append(h)
+        return (*outputs, ops.global_avg_pool(h))
+
+    @staticmethod
+    def _classify(ops: Backend, net, h):
+        """The whole network on activation h: the stages, the average pool, the fc: (N, num_classes) logits."""
+        return ops.linear(ResNet._stages(ops, net, h)[-1], net.fc)
 
     @staticmethod
     def _run(ops: Backend, net, x: np.ndarray, keep_features: bool):
         h = ops.from_numpy(x)
         if keep_features:
-            features = {}
-            h = ResNet._trunk(ops, net, h, features)
-            features["pool"] = ops.to_numpy(ops.global_avg_pool(h))  # (N, 512 * expansion)
-            return features
+            outputs = ops.run_network(ResNet._stages, net, h)
+            return {name: ops.to_numpy(a) for name, a in zip(ResNet.FEATURES, outputs)}
         return ops.to_numpy(ops.run_network(ResNet._classify, net, h))  # (N, num_classes)
-
-    @staticmethod
-    def _classify(ops: Backend, net, h):
-        """The whole network on activation h: the trunk, the average pool, the fc: (N, num_classes) logits."""
-        return ops.linear(ops.global_avg_pool(ResNet._trunk(ops, net, h)), net.fc)
 
     def _forward_frozen(self, x: np.ndarray, stage: str) -> np.ndarray:
         """The inference-mode forward pass from the input through `stage` (a frozen prefix), on this

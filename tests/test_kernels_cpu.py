@@ -640,11 +640,19 @@ def test_a_forward_pass_runs_as_a_plan_with_the_numbers_of_layer_by_layer(cpu, a
     xs = [rng.standard_normal((2, 3, 40, 40)).astype(dtype) for _ in range(3)]
     outs = [planned(x) for x in xs]
     (key, (plan, _, _)), = planned.backend._plans.items()
-    assert plan is not None and key[1] == (2, 40, 40, 3) and len(plan.steps) > 20
+    assert plan is not None and key[2] == (2, 40, 40, 3) and len(plan.steps) > 20
     assert not layered.backend._plans or all(p is None for p, _, _ in layered.backend._plans.values())
     for x, out in zip(xs, outs):
         np.testing.assert_array_equal(out, layered(x))
     np.testing.assert_array_equal(outs[0], planned(xs[0]))
+    # features() too: a plan of its own, whose stage outputs stay alive to its end (copied out after it).
+    got = [planned.features(x) for x in xs[:2]]
+    assert sum(plan is not None for plan, _, _ in planned.backend._plans.values()) == 2
+    for x, features in zip(xs[:2], got):
+        want = layered.features(x)
+        assert list(features) == list(want) == ["stem", "layer1", "layer2", "layer3", "layer4", "pool"]
+        for name in want:
+            np.testing.assert_array_equal(features[name], want[name])
     assert_close(outs[2], npresnet.build(planned.spec, planned.state_dict(), backend="numpy")(xs[2]))
 
 
@@ -688,7 +696,7 @@ def test_plans_fall_back_to_layer_by_layer_and_are_bounded(cpu):
     sizes = [32, 40, 48, 56, 64, 32]
     for size in sizes:
         planned(np.zeros((1, 3, size, size), np.float32))
-    kept = [key[1][1] for key in planned.backend._plans]  # (N, H, W, C) of the input
+    kept = [key[2][1] for key in planned.backend._plans]  # (N, H, W, C) of the input
     assert kept == [48, 56, 64, 32][-planned.backend.PLANS_KEPT:] and len(kept) == planned.backend.PLANS_KEPT == 4
     # Weights prepared anew (after training, say): the old network's plans, and its weights, go with it.
     old = weakref.ref(planned._prepare(np.dtype(np.float32)))
