@@ -342,19 +342,24 @@ class NumbaBackend(Backend):
                 raise NotRecordable("a layer whose Python works on what its kernels write")
             self._plan_step(work, length)
             return
-        parts = min(self.threads, length)
-        if parts == 1:
+        shares = self._shares(work, length)
+        if len(shares) == 1:
             work(0, length)
             return
-        shares = [functools.partial(work, length * i // parts, length * (i + 1) // parts) for i in range(parts)]
         if native and self._helpers.native:
-            recorded = [self._record(shares[i], i) for i in range(1, parts)]
+            recorded = [self._record(share, i) for i, share in enumerate(shares) if i]
             if None not in recorded:
                 self._helpers.run([shares[0], *recorded])
                 return
         if deferring():  # the helpers defer kernels being built as the caller does
             shares[1:] = [functools.partial(_deferring_builds, share) for share in shares[1:]]
         self._helpers.run(shares)
+
+    def _shares(self, work, length):
+        """work's shares of [0, length): one contiguous range a thread, as many as threads (fewer where
+        length is smaller), each work(lo, hi) waiting to be called."""
+        parts = min(self.threads, length)
+        return [functools.partial(work, length * i // parts, length * (i + 1) // parts) for i in range(parts)]
 
     # --- plans ------------------------------------------------------------------------------
 
@@ -399,7 +404,7 @@ class NumbaBackend(Backend):
         activation alive at the same time shares (first fit), so that the plan holds about what a pass
         layer by layer holds at its peak, and reuses memory still in cache as that pass does."""
         never = (None, None, None)
-        if spin_waits() is None or (self._helpers is not None and not self._helpers.native):
+        if spin_waits() is None:  # (then the helpers cannot make native shares either)
             return never
         plan_input = np.empty_like(h)
         try:
@@ -436,14 +441,10 @@ class NumbaBackend(Backend):
         """Record one _split into the plan being recorded: the caller's kernel calls since the last step
         (pad_into) as a step of its own, then a step of every thread's share of work."""
         self._plan_flush()
-        parts = min(self.threads, length)
-        step = [None] * self.threads
-        for i in range(parts):
-            share = functools.partial(work, length * i // parts, length * (i + 1) // parts)
-            step[i] = self._record(share, i)
-            if step[i] is None:
-                raise NotRecordable("a share that cannot be made natively")
-        self._plan_steps.append(step)
+        step = [self._record(share, i) for i, share in enumerate(self._shares(work, length))]
+        if None in step:
+            raise NotRecordable("a share that cannot be made natively")
+        self._plan_steps.append(step + [None] * (self.threads - len(step)))
 
     def _plan_flush(self):
         if self._plan_pending:
@@ -550,13 +551,11 @@ class NumbaBackend(Backend):
         return 0
 
     def prepare_linear(self, weight, bias):
-        """(Wp, bias, ones): the fc's weights (K, C) packed for gemm_packed as a 1x1 convolution's."""
-        return pack_panels(weight.T[None]), np.ascontiguousarray(bias), np.ones(weight.shape[0], dtype=weight.dtype)
+        """The fc as a 1x1 convolution of an (N, 1, 1, C) map: its GEMM packed as every convolution's."""
+        return self.prepare_conv(FoldedConv(weight[:, :, None, None], bias, 1, 0, 1))
 
     def linear_weight(self, prepared) -> np.ndarray:
-        Wp, bias, _ = prepared
-        _, panels, D, NR = Wp.shape
-        return np.ascontiguousarray(Wp[0].transpose(1, 0, 2).reshape(D, panels * NR)[:, : bias.shape[0]].T)
+        return np.ascontiguousarray(prepared.weight()[:, :, 0, 0])
 
     # --- ops -------------------------------------------------------------------------------
 
@@ -750,24 +749,10 @@ class NumbaBackend(Backend):
         return out  # (N, C)
 
     def linear(self, x, fc):
-        """The fc as a 1x1 convolution's GEMM (gemm_packed), each thread its own panels of output
-        features: a thread streams half of the weights (resnet50's 8 MB, from memory at every pass)."""
-        Wp, bias, ones = fc
-        N, K = x.shape[0], bias.shape[0]
-        out = self._new_activation((N, K), x.dtype)
-        a = x.reshape(1, N, x.shape[1])
-        tile_shape = (6, Wp.shape[3])
-
-        def columns(lo, hi):
-            tile = self._workspace("tile", tile_shape, x.dtype)
-            self.kernels.gemm_packed(a, Wp, ones, bias, out[None], False, False, lo, hi, tile, out[None])
-
-        with DeferredBuilds() as deferred:
-            self._split(columns, Wp.shape[1], native=True)
-        if deferred.skipped():  # the kernel is still being built (aot.py): NumPy, this once
-            np.matmul(x, self.linear_weight(fc).T, out=out)
-            out += bias
-        return out
+        """The fc as a 1x1 convolution (_conv_1x1): where its weights outweigh the images (always at
+        small batches), each thread computes its own output features, streaming its share of the weights."""
+        N, C = x.shape
+        return self.conv(x.reshape(N, 1, 1, C), fc, relu=False).reshape(N, fc.K)
 
 
 def _forget_plans(backend_ref, net_id: int) -> None:

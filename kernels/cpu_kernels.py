@@ -766,11 +766,10 @@ def mean_pool(x, n_lo, n_hi, out):
                 acc = simd_add(acc, simd_load(xf, (n * HW + p) * C + c))
             simd_store(of, n * C + c, acc)
             c += L
-        while c < C:
-            total = 0.0
+        while c < C:  # summed in out's dtype, as the vectors are
+            of[n * C + c] = 0
             for p in range(HW):
-                total += xf[(n * HW + p) * C + c]
-            of[n * C + c] = total
+                of[n * C + c] += xf[(n * HW + p) * C + c]
             c += 1
         for c in range(C):
             of[n * C + c] /= HW

@@ -78,6 +78,7 @@ def _spin_ir() -> str:
     table's address at flags[calls]): make its calls, one after the other, each f(slots) (the first
     failure's status into flags[status], the rest not made), set flags[done] to the share's number, and
     wait for the next. A Python share: wait_for_gil, then 1 (the Python side runs it).
+    helper_share(plan, row, h): the table of helper h's share in the plan's step whose caller's is at plan[row].
     make_calls(table): a NativeShare's calls in order (0, or the first failure's status; a table at
     address 0 has none).
     run_plan(flags, plan, helpers, generation): a Plan's steps in turn, step s numbered generation + s + 1:
@@ -202,6 +203,15 @@ done:
   ret i64 0
 }}
 
+define i64 @npresnet_helper_share(i64* %plan, i64 %row, i64 %h) {{
+entry:
+  %caller = add i64 %row, %h
+  %i = add i64 %caller, 1
+  %p = getelementptr i64, i64* %plan, i64 %i
+  %t = load i64, i64* %p
+  ret i64 %t
+}}
+
 define i64 @npresnet_run_plan(i64* %flags, i64 %plan_address, i64 %helpers, i64 %generation) {{
 entry:
   %plan = inttoptr i64 %plan_address to i64*
@@ -224,10 +234,7 @@ posting:
   %more_helpers = icmp slt i64 %h, %helpers
   br i1 %more_helpers, label %post_one, label %mine
 post_one:
-  %hi = add i64 %row, %h
-  %ti = add i64 %hi, 1
-  %tp = getelementptr i64, i64* %plan, i64 %ti
-  %t = load i64, i64* %tp
+  %t = call i64 @npresnet_helper_share(i64* %plan, i64 %row, i64 %h)
   %h1 = add i64 %h, 1
   %has = icmp ne i64 %t, 0
   br i1 %has, label %do_post, label %posted
@@ -251,10 +258,7 @@ waiting:
   %more_waits = icmp slt i64 %w, %helpers
   br i1 %more_waits, label %wait_one, label %waited
 wait_one:
-  %wi = add i64 %row, %w
-  %wti = add i64 %wi, 1
-  %wtp = getelementptr i64, i64* %plan, i64 %wti
-  %wt = load i64, i64* %wtp
+  %wt = call i64 @npresnet_helper_share(i64* %plan, i64 %row, i64 %w)
   %w1 = add i64 %w, 1
   %whas = icmp ne i64 %wt, 0
   br i1 %whas, label %spin, label %waited_one
@@ -404,7 +408,7 @@ class Helpers:
             status = flags[i * _STRIDE + _STATUS]
             if status:
                 flags[i * _STRIDE + _STATUS] = 0
-                state.errors[i] = RuntimeError(f"npresnet: a kernel of a helper's share failed (numba status {status})")
+                state.errors[i] = _status_error(status, "a helper's")
             if isinstance(state.shares[i], NativeShare):
                 state.shares[i] = None  # its arrays, no longer needed
         errors = [e for e in state.errors[:helpers] if e is not None]
@@ -463,9 +467,13 @@ def run_plan_alone(plan: Plan) -> None:
     _raise_status(waits.run_plan(flags.ctypes.data, plan.address, 0, 0), "the caller's")
 
 
+def _status_error(status: int, whose: str) -> RuntimeError:
+    return RuntimeError(f"npresnet: a kernel of {whose} share failed (numba status {status})")
+
+
 def _raise_status(status: int, whose: str) -> None:
     if status:
-        raise RuntimeError(f"npresnet: a kernel of {whose} share failed (numba status {status})")
+        raise _status_error(status, whose)
 
 
 class _State:
